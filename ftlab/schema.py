@@ -1,0 +1,357 @@
+"""Config schemas: one dataclass per config group option, validated once, right after Hydra composes.
+
+Pure Python (no torch): `ftlab run` refuses a bad config before any heavy import. YAML files in conf/ name
+things (`method: lora`); the registries below say which names exist and which schema each one has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config was refused. The message names the full key and what would fix it."""
+
+
+# ---------------------------------------------------------------------------------------------------- model
+@dataclass
+class WorldConfig:
+    """The embedded synthetic world: a tiny Llama pretrained by ftlab on procedural skills (model=tiny)."""
+
+    seed: int = 0
+    skills: list[str] = field(default_factory=lambda: ["add", "rev", "copy", "sort", "succ", "cnt"])
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 8
+    intermediate_size: int = 512
+    rope_theta: float = 500.0
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    precision: str = "bf16"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # "tiny" builds the embedded world's base model; anything else is a HF hub id or a local directory.
+    name_or_path: str = "tiny"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+    attn_implementation: Optional[str] = "eager"
+    max_length: int = 256
+    # plain: prompt + response; chat: the tokenizer's chat template wraps the prompt as a user turn.
+    prompt_format: str = "plain"
+    world: Optional[WorldConfig] = None
+
+
+# ----------------------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    name: str = "synth_sub"
+    source: str = "synth"  # synth | hf | jsonl
+    skill: Optional[str] = None  # synth: the target skill
+    hf_path: Optional[str] = None
+    hf_name: Optional[str] = None
+    revision: Optional[str] = None
+    path: Optional[str] = None  # a local .jsonl; overrides hf_path (same fields)
+    eval_path: Optional[str] = None  # local .jsonl for the target eval; default: `path`'s test rows
+    split: str = "train"
+    eval_split: str = "test"
+    prompt_field: str = "question"
+    response_field: str = "answer"
+    # how the target eval reads an answer out of a generation: exact | number (GSM8K's `#### N`)
+    answer: str = "exact"
+    n_train: Optional[int] = None  # None: all rows
+    max_new_tokens: int = 16
+
+
+# --------------------------------------------------------------------------------------------------- method
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    name: str = "full"
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    name: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    use_rslora: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------- eval
+@dataclass
+class EvalConfig:
+    name: str = "synth"
+    # Target tasks; "data" means the training data's own held-out split.
+    target: list[str] = field(default_factory=lambda: ["data"])
+    # Forgetting suite; "world" expands to every pretraining skill of model=tiny plus held-out perplexity.
+    forget: list[str] = field(default_factory=lambda: ["world"])
+    limit: Optional[int] = 200  # max examples per task
+    batch_size: int = 64
+    cache_base: bool = True
+
+
+# ------------------------------------------------------------------------------------------------------- hw
+@dataclass
+class HwConfig:
+    name: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    nproc: int = 1
+    num_threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+    grad_checkpointing: bool = False
+
+
+# --------------------------------------------------------------------------------------------------- logger
+@dataclass
+class LoggerConfig:
+    name: str = "console"  # console | wandb
+    project: str = "ftlab"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 32
+    grad_accum: int = 1
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    log_every: int = 10
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    out_dir: str = "outputs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: Any = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    hw: HwConfig = field(default_factory=HwConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ------------------------------------------------------------------------------------------------ registries
+METHODS: dict[str, type[MethodConfig]] = {"full": FullConfig, "lora": LoraConfig}
+DATA_SOURCES = ("synth", "hf", "jsonl")
+ANSWER_KINDS = ("exact", "number")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("cosine", "linear", "constant")
+LOGGERS = ("console", "wandb")
+LOGGER_MODES = ("offline", "online", "disabled")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+PROMPT_FORMATS = ("plain", "chat")
+# Kept here, not imported from ftlab.world, so validation stays free of torch; tests check they agree.
+WORLD_SKILLS = ("add", "rev", "copy", "sort", "succ", "cnt", "fact")
+WORLD_TARGET_SKILLS = ("sub", "rot1")
+
+
+def register_method(name: str, schema: type[MethodConfig]) -> None:
+    """Let a plug-in method join the registry (its YAML then needs `name: <name>`)."""
+    METHODS[name] = schema
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: unknown value {value!r}; valid choices: {', '.join(map(str, choices))}")
+
+
+def _at_least(key: str, value: Any, low: float, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < low:
+        raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
+
+
+def _typed(key: str, schema: type, node: Any) -> Any:
+    """Merge a config node into its dataclass schema: unknown keys and wrong types are refused."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        sub = getattr(e, "full_key", None) or ""
+        full = f"{key}.{sub}" if sub else key
+        msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+        valid = ", ".join(f.name for f in dataclasses.fields(schema))
+        raise ConfigError(f"{full}: {msg} (valid keys of {key}: {valid})") from None
+
+
+def validate(cfg: DictConfig | dict) -> RunConfig:
+    """Check a composed config; return it as typed dataclasses. Raises ConfigError naming the full key."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.pop("hydra", None)
+    top_keys = {f.name for f in dataclasses.fields(RunConfig)}
+    for k in cfg.keys():
+        if k not in top_keys:
+            raise ConfigError(f"{k}: unknown top-level key; valid keys: {', '.join(sorted(top_keys))}")
+    method_node = cfg.get("method")
+    if not isinstance(method_node, DictConfig) or "name" not in method_node:
+        raise ConfigError("method: missing; pick one with method=<name>; valid choices: " + ", ".join(METHODS))
+    _choice("method.name", method_node.name, METHODS)
+    method = _typed("method", METHODS[method_node.name], method_node)
+    rest = {k: v for k, v in cfg.items() if k != "method"}
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {getattr(e, 'msg', e)}") from None
+    run = RunConfig(
+        seed=rest.get("seed", 0),
+        out_dir=rest.get("out_dir", "outputs"),
+        model=_typed("model", ModelConfig, rest.get("model", {})),
+        data=_typed("data", DataConfig, rest.get("data", {})),
+        method=method,
+        eval=_typed("eval", EvalConfig, rest.get("eval", {})),
+        hw=_typed("hw", HwConfig, rest.get("hw", {})),
+        logger=_typed("logger", LoggerConfig, rest.get("logger", {})),
+        train=_typed("train", TrainConfig, rest.get("train", {})),
+    )
+    if not isinstance(run.seed, int) or isinstance(run.seed, bool):
+        raise ConfigError(f"seed: must be an integer, got {run.seed!r}")
+    _check_ranges(run)
+    return run
+
+
+def _check_ranges(c: RunConfig) -> None:
+    t = c.train
+    _at_least("train.max_steps", t.max_steps, 1)
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr: must be > 0, got {t.lr!r}")
+    _at_least("train.batch_size", t.batch_size, 1)
+    _at_least("train.grad_accum", t.grad_accum, 1)
+    _at_least("train.warmup_steps", t.warmup_steps, 0)
+    _at_least("train.weight_decay", t.weight_decay, 0)
+    _at_least("train.max_grad_norm", t.max_grad_norm, 0)
+    _at_least("train.save_every", t.save_every, 0)
+    _at_least("train.log_every", t.log_every, 1)
+    for k in ("adam_beta1", "adam_beta2"):
+        v = getattr(t, k)
+        if not 0 <= v < 1:
+            raise ConfigError(f"train.{k}: must be in [0, 1), got {v!r}")
+    _choice("train.schedule", t.schedule, SCHEDULES)
+
+    m = c.model
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.prompt_format", m.prompt_format, PROMPT_FORMATS)
+    _at_least("model.max_length", m.max_length, 8)
+    if m.name_or_path == "tiny":
+        if m.world is None:
+            raise ConfigError("model.world: model.name_or_path=tiny needs a world section (use model=tiny)")
+        w = m.world
+        for s in w.skills:
+            _choice("model.world.skills", s, WORLD_SKILLS)
+        if len(set(w.skills)) != len(w.skills) or not w.skills:
+            raise ConfigError(f"model.world.skills: must be a non-empty list without repeats, got {w.skills}")
+        for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "batch_size"):
+            _at_least(f"model.world.{k}", getattr(w, k), 1)
+        if w.hidden_size % w.num_heads:
+            raise ConfigError(
+                f"model.world.hidden_size: {w.hidden_size} is not divisible by model.world.num_heads={w.num_heads}"
+            )
+        _choice("model.world.precision", w.precision, PRECISIONS)
+    elif _looks_like_path(m.name_or_path) and not os.path.isdir(os.path.expanduser(m.name_or_path)):
+        raise ConfigError(
+            f"model.name_or_path: local directory {m.name_or_path!r} does not exist; "
+            "give an existing directory with config.json, or a hub id like 'Qwen/Qwen2.5-0.5B'"
+        )
+
+    d = c.data
+    _choice("data.source", d.source, DATA_SOURCES)
+    _choice("data.answer", d.answer, ANSWER_KINDS)
+    _at_least("data.n_train", d.n_train, 1, allow_none=True)
+    _at_least("data.max_new_tokens", d.max_new_tokens, 1)
+    if d.source == "synth":
+        if d.skill is None:
+            raise ConfigError("data.skill: synth data needs a skill; valid: " + ", ".join(WORLD_TARGET_SKILLS + WORLD_SKILLS))
+        _choice("data.skill", d.skill, WORLD_TARGET_SKILLS + WORLD_SKILLS)
+        if m.name_or_path != "tiny":
+            raise ConfigError(
+                f"data.source: synth data ({d.name}) is written in the tiny world's alphabet and needs model=tiny, "
+                f"got model.name_or_path={m.name_or_path!r}; pick real data (e.g. data=gsm8k) for real models"
+            )
+    if d.source == "jsonl" and not d.path:
+        raise ConfigError("data.path: data.source=jsonl needs data.path=FILE.jsonl")
+    if d.source == "hf" and not (d.hf_path or d.path):
+        raise ConfigError("data.hf_path: data.source=hf needs data.hf_path (a hub dataset id) or data.path=FILE.jsonl")
+    for key in ("path", "eval_path"):
+        p = getattr(d, key)
+        if p is not None and not os.path.isfile(os.path.expanduser(p)):
+            raise ConfigError(f"data.{key}: file {p!r} does not exist; give a .jsonl with fields "
+                              f"'{d.prompt_field}' and '{d.response_field}'")
+
+    e = c.eval
+    _at_least("eval.limit", e.limit, 1, allow_none=True)
+    _at_least("eval.batch_size", e.batch_size, 1)
+    for task in e.forget:
+        if task == "world" and m.name_or_path != "tiny":
+            raise ConfigError("eval.forget: 'world' is the tiny world's forgetting suite and needs model=tiny; "
+                              "pick another eval suite for real models")
+
+    h = c.hw
+    _choice("hw.device", h.device, DEVICES)
+    _choice("hw.precision", h.precision, PRECISIONS)
+    _at_least("hw.nproc", h.nproc, 1)
+    _at_least("hw.num_threads", h.num_threads, 1, allow_none=True)
+
+    lg = c.logger
+    _choice("logger.name", lg.name, LOGGERS)
+    _choice("logger.mode", lg.mode, LOGGER_MODES)
+
+    meth = c.method
+    if isinstance(meth, LoraConfig):
+        _at_least("method.r", meth.r, 1)
+        if not meth.alpha > 0:
+            raise ConfigError(f"method.alpha: must be > 0, got {meth.alpha!r}")
+        if not 0 <= meth.dropout < 1:
+            raise ConfigError(f"method.dropout: must be in [0, 1), got {meth.dropout!r}")
+        if not meth.target_modules:
+            raise ConfigError("method.target_modules: must name at least one module (e.g. q_proj)")
+
+
+def _looks_like_path(s: str) -> bool:
+    # "org/name" is a hub id; "./x", "/x", "~/x" and "a/b/c" are paths.
+    return s.startswith((".", "/", "~")) or s.count("/") >= 2
+
+
+def to_container(run: RunConfig) -> dict:
+    """The resolved config as plain data (what config.yaml in a run directory holds)."""
+    return dataclasses.asdict(run)
+
+
+def from_container(d: dict) -> RunConfig:
+    """Read a run directory's config.yaml back (workers never see Hydra)."""
+    return validate(OmegaConf.create(d))
