@@ -203,7 +203,7 @@ def _typed(key: str, schema: type, node: Any) -> Any:
     except OmegaConfBaseException as e:
         sub = getattr(e, "full_key", None) or ""
         full = f"{key}.{sub}" if sub else key
-        msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+        msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
         valid = ", ".join(f.name for f in dataclasses.fields(schema))
         raise ConfigError(f"{full}: {msg} (valid keys of {key}: {valid})") from None
 

@@ -1,0 +1,106 @@
+"""Where metrics go besides the run directory: the console always, wandb when logger=wandb."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Logger(Protocol):
+    def log(self, row: dict) -> None: ...
+    def finish(self, result: dict) -> None: ...
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def results_table(result: dict):
+    """The run's task table (task, role, metric, base, tuned, delta) and its summary, as rich renderables."""
+    from rich.table import Table
+
+    table = Table(title=f"{result['run_id']}  ({result['method']} on {result['data']}, seed {result['seed']})")
+    for col in ("task", "role", "metric", "base", "tuned", "delta"):
+        table.add_column(col, justify="left" if col in ("task", "role", "metric") else "right")
+    for name, t in result["tasks"].items():
+        better = (t["delta"] > 0) == t["higher_is_better"]
+        style = "" if abs(t["delta"]) < 1e-9 else ("green" if better else "red")
+        table.add_row(name, t["role"], t["metric"], f"{t['base']:.2f}", f"{t['tuned']:.2f}",
+                      f"[{style}]{t['delta']:+.2f}[/{style}]" if style else f"{t['delta']:+.2f}")
+    s = result["summary"]
+    summary = Table(title="summary (points; forgetting > 0 means worse)", show_header=True)
+    keys = ("gain", "forgetting", "forgetting_max", "retention", "forget_ppl_change_pct")
+    for k in keys:
+        summary.add_column(k, justify="right")
+    summary.add_row(*(_fmt(s.get(k)) for k in keys))
+    return table, summary
+
+
+class ConsoleLogger:
+    def __init__(self, cfg: Any, run_dir: Path):
+        self.run_dir = run_dir
+
+    def log(self, row: dict) -> None:
+        pass  # the progress bar shows the curve live; metrics.jsonl keeps it
+
+    def finish(self, result: dict) -> None:
+        from rich.console import Console
+
+        console = Console()
+        for r in results_table(result):
+            console.print(r)
+        tr = result["train"]
+        console.print(f"trained {tr['trainable_params']:,} of {tr['total_params']:,} parameters, "
+                      f"{tr['steps']} steps in {tr['wall_s']:.1f} s ({tr['tokens_per_s']:,.0f} tok/s); "
+                      f"record: {self.run_dir / 'result.json'}")
+
+
+class WandbLogger(ConsoleLogger):
+    """wandb run with the config, the training curve and the summary; offline files under the run dir
+    unless logger.mode=online. The API key is read by wandb from the environment only."""
+
+    def __init__(self, cfg: Any, run_dir: Path, config: dict, run_id: str):
+        super().__init__(cfg, run_dir)
+        import wandb
+
+        lg = cfg.logger
+        self.wandb = wandb
+        self.run = wandb.init(project=lg.project, entity=lg.entity, mode=lg.mode, dir=str(run_dir),
+                              name=run_id, id=_wandb_id(run_id), config=config, tags=list(lg.tags),
+                              resume="allow", reinit="finish_previous")
+
+    def log(self, row: dict) -> None:
+        self.run.log({f"train/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+
+    def finish(self, result: dict) -> None:
+        super().finish(result)
+        for k, v in result["summary"].items():
+            self.run.summary[k] = v
+        for name, t in result["tasks"].items():
+            self.run.summary[f"tasks/{name}/base"] = t["base"]
+            self.run.summary[f"tasks/{name}/tuned"] = t["tuned"]
+            self.run.summary[f"tasks/{name}/delta"] = t["delta"]
+        rows = [[n, t["role"], t["metric"], t["base"], t["tuned"], t["delta"]] for n, t in result["tasks"].items()]
+        self.run.log({"eval/tasks": self.wandb.Table(columns=["task", "role", "metric", "base", "tuned", "delta"],
+                                                     data=rows)})
+        self.run.finish()
+
+    def abort(self) -> None:
+        self.run.finish(exit_code=1)
+
+
+def _wandb_id(run_id: str) -> str:
+    # wandb ids: no slashes or colons; one logical run, one id.
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id)[-64:]
+
+
+def build_logger(cfg: Any, run_dir: Path, config: dict, run_id: str) -> Logger:
+    if cfg.logger.name == "wandb" and cfg.logger.mode != "disabled":
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        return WandbLogger(cfg, run_dir, config, run_id)
+    return ConsoleLogger(cfg, run_dir)

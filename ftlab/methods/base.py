@@ -1,0 +1,75 @@
+"""The method protocol: a few hooks around the one training loop, with do-nothing defaults."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodContext:
+    """What a method may need to prepare the model: calibration data, the tokenizer, the seed."""
+
+    tokenizer: Any
+    train_rows: list[dict]
+    seed: int
+    collate: Callable[[list[dict]], dict] | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class Method:
+    """Default hooks: train everything, no extra loss, nothing at step end, save the whole model."""
+
+    name = "base"
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        """Wrap or freeze; return the module the loop trains."""
+        return model
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": weight_decay}]
+
+    def extra_loss(self, model: nn.Module, batch: dict, outputs: Any, step: int) -> torch.Tensor | None:
+        """A term added to the training loss (regularisers)."""
+        return None
+
+    def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """After each optimizer step (re-sampling active layers, projecting updates)."""
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        """Save what the method trained so that it reloads onto the original base."""
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+
+_REGISTRY: dict[str, str] = {
+    "full": "ftlab.methods.full:FullFinetune",
+    "lora": "ftlab.methods.lora:Lora",
+}
+
+
+def register(name: str, target: str) -> None:
+    """Register a method class by import path 'module:Class' (imported only when used)."""
+    _REGISTRY[name] = target
+
+
+def build_method(cfg: Any) -> Method:
+    if cfg.name not in _REGISTRY:
+        raise KeyError(f"method.name: unknown method {cfg.name!r}; valid: {', '.join(sorted(_REGISTRY))}")
+    module, cls = _REGISTRY[cfg.name].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,56 @@
+"""Gain and forgetting: one pure function over base and tuned scores. No torch, no I/O.
+
+Accuracy-type scores are in points (0-100). A task's `improvement` is tuned - base when higher is better
+and base - tuned otherwise, so that positive always means better.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+
+def improvement(base: float, tuned: float, higher_is_better: bool) -> float:
+    return (tuned - base) if higher_is_better else (base - tuned)
+
+
+def summarize(tasks: Mapping[str, Mapping]) -> dict:
+    """Summary of a run from its task table.
+
+    tasks: {name: {role: "target"|"forget", unit: "points"|..., higher_is_better, base, tuned}}.
+    - gain: mean improvement over target tasks scored in points;
+    - forgetting: mean worsening (base - tuned for accuracy) over forget tasks in points; > 0 means worse;
+    - forgetting_max: the largest such worsening;
+    - retention: mean of tuned/base x 100 over forget tasks in points with base > 0;
+    - forget_ppl_change_pct: mean relative change of perplexity-type forget tasks (> 0 means worse).
+    Tasks whose unit is not points (perplexity) stay out of the point means: their scale is not comparable.
+    Values are None when no task qualifies.
+    """
+    target = [t for t in tasks.values() if t["role"] == "target" and t.get("unit", "points") == "points"]
+    forget = [t for t in tasks.values() if t["role"] == "forget" and t.get("unit", "points") == "points"]
+    other = [t for t in tasks.values() if t["role"] == "forget" and t.get("unit", "points") != "points"]
+
+    gains = [improvement(t["base"], t["tuned"], t["higher_is_better"]) for t in target]
+    drops = [-improvement(t["base"], t["tuned"], t["higher_is_better"]) for t in forget]
+    kept = [100.0 * t["tuned"] / t["base"] for t in forget if t["higher_is_better"] and t["base"] > 0]
+    ppl = [100.0 * -improvement(t["base"], t["tuned"], t["higher_is_better"]) / t["base"]
+           for t in other if t["base"] and math.isfinite(t["base"])]
+    return {
+        "gain": _mean(gains),
+        "forgetting": _mean(drops),
+        "forgetting_max": max(drops) if drops else None,
+        "retention": _mean(kept),
+        "forget_ppl_change_pct": _mean(ppl),
+        "n_target": len(target),
+        "n_forget": len(forget) + len(other),
+    }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def task_entry(role: str, metric: str, higher_is_better: bool, unit: str, base: float, tuned: float,
+               n: int) -> dict:
+    return {"role": role, "metric": metric, "higher_is_better": higher_is_better, "unit": unit,
+            "base": base, "tuned": tuned, "delta": tuned - base, "n": n}

@@ -1,0 +1,126 @@
+"""The worker: one run, from its run directory. Reads config.yaml there and never imports Hydra.
+
+load model -> base eval (cached) -> method.prepare -> the training loop -> tuned eval -> gain/forgetting
+-> result.json, per-item records, curve, final checkpoint -> loggers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from ftlab.record import CONFIG, RunRecord, atomic_write_text
+from ftlab.schema import RunConfig, from_container, to_container
+
+
+class RunFailed(RuntimeError):
+    """A run stopped; its result.json says status=failed and why."""
+
+
+def prepare_run_dir(run_dir: Path, run: RunConfig) -> None:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG, yaml.safe_dump(to_container(run), sort_keys=False))
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    with open(Path(run_dir) / CONFIG) as f:
+        return from_container(yaml.safe_load(f))
+
+
+def resolve_device(hw) -> str:
+    import torch
+
+    if hw.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if hw.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("hw.device=cuda but no CUDA device is visible; use hw=cpu")
+    return hw.device
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
+    """Run the experiment described by run_dir/config.yaml; return the final result.json content."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    config = to_container(cfg)
+    run_id = run_dir.name
+    record = RunRecord(run_dir)
+    if progress is None:
+        progress = os.environ.get("FTLAB_PROGRESS", "1") != "0"
+
+    import torch
+
+    if cfg.hw.num_threads:
+        torch.set_num_threads(cfg.hw.num_threads)
+    device = resolve_device(cfg.hw)
+    from ftlab.record import env_info
+
+    record.start(run_id, config, env_info(device, world_size=cfg.hw.nproc))
+    logger = None
+    try:
+        t_start = time.perf_counter()
+        from ftlab.data import load_train
+        from ftlab.evaluate import build_tasks, evaluate
+        from ftlab.loggers import build_logger
+        from ftlab.methods import MethodContext, build_method
+        from ftlab.metrics import summarize, task_entry
+        from ftlab.models import load_model_and_tokenizer, model_fingerprint
+        from ftlab.train import Batches, encode_example, save_checkpoint, train
+        from ftlab.world.base import cache_root
+
+        logger = build_logger(cfg, run_dir, config, run_id)
+        seed_everything(cfg.seed)
+        model, tok = load_model_and_tokenizer(cfg.model, device=device)
+        tasks = build_tasks(cfg)
+        train_rows = load_train(cfg.data, cfg.seed)
+        encoded = [encode_example(tok, r["prompt"], r["response"], cfg.model.max_length) for r in train_rows]
+
+        cache = cache_root() / "base_eval" if cfg.eval.cache_base else None
+        fp = model_fingerprint(model) if cache is not None else None
+        base = evaluate(model, tok, tasks, cfg.eval.batch_size, stage="base", run_dir=run_dir, cache_dir=cache,
+                        fingerprint=fp, progress=progress)
+
+        seed_everything(cfg.seed)
+        method = build_method(cfg.method)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ctx = MethodContext(tokenizer=tok, train_rows=train_rows, seed=cfg.seed)
+        model = method.prepare(model, ctx)
+        batches = Batches(encoded, cfg.train.batch_size, cfg.seed)
+        stats = train(model, method, batches, cfg, device=device, pad_id=pad_id, run_dir=run_dir,
+                      on_log=logger.log, progress=progress)
+        save_checkpoint(model, method, run_dir / "checkpoints" / "final")
+
+        tuned = evaluate(model, tok, tasks, cfg.eval.batch_size, stage="tuned", run_dir=run_dir, progress=progress)
+        table = {t.name: {**task_entry(t.role, t.metric, t.higher_is_better, t.unit, base[t.name]["score"],
+                                       tuned[t.name]["score"], tuned[t.name]["n"]),
+                          "base_cached": base[t.name]["cached"], **t.meta}
+                 for t in tasks}
+        record.update(summary=summarize(table), tasks=table,
+                      train={**dataclasses.asdict(stats), "run_wall_s": time.perf_counter() - t_start})
+        record.complete()
+    except BaseException as e:
+        msg = f"{type(e).__name__}: {e}"
+        record.fail(msg)
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        if logger is not None and hasattr(logger, "abort"):
+            logger.abort()
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise RunFailed(msg) from e
+    logger.finish(record.data)
+    return record.data

@@ -1,0 +1,206 @@
+"""The one training loop. Methods plug in through the hooks of ftlab.methods.Method; nothing forks the loop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ftlab.methods.base import Method, count_params
+from ftlab.progress import Bar
+
+IGNORE = -100
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the run stops before the optimizer step, and nothing is saved."""
+
+
+# ------------------------------------------------------------------------------------------------ tokenizing
+def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> dict:
+    """input_ids = prompt (with the tokenizer's specials, as at generation time) + response + eos;
+    labels mask the prompt, so the loss is on the response tokens only."""
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        r = r + [tokenizer.eos_token_id]
+    ids = (p + r)[:max_length]
+    labels = ([IGNORE] * len(p) + r)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # right padding
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class Batches:
+    """Seeded epochs of shuffled examples; `position` (epoch, index) is all a resume needs."""
+
+    def __init__(self, encoded: list[dict], batch_size: int, seed: int):
+        if not encoded:
+            raise ValueError("data: no training examples")
+        self.encoded, self.batch_size, self.seed = encoded, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.encoded), generator=g).tolist()
+
+    def next(self) -> list[dict]:
+        out = []
+        while len(out) < self.batch_size:
+            if self.index >= len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._perm(self.epoch)
+            out.append(self.encoded[self._order[self.index]])
+            self.index += 1
+        return out
+
+    @property
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    tokens_per_s: float
+    peak_mem_bytes: int
+    trainable_params: int
+    total_params: int
+    wall_s: float
+    final_loss: float
+
+
+def autocast(device: str, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def _peak_mem(device: str) -> int:
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    try:  # CPU: the process's peak resident set (Linux reports KiB)
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return 0
+
+
+def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, device: str, pad_id: int,
+          run_dir: Path, on_log: Callable[[dict], None] | None = None, progress: bool = True) -> TrainResult:
+    """Train `model` (already prepared by the method) for cfg.train.max_steps optimizer steps."""
+    from transformers import get_scheduler
+
+    t = cfg.train
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(method.param_groups(model, t.weight_decay), lr=t.lr,
+                            betas=(t.adam_beta1, t.adam_beta2))
+    if not any(p.requires_grad for g in opt.param_groups for p in g["params"]):
+        raise ValueError(f"method {method.name}: no trainable parameters")
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
+    sched = get_scheduler(schedule, opt, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    trainable, total = count_params(model)
+    curve_path = run_dir / "metrics.jsonl"
+    model.train()
+
+    tokens = 0
+    t0 = time.perf_counter()
+    window_loss, window_n, loss_value = 0.0, 0, float("nan")
+    bar = Bar(t.max_steps, "train", "loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s",
+              enabled=progress, loss=float("nan"), tps=0.0)
+    with open(curve_path, "a") as curve, bar:
+        for step in range(1, t.max_steps + 1):
+            step_loss = 0.0
+            for _ in range(t.grad_accum):
+                batch = {k: v.to(device) for k, v in collate(batches.next(), pad_id).items()}
+                with autocast(device, cfg.hw.precision):
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    loss = _response_loss(out.logits, batch["labels"])
+                    extra = method.extra_loss(model, batch, out, step)
+                    if extra is not None:
+                        loss = loss + extra
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; lower train.lr, "
+                                        "or use hw.precision=fp32")
+                (loss / t.grad_accum).backward()
+                step_loss += loss.item() / t.grad_accum
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = None
+            if t.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], t.max_grad_norm))
+                if not math.isfinite(grad_norm):
+                    raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {step}; lower train.lr")
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            method.on_step_end(model, opt, step)
+
+            loss_value = step_loss
+            window_loss, window_n = window_loss + step_loss, window_n + 1
+            elapsed = time.perf_counter() - t0
+            bar.update(completed=step, loss=loss_value, tps=tokens / max(elapsed, 1e-9))
+            if step % t.log_every == 0 or step == t.max_steps:
+                row = {"step": step, "loss": window_loss / window_n, "lr": sched.get_last_lr()[0],
+                       "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                       "elapsed_s": elapsed}
+                curve.write(json.dumps(row) + "\n")
+                curve.flush()
+                if on_log is not None:
+                    on_log(row)
+                window_loss, window_n = 0.0, 0
+            if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+                save_checkpoint(model, method, run_dir / "checkpoints" / f"step_{step:06d}")
+    wall = time.perf_counter() - t0
+    return TrainResult(steps=t.max_steps, tokens=tokens, tokens_per_s=tokens / max(wall, 1e-9),
+                       peak_mem_bytes=_peak_mem(device), trainable_params=trainable, total_params=total,
+                       wall_s=wall, final_loss=loss_value)
+
+
+def _response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens (labels != -100)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                             ignore_index=IGNORE)
+
+
+def save_checkpoint(model: nn.Module, method: Method, path: Path) -> None:
+    """Export the method's weights atomically (temp dir + rename); never a checkpoint with NaN weights."""
+    import shutil
+
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLoss(f"non-finite weights in {bad[:3]}; checkpoint not written")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    method.export(model, tmp)
+    (tmp / "COMPLETE").write_text("ok\n")  # written last: a checkpoint without it is ignored
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
