@@ -198,6 +198,8 @@ def _at_least(key: str, value: Any, low: float, *, allow_none: bool = False) -> 
 def _typed(key: str, schema: type, node: Any) -> Any:
     """Merge a config node into its dataclass schema: unknown keys and wrong types are refused."""
     try:
+        if isinstance(node, DictConfig):  # plain data: a node already typed by Hydra may carry `+` additions
+            node = OmegaConf.to_container(node, resolve=True)
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:

@@ -1,0 +1,37 @@
+"""Shared test setup: never touch the network, keep every cache and output inside pytest's tmp dirs."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("FTLAB_PROGRESS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU-only machines; must be set before triton is imported
+
+import pytest  # noqa: E402
+
+# A small world that pretrains in a few seconds: enough for the plumbing tests (not for the accuracy budget,
+# which tests/test_default_world.py checks on the real default).
+SMALL_WORLD = ["model.world.hidden_size=64", "model.world.num_heads=4", "model.world.intermediate_size=256",
+               "model.world.steps=300", "model.world.skills=[add,rev,copy,succ,cnt]"]
+FAST = SMALL_WORLD + ["train.max_steps=20", "eval.limit=16", "eval.batch_size=16", "data.n_train=256"]
+
+
+@pytest.fixture(scope="session")
+def ftlab_cache(tmp_path_factory):
+    """One cache for the session: the small world is built once and shared by every test that needs it."""
+    path = tmp_path_factory.mktemp("ftlab_cache")
+    os.environ["FTLAB_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture
+def outputs(tmp_path, monkeypatch, ftlab_cache):
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("FTLAB_OUTPUTS", str(out))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    return out

@@ -1,0 +1,120 @@
+"""Config refusal: bad input is refused at compose time, naming the full key, before torch is imported."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ftlab.cli import _hydra_message, check, run_command
+from ftlab.schema import ConfigError, validate
+
+BAD = [
+    # (overrides, words the message must contain)
+    (["method=lorra"], ["method=lorra", "full", "lora"]),
+    (["method.r=0"], ["method.r", ">= 1"]),
+    (["method.rr=3"], ["method.rr", "unknown key", "alpha"]),
+    (["+method.rr=3"], ["method.rr"]),
+    (["method=full", "method.r=4"], ["method.r", "unknown key"]),
+    (["train.lr=abc"], ["train.lr", "Float"]),
+    (["train.lr=-1"], ["train.lr", "> 0"]),
+    (["train.max_steps=0"], ["train.max_steps", ">= 1"]),
+    (["train.max_steps=1.5"], ["train.max_steps", "Integer"]),
+    (["train.batch_size=-4"], ["train.batch_size"]),
+    (["train.schedule=cos"], ["train.schedule", "cosine"]),
+    (["train.adam_beta2=1.5"], ["train.adam_beta2"]),
+    (["train.lrr=1"], ["train.lrr", "unknown key", "max_steps"]),
+    (["hw.precision=fp8"], ["hw.precision", "bf16"]),
+    (["hw.device=tpu"], ["hw.device", "cuda"]),
+    (["eval.limit=0"], ["eval.limit"]),
+    (["logger.mode=cloud"], ["logger.mode", "offline"]),
+    (["seed=abc"], ["seed"]),
+    (["+foo=1"], ["foo", "unknown top-level key"]),
+    (["data=nope"], ["data=nope", "synth_sub"]),
+    (["data.skill=mul"], ["data.skill", "rot1"]),
+    (["data.path=/no/such/file.jsonl"], ["data.path", "/no/such/file.jsonl"]),
+    (["model.name_or_path=./no_such_dir"], ["model.name_or_path", "no_such_dir"]),
+    (["model.world.hidden_size=100"], ["model.world.hidden_size", "num_heads"]),
+    (["model.world.skills=[add,mul]"], ["model.world.skills", "mul"]),
+    (["model=qwen2.5-0.5b"], ["model=tiny"]),  # synthetic data needs the tiny world
+    (["model.world.stepz=1"], ["model.world.stepz", "steps"]),
+]
+
+
+def _refusal(overrides):
+    from hydra.errors import HydraException
+
+    try:
+        check(overrides)
+    except ConfigError as e:
+        return str(e)
+    except HydraException as e:
+        return _hydra_message(str(e), str(e.__cause__ or ""), overrides)
+    return None
+
+
+@pytest.mark.parametrize("overrides,words", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_is_refused_with_the_key_named(overrides, words):
+    msg = _refusal(overrides)
+    assert msg is not None, f"{overrides} was accepted"
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+
+
+def test_default_and_sweep_configs_are_accepted():
+    (run,) = check([])
+    assert run.method.name == "lora" and run.model.name_or_path == "tiny" and run.data.skill == "sub"
+    runs = check(["method=full,lora", "seed=0,1"], multirun=True)
+    assert sorted((r.method.name, r.seed) for r in runs) == [("full", 0), ("full", 1), ("lora", 0), ("lora", 1)]
+
+
+def test_every_job_of_a_sweep_is_validated():
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        check(["train.max_steps=10,0"], multirun=True)
+
+
+def test_validate_round_trips_a_resolved_config():
+    from ftlab.schema import to_container
+
+    (run,) = check(["method=full", "train.lr=3e-4"])
+    assert validate(to_container(run)) == run
+
+
+def test_refusal_is_fast_imports_no_torch_and_leaves_no_run_dir(tmp_path):
+    env = {**os.environ, "FTLAB_OUTPUTS": str(tmp_path / "out")}
+    code = ("import sys; from ftlab.cli import main; rc = main(['run', 'method=lora', 'method.r=0']); "
+            "print('TORCH' if 'torch' in sys.modules else 'NOTORCH'); sys.exit(rc)")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    wall = time.perf_counter() - t0
+    assert p.returncode == 2, p.stderr
+    assert "method.r" in p.stderr and "NOTORCH" in p.stdout
+    assert wall < 2.0, f"refusal took {wall:.2f} s"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_console_script_refuses(tmp_path):
+    import shutil
+
+    exe = shutil.which("ftlab")
+    if exe is None:
+        pytest.fail("the ftlab console script is not installed (pip install -e .)")
+    p = subprocess.run([exe, "run", "method=lorra"], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "FTLAB_OUTPUTS": str(tmp_path / "o")})
+    assert p.returncode == 2 and "valid choices: full, lora" in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_lists_groups_and_options(capsys):
+    assert run_command(["--help"]) == 0
+    out = capsys.readouterr().out
+    for word in ("model", "data", "method", "eval", "hw", "logger", "tiny", "synth_sub", "lora", "full",
+                 "train.max_steps", "eval.limit"):
+        assert word in out
+
+
+def test_cfg_job_prints_the_composed_config(capfd):
+    assert run_command(["--cfg", "job", "method=full"]) == 0
+    out = capfd.readouterr().out
+    assert "name: full" in out and "max_steps" in out
