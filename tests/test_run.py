@@ -1,0 +1,159 @@
+"""`ftlab run` end to end on a small world: the run record contract, determinism, sweeps, failures, wandb."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import FAST
+from ftlab.cli import check
+from ftlab.runner import RunFailed, prepare_run_dir, run_from_dir
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _run(tmp_path, overrides, name="run"):
+    (cfg,) = check(FAST + overrides)
+    run_dir = tmp_path / name
+    prepare_run_dir(run_dir, cfg)
+    return run_dir, run_from_dir(run_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, ftlab_cache):
+    return _run(tmp_path_factory.mktemp("lora"), ["method=lora"])
+
+
+def test_result_json_contract(lora_run):
+    run_dir, result = lora_run
+    on_disk = json.loads((run_dir / "result.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert on_disk["status"] == "completed" and on_disk["error"] is None and on_disk["run_id"] == run_dir.name
+    for k in ("gain", "forgetting", "forgetting_max", "retention"):
+        assert k in on_disk["summary"]
+    assert isinstance(on_disk["summary"]["gain"], float)
+    tasks = on_disk["tasks"]
+    assert {t["role"] for t in tasks.values()} == {"target", "forget"}
+    assert "synth_sub" in tasks and tasks["synth_sub"]["role"] == "target"
+    assert {"synth_add", "synth_rev", "synth_copy", "synth_succ", "synth_cnt", "synth_ppl"} <= set(tasks)
+    for t in tasks.values():
+        assert {"role", "metric", "higher_is_better", "base", "tuned", "delta", "n"} <= set(t)
+        assert t["delta"] == pytest.approx(t["tuned"] - t["base"])
+        assert t["n"] == 16
+    assert tasks["synth_ppl"]["higher_is_better"] is False
+    train = on_disk["train"]
+    for k in ("steps", "tokens", "tokens_per_s", "peak_mem_bytes", "trainable_params", "total_params", "wall_s"):
+        assert k in train
+    assert train["steps"] == 20 and 0 < train["trainable_params"] < train["total_params"]
+    for k in ("python", "torch", "transformers", "peft", "ftlab", "git_sha", "git_dirty", "device", "world_size"):
+        assert k in on_disk["env"]
+
+
+def test_run_directory_holds_records_curve_config_and_adapter(lora_run):
+    run_dir, result = lora_run
+    for stage in ("base", "tuned"):
+        rows = [json.loads(line) for line in (run_dir / "records" / stage / "synth_sub.jsonl").open()]
+        assert len(rows) == 16 and {"id", "prediction", "score", "reference"} <= set(rows[0])
+        assert sum(r["score"] for r in rows) / 16 == pytest.approx(result["tasks"]["synth_sub"][stage])
+        ppl = [json.loads(line) for line in (run_dir / "records" / stage / "synth_ppl.jsonl").open()]
+        assert {"id", "nll", "n_tokens"} <= set(ppl[0])
+    curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    assert [r["step"] for r in curve] == [10, 20] and all("loss" in r for r in curve)
+    final = run_dir / "checkpoints" / "final"
+    assert (final / "COMPLETE").exists() and (final / "adapter_model.safetensors").exists()
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["method"]["name"] == "lora" and cfg["train"]["max_steps"] == 20
+
+
+def test_same_seed_same_metrics_other_seed_differs(tmp_path, lora_run):
+    _, first = lora_run
+    _, again = _run(tmp_path, ["method=lora"], "again")
+    assert again["summary"] == first["summary"] and again["tasks"] == _same_cache_flags(first["tasks"], again)
+    c1 = (lora_run[0] / "metrics.jsonl").read_text().splitlines()
+    c2 = (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["loss"] for r in c1] == [json.loads(r)["loss"] for r in c2]
+    _, other = _run(tmp_path, ["method=lora", "seed=1"], "other")
+    c3 = (tmp_path / "other" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["loss"] for r in c3] != [json.loads(r)["loss"] for r in c1]
+
+
+def _same_cache_flags(tasks, other):
+    # The second run reads its base scores from the cache: equal scores, different `base_cached` flags.
+    return {k: {**v, "base_cached": other["tasks"][k]["base_cached"]} for k, v in tasks.items()}
+
+
+def test_base_evaluation_is_cached_and_reused(tmp_path, lora_run):
+    _, first = lora_run
+    _, second = _run(tmp_path, ["method=full"], "full")
+    for name, t in second["tasks"].items():
+        assert t["base_cached"] is True
+        assert t["base"] == first["tasks"][name]["base"]
+    # A different eval set (limit) is a different key: evaluated again.
+    _, third = _run(tmp_path, ["method=full", "eval.limit=8"], "limit8")
+    assert not any(t["base_cached"] for t in third["tasks"].values())
+
+
+def test_full_finetuning_trains_every_parameter(tmp_path):
+    _, r = _run(tmp_path, ["method=full"], "full")
+    assert r["train"]["trainable_params"] == r["train"]["total_params"]
+    assert (tmp_path / "full" / "checkpoints" / "final" / "model.safetensors").exists()
+
+
+def test_nan_loss_fails_the_run_with_a_record_and_no_checkpoint(tmp_path):
+    # AdamW's first steps move every weight by ~lr: 1e30 overflows the logits within a few steps.
+    with pytest.raises(RunFailed, match="loss is (nan|inf)"):
+        _run(tmp_path, ["method=full", "train.lr=1e30", "train.warmup_steps=0", "train.max_grad_norm=0"], "nan")
+    result = json.loads((tmp_path / "nan" / "result.json").read_text())
+    assert result["status"] == "failed" and "NonFiniteLoss" in result["error"]
+    assert not (tmp_path / "nan" / "checkpoints" / "final").exists()
+
+
+def test_jsonl_data_runs_offline_end_to_end(tmp_path):
+    _, r = _run(tmp_path, ["data=gsm8k", f"data.path={FIXTURES / 'gsm8k_mini.jsonl'}", "eval=target",
+                           "eval.limit=4", "model.max_length=256", "data.max_new_tokens=4", "train.max_steps=4",
+                           "train.log_every=2"], "gsm8k")
+    assert r["status"] == "completed" and list(r["tasks"]) == ["gsm8k"]
+    assert r["tasks"]["gsm8k"]["role"] == "target" and r["summary"]["forgetting"] is None
+
+
+def _cli(args, env_extra, cwd):
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-m", "ftlab", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
+
+
+def test_multirun_makes_one_run_directory_per_job(tmp_path, ftlab_cache):
+    out = tmp_path / "out"
+    p = _cli(["run", "-m", "method=full,lora", *FAST, "train.max_steps=4", "train.log_every=2"],
+             {"FTLAB_OUTPUTS": str(out), "FTLAB_CACHE": str(ftlab_cache)}, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = sorted(out.glob("multirun/*/*/*/result.json"))
+    assert len(results) == 2, p.stdout[-2000:]
+    runs = [json.loads(r.read_text()) for r in results]
+    assert sorted(r["method"] for r in runs) == ["full", "lora"]
+    assert all(r["status"] == "completed" for r in runs)
+    assert len({r["run_id"] for r in runs}) == 2
+
+
+def test_two_runs_in_the_same_second_get_different_directories(tmp_path, ftlab_cache):
+    out = tmp_path / "out"
+    env = {"FTLAB_OUTPUTS": str(out), "FTLAB_CACHE": str(ftlab_cache)}
+    args = ["run", *FAST, "train.max_steps=2", "eval.limit=2", "hydra.run.dir=${out_dir}/runs/fixed_${ftlab_uid:}"]
+    procs = [subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=tmp_path, env={**os.environ, **env},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
+    assert len(list(out.glob("runs/fixed_*/result.json"))) == 2
+
+
+def test_wandb_logger_writes_offline_files(tmp_path):
+    pytest.importorskip("wandb")
+    run_dir, r = _run(tmp_path, ["logger=wandb", "train.max_steps=4", "train.log_every=2"], "wandb")
+    assert r["status"] == "completed"
+    offline = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(offline) == 1, list(run_dir.rglob("*"))[:20]
+    assert offline[0].stat().st_size > 0
