@@ -25,6 +25,7 @@ commands:
                        ftlab run -m method=full,lora seed=0,1,2     a sweep: one run directory per job
                        ftlab run --cfg job              print the composed config
                        ftlab run --help                 config groups, their options and the knobs
+  score TASK PREDS     score saved predictions with a task's metric, no model (ftlab score --help)
   version              print the version
 
 Config groups: model, data, method, eval, hw, logger (see `ftlab run --help`).
@@ -251,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
         return run_command(rest)
+    if cmd == "score":
+        from ftlab.evaluate import score_command
+
+        return score_command(rest)
     if cmd in ("version", "--version"):
         from ftlab import __version__
 

@@ -98,16 +98,88 @@ class LoraConfig(MethodConfig):
 
 
 # ----------------------------------------------------------------------------------------------------- eval
+# Built-in benchmark tasks (ftlab.tasks.BUILTINS; a test checks they agree) and the metrics of each kind.
+EVAL_BUILTIN_TASKS = {
+    "arc_challenge": "multiple_choice", "arc_easy": "multiple_choice", "hellaswag": "multiple_choice",
+    "winogrande": "multiple_choice", "boolq": "multiple_choice", "mmlu": "multiple_choice",
+    "wikitext": "perplexity", "gsm8k": "generation",
+}
+EVAL_KIND_METRICS = {"multiple_choice": ("acc", "acc_norm"), "generation": ("exact_match",),
+                     "perplexity": ("perplexity",)}
+
+
+@dataclass
+class EvalTaskOptions:
+    """Per-task options of a built-in task (eval.tasks.<task>.<option>); null: the default."""
+
+    n: Optional[int] = None  # rows (default: eval.limit)
+    few_shot: Optional[int] = None  # examples before each item (default: the task's own)
+    format: Optional[str] = None  # plain | chat: the prompt as the user turn of the chat template (default: plain)
+    metric: Optional[str] = None  # primary metric (multiple choice: acc | acc_norm)
+    subset: Optional[list[str]] = None  # mmlu: subjects, e.g. [abstract_algebra, anatomy]
+    fewshot_path: Optional[str] = None  # local .jsonl for the few-shot examples
+    split: Optional[str] = None  # hub split of the eval rows
+    hf_path: Optional[str] = None  # another hub dataset with the same fields (a mirror)
+    hf_name: Optional[str] = None
+    revision: Optional[str] = None
+    max_new_tokens: Optional[int] = None  # generation
+    max_length: Optional[int] = None  # token window for perplexity / multiple choice (default: the model's)
+
+
 @dataclass
 class EvalConfig:
     name: str = "synth"
-    # Target tasks; "data" means the training data's own held-out split.
+    # Target tasks; "data" means the training data's own held-out split; or built-in tasks (gsm8k, ...).
     target: list[str] = field(default_factory=lambda: ["data"])
-    # Forgetting suite; "world" expands to every pretraining skill of model=tiny plus held-out perplexity.
+    # Forgetting suite; "world" expands to every pretraining skill of model=tiny plus held-out perplexity;
+    # built-in tasks: arc_challenge, arc_easy, hellaswag, winogrande, boolq, mmlu, wikitext, gsm8k.
     forget: list[str] = field(default_factory=lambda: ["world"])
     limit: Optional[int] = 200  # max examples per task
     batch_size: int = 64
     cache_base: bool = True
+    # eval.paths.<task>=FILE.jsonl: a built-in task's rows from a local file (the hub dataset's fields).
+    paths: dict[str, Optional[str]] = field(default_factory=lambda: {t: None for t in EVAL_BUILTIN_TASKS})
+    tasks: dict[str, EvalTaskOptions] = field(
+        default_factory=lambda: {t: EvalTaskOptions() for t in EVAL_BUILTIN_TASKS})
+    # In-training probes (ftlab.probes): every probe_every steps (0: off), perplexity and KL to the base on
+    # probe_n held-out general texts (model=tiny: the world's pretraining text; else wikitext).
+    probe_every: int = 0
+    probe_n: int = 32
+    probe_max_length: int = 128
+
+    def __post_init__(self) -> None:
+        synth = {"data", "world", "synth_ppl"} | {f"synth_{s}" for s in WORLD_SKILLS + WORLD_TARGET_SKILLS}
+        for role in ("target", "forget"):
+            for name in getattr(self, role):
+                if name not in synth and name not in EVAL_BUILTIN_TASKS:
+                    raise ConfigError(f"eval.{role}: unknown task {name!r}; valid: data, world, synth_ppl, "
+                                      f"synth_<skill>, {', '.join(EVAL_BUILTIN_TASKS)}")
+        for key in ("paths", "tasks"):
+            for name in getattr(self, key):
+                if name not in EVAL_BUILTIN_TASKS:
+                    raise ConfigError(f"eval.{key}.{name}: unknown built-in task; valid: "
+                                      f"{', '.join(EVAL_BUILTIN_TASKS)}")
+        _at_least("eval.probe_every", self.probe_every, 0)
+        _at_least("eval.probe_n", self.probe_n, 1)
+        _at_least("eval.probe_max_length", self.probe_max_length, 2)
+        for name, p in self.paths.items():
+            if p is not None and not os.path.isfile(os.path.expanduser(p)):
+                raise ConfigError(f"eval.paths.{name}: file {p!r} does not exist; give a .jsonl with the hub "
+                                  "dataset's fields")
+        for name, o in self.tasks.items():
+            k = f"eval.tasks.{name}"
+            _at_least(f"{k}.n", o.n, 1, allow_none=True)
+            _at_least(f"{k}.few_shot", o.few_shot, 0, allow_none=True)
+            _at_least(f"{k}.max_new_tokens", o.max_new_tokens, 1, allow_none=True)
+            _at_least(f"{k}.max_length", o.max_length, 2, allow_none=True)
+            if o.format is not None:
+                _choice(f"{k}.format", o.format, PROMPT_FORMATS)
+            if o.metric is not None:
+                _choice(f"{k}.metric", o.metric, EVAL_KIND_METRICS[EVAL_BUILTIN_TASKS[name]])
+            if o.subset is not None and name != "mmlu":
+                raise ConfigError(f"{k}.subset: only mmlu has subsets, got {o.subset!r}")
+            if o.fewshot_path is not None and not os.path.isfile(os.path.expanduser(o.fewshot_path)):
+                raise ConfigError(f"{k}.fewshot_path: file {o.fewshot_path!r} does not exist")
 
 
 # ------------------------------------------------------------------------------------------------------- hw

@@ -1,0 +1,203 @@
+"""Weight-space diagnostics of a fine-tune: pure functions over base and tuned weights (no data, no training).
+
+- **Intruder dimensions** (Shuttleworth et al., *LoRA vs Full Fine-tuning: An Illusion of Equivalence*): for a
+  matrix W, take the top-k singular vectors of the tuned W'; one is an *intruder* when its largest |cosine|
+  with every singular vector of the base W is below ε. Counted per matrix for a grid of k and ε.
+- **Update profile**: per matrix, the relative update norm ‖ΔW‖_F / ‖W‖_F (ΔW = W' − W), the effective rank
+  of ΔW (exp of the entropy of its normalised singular values; Roy & Vetterli 2007), the rank that explains
+  90% of ΔW's energy Σσ² (the spectral analysis of Biderman et al. 2024), and the fraction of entries changed.
+
+Inputs are state dicts ``{name: tensor}`` of the same model (a tuned PEFT model is read through
+`effective_weights`, which merges its adapters into a copy). Only 2-D weights are analysed (``*.weight`` of
+linear layers; embeddings and the head are left out unless `include` names them). Names like
+``model.layers.3.self_attn.q_proj.weight`` give ``layer=3, module="q_proj"``.
+
+    base = effective_weights(base_model)                 # before training (a snapshot on the CPU)
+    report = weight_report(base, effective_weights(tuned_model))
+    report["summary"]; report["matrices"]               # totals / one row per matrix
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+
+__all__ = ["intruder_dimensions", "update_profile", "effective_rank", "energy_rank", "weight_report",
+           "effective_weights", "parse_name", "DEFAULT_KS", "DEFAULT_EPSILONS"]
+
+DEFAULT_KS = (10, 50)
+DEFAULT_EPSILONS = (0.5, 0.6, 0.7, 0.8, 0.9)
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(.+?)(?:\.weight)?$")
+_SKIP = ("embed", "lm_head", "wte", "wpe", "norm")
+
+
+def _svd(w: torch.Tensor):
+    return torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
+
+
+def intruder_dimensions(w_base: torch.Tensor, w_tuned: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
+                        epsilons: Sequence[float] = DEFAULT_EPSILONS, side: str = "left") -> dict:
+    """Intruder dimensions of one matrix.
+
+    Args:
+        w_base, w_tuned: the matrix before and after fine-tuning (same shape).
+        ks: how many of the tuned matrix's top singular vectors to test.
+        epsilons: thresholds on the largest |cosine| with any base singular vector.
+        side: "left" (columns of U, the output space; the paper's choice) or "right" (rows of Vᵀ).
+
+    Returns:
+        ``{"counts": {(k, eps): n}, "max_cos": [..top max(ks)..], "sigma": [..top max(ks)..],
+        "intruders": [{"rank", "sigma", "max_cos"} for each vector below min(epsilons) among the top max(ks)]}``;
+        ranks are 0-based positions in the tuned spectrum.
+    """
+    if w_base.shape != w_tuned.shape:
+        raise ValueError(f"intruder_dimensions: shapes differ {tuple(w_base.shape)} vs {tuple(w_tuned.shape)}")
+    if side not in ("left", "right"):
+        raise ValueError(f"intruder_dimensions: side must be 'left' or 'right', got {side!r}")
+    ub, _, vbh = _svd(w_base)
+    ut, st, vth = _svd(w_tuned)
+    kmax = min(max(ks), st.numel())
+    if side == "left":
+        top, basis = ut[:, :kmax], ub
+    else:
+        top, basis = vth[:kmax].T, vbh.T
+    max_cos = (top.T @ basis).abs().amax(dim=1)  # [kmax]: the best match of each tuned vector in the base basis
+    counts = {(k, eps): int((max_cos[:min(k, kmax)] < eps).sum()) for k in ks for eps in epsilons}
+    low = min(epsilons)
+    intruders = [{"rank": i, "sigma": float(st[i]), "max_cos": float(max_cos[i])}
+                 for i in range(kmax) if max_cos[i] < low]
+    return {"counts": counts, "max_cos": max_cos.tolist(), "sigma": st[:kmax].tolist(), "intruders": intruders}
+
+
+def effective_rank(sigma: torch.Tensor) -> float:
+    """exp(entropy) of the singular values normalised to sum 1 (1 for a rank-1 matrix, r for r equal values)."""
+    s = sigma.double().clamp_min(0)
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def energy_rank(sigma: torch.Tensor, fraction: float = 0.9) -> int:
+    """The fewest singular values whose squares hold `fraction` of Σσ² (0 for a zero matrix)."""
+    e = sigma.double().pow(2)
+    total = e.sum()
+    if total <= 0:
+        return 0
+    cum = e.cumsum(0) / total
+    return int((cum < fraction - 1e-12).sum()) + 1
+
+
+def update_profile(w_base: torch.Tensor, w_tuned: torch.Tensor) -> dict:
+    """‖ΔW‖_F/‖W‖_F, effective rank and 90%-energy rank of ΔW, and the fraction of entries that changed."""
+    if w_base.shape != w_tuned.shape:
+        raise ValueError(f"update_profile: shapes differ {tuple(w_base.shape)} vs {tuple(w_tuned.shape)}")
+    wb, wt = w_base.detach().double(), w_tuned.detach().double()
+    delta = wt - wb
+    base_norm = float(torch.linalg.norm(wb))
+    dnorm = float(torch.linalg.norm(delta))
+    sigma = torch.linalg.svdvals(delta) if dnorm > 0 else torch.zeros(1, dtype=torch.float64)
+    return {"rel_update": dnorm / base_norm if base_norm > 0 else math.inf if dnorm > 0 else 0.0,
+            "update_norm": dnorm, "base_norm": base_norm, "erank": effective_rank(sigma),
+            "rank90": energy_rank(sigma, 0.9), "changed_frac": float((delta != 0).double().mean())}
+
+
+def parse_name(name: str) -> tuple[Optional[int], str]:
+    """(layer index or None, module name) of a parameter name."""
+    m = _LAYER.search(name)
+    if m:
+        return int(m.group(1)), m.group(2).split(".")[-1]
+    return None, name.removesuffix(".weight").split(".")[-1]
+
+
+def _selected(name: str, t: torch.Tensor, include: Optional[Iterable[str]]) -> bool:
+    if t.ndim != 2 or not name.endswith("weight"):
+        return False
+    if include is not None:
+        return any(p in name for p in include)
+    return not any(p in name for p in _SKIP)
+
+
+def weight_report(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor],
+                  ks: Sequence[int] = DEFAULT_KS, epsilons: Sequence[float] = DEFAULT_EPSILONS,
+                  include: Optional[Iterable[str]] = None, only_changed: bool = True, side: str = "left") -> dict:
+    """Intruder dimensions and update profile of every 2-D weight present in both state dicts.
+
+    Args:
+        include: substrings of the names to analyse (default: every 2-D ``*weight`` except embeddings, the
+            head and norms).
+        only_changed: skip matrices the fine-tune left exactly unchanged (their SVDs cost time and say nothing).
+
+    Returns:
+        ``{"matrices": [{name, layer, module, shape, rel_update, update_norm, base_norm, erank, rank90,
+        changed_frac, intruders: {"k10_eps0.5": n, ...}, intruder_list}], "summary": {...}}``. The summary has
+        ``n_matrices``, ``n_changed``, ``intruders`` (totals per k/ε key), ``rel_update_mean``,
+        ``erank_mean``, ``rank90_mean``, and ``by_module`` / ``by_layer`` means of rel_update and intruder
+        totals at the first k and ε.
+    """
+    rows, seen = [], 0
+    for name, wb in base.items():
+        wt = tuned.get(name)
+        if wt is None or not _selected(name, wb, include) or wt.shape != wb.shape:
+            continue
+        seen += 1
+        changed = not torch.equal(wb.detach().cpu(), wt.detach().cpu())
+        if only_changed and not changed:
+            continue
+        layer, module = parse_name(name)
+        prof = update_profile(wb, wt)
+        intr = intruder_dimensions(wb, wt, ks, epsilons, side=side)
+        rows.append({"name": name, "layer": layer, "module": module, "shape": list(wb.shape), **prof,
+                     "intruders": {_key(k, e): n for (k, e), n in intr["counts"].items()},
+                     "intruder_list": intr["intruders"]})
+    return {"matrices": rows, "summary": summarize_report(rows, ks, epsilons, n_seen=seen)}
+
+
+def _key(k: int, eps: float) -> str:
+    return f"k{k}_eps{eps:g}"
+
+
+def summarize_report(rows: list[dict], ks: Sequence[int] = DEFAULT_KS,
+                     epsilons: Sequence[float] = DEFAULT_EPSILONS, n_seen: Optional[int] = None) -> dict:
+    def mean(xs):
+        xs = [x for x in xs if x is not None and math.isfinite(x)]
+        return sum(xs) / len(xs) if xs else None
+
+    keys = [_key(k, e) for k in ks for e in epsilons]
+    main = keys[0] if keys else None
+    by_module: dict[str, dict] = {}
+    by_layer: dict[str, dict] = {}
+    for group, field in ((by_module, "module"), (by_layer, "layer")):
+        for r in rows:
+            g = group.setdefault(str(r[field]), {"n": 0, "rel_update": [], "intruders": 0})
+            g["n"] += 1
+            g["rel_update"].append(r["rel_update"])
+            g["intruders"] += r["intruders"].get(main, 0) if main else 0
+        for g in group.values():
+            g["rel_update"] = mean(g["rel_update"])
+    return {"n_matrices": n_seen if n_seen is not None else len(rows),
+            "n_changed": sum(r["changed_frac"] > 0 for r in rows),
+            "intruders": {k: sum(r["intruders"].get(k, 0) for r in rows) for k in keys},
+            "rel_update_mean": mean([r["rel_update"] for r in rows]),
+            "erank_mean": mean([r["erank"] for r in rows]), "rank90_mean": mean([r["rank90"] for r in rows]),
+            "by_module": by_module, "by_layer": by_layer, "main_key": main}
+
+
+def effective_weights(model, include: Optional[Iterable[str]] = None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The 2-D weights the model computes with, as a detached state dict on `device`, under the base model's
+    names. A PEFT model is merged on a deep copy first (the model itself is untouched), so a LoRA/DoRA/IA3
+    fine-tune is compared as W + ΔW. Take it from the base model *before* training for the base side."""
+    m = model
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        m = copy.deepcopy(model).merge_and_unload()
+    out = {}
+    for name, t in m.state_dict().items():
+        if _selected(name, t, include):
+            out[name] = t.detach().to(device=device, copy=True)
+    return out

@@ -1,0 +1,124 @@
+"""Benchmark (not a test): ftlab's multiple-choice scorer against lm-evaluation-harness's HF backend, on the same
+in-memory model and the same items. Prints both wall times, their ratio, and the largest log-likelihood gap.
+
+    python scripts/bench_mc.py                                # random Llama (~30M), synthetic HellaSwag-like items
+    python scripts/bench_mc.py --model /models/qwen2.5-0.5b --task hellaswag --path hellaswag_val.jsonl --n 500 \\
+        --device cuda --dtype bfloat16
+
+With --task/--path the items are a built-in task's (ftlab.tasks); otherwise N synthetic items with a shared
+context of --ctx words and 4 continuations of --cont words. Needs lm-eval (pip install lm-eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ftlab import evaluate as ev  # noqa: E402
+
+WORDS = ("the a man woman dog cat runs walks into house garden river quickly slowly then after before red blue "
+         "green small large old new finds takes gives opens closes looks under over with without").split()
+
+
+def synthetic_task(n: int, ctx_words: int, cont_words: int, seed: int = 0) -> ev.Task:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        ctx = " ".join(rng.choice(WORDS) for _ in range(ctx_words)).capitalize() + "."
+        choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(cont_words // 2, cont_words))) + "."
+                   for _ in range(4)]
+        rows.append({"id": f"synth/{i}", "context": ctx, "choices": choices, "label": rng.randrange(4)})
+    return ev.Task("synthetic_mc", "forget", "multiple_choice", rows, metric="acc_norm")
+
+
+def bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    lines = [" ".join(random.Random(i).sample(WORDS, 12)) for i in range(400)]
+    bpe.train_from_iterator(lines, trainer=trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--task")
+    ap.add_argument("--path")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--ctx", type=int, default=120)
+    ap.add_argument("--cont", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    a = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    dtype = getattr(torch, a.dtype)
+    if a.model:
+        tok = AutoTokenizer.from_pretrained(a.model)
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).to(a.device).eval()
+    else:
+        tok = bpe_tokenizer()
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408,
+                                             num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
+                                             max_position_embeddings=2048)).to(a.device, dtype).eval()
+    task = (ev.load_task(a.task, n=a.n, **({"path": a.path} if a.path else {})) if a.task
+            else synthetic_task(a.n, a.ctx, a.cont))
+
+    import lm_eval  # noqa: F401
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=a.batch_size, device=a.device)
+    requests = [Instance("loglikelihood", doc={}, arguments=pair, idx=k)
+                for pairs in ev.mc_requests(task, tok) for k, pair in enumerate(pairs)]
+
+    def sync():
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    ev.predict_multiple_choice(model, tok, ev.Task(task.name, "forget", task.kind, task.rows[:4]), a.batch_size)
+    sync()
+    t = time.perf_counter()
+    ours = ev.predict_multiple_choice(model, tok, task, a.batch_size)
+    sync()
+    t_ours = time.perf_counter() - t
+    t = time.perf_counter()
+    theirs = lm.loglikelihood(requests, disable_tqdm=True)
+    sync()
+    t_theirs = time.perf_counter() - t
+
+    flat = [x for p in ours for x in p["loglikelihoods"]]
+    gap = max(abs(x - y[0]) for x, y in zip(flat, theirs))
+    ours_acc = ev.score_predictions(task, ours)["metrics"]
+    k, theirs_preds = 0, []
+    for p in ours:
+        m = len(p["loglikelihoods"])
+        theirs_preds.append({"id": p["id"], "loglikelihoods": [y[0] for y in theirs[k:k + m]]})
+        k += m
+    theirs_acc = ev.score_predictions(task, theirs_preds)["metrics"]
+    print(f"items {len(task.rows)}  requests {len(requests)}  device {a.device}  dtype {a.dtype}")
+    print(f"ftlab   {t_ours:8.2f} s   {ours_acc}")
+    print(f"lm-eval {t_theirs:8.2f} s   {theirs_acc}")
+    print(f"speed-up {t_theirs / t_ours:.2f}x   max |loglik gap| {gap:.2e}")
+
+
+if __name__ == "__main__":
+    main()

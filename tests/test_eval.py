@@ -1,0 +1,468 @@
+"""Evaluation: built-in tasks on fixtures, multiple-choice scoring against a per-choice reference, perplexity
+windows, scoring saved predictions (function and CLI), the base-result cache rules, suites."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftlab import evaluate as ev
+from ftlab.evaluate import Task, evaluate, load_task, score_predictions
+from ftlab.tasks import BUILTINS, load_builtin
+
+FIX = Path(__file__).parent / "fixtures"
+EVAL_FIX = FIX / "eval"
+MC_TASKS = ["arc_challenge", "arc_easy", "hellaswag", "winogrande", "boolq", "mmlu"]
+
+
+def fixture_path(name: str) -> Path:
+    return FIX / "gsm8k_mini.jsonl" if name == "gsm8k" else EVAL_FIX / f"{name}.jsonl"
+
+
+def fewshot_kw(name: str) -> dict:
+    return {"fewshot_path": str(EVAL_FIX / "mmlu_dev.jsonl")} if name == "mmlu" else {}
+
+
+# ------------------------------------------------------------------------------------------ tiny model
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and a shared 2-core machine does not thrash)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained here on the fixtures (merges across word boundaries included)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = [line for p in sorted(FIX.rglob("*.jsonl")) for line in p.read_text().splitlines()]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(lines, trainer=trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    t = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                unk_token="<unk>")
+    t.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+                      "{% if add_generation_prompt %}assistant:{% endif %}"
+    return t
+
+
+def tiny_model(tok, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      initializer_range=0.3, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, attn_implementation="eager")
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok)
+
+
+# --------------------------------------------------------------------------------------- built-in tasks
+def test_schema_names_agree_with_the_task_registry():
+    from ftlab.schema import EVAL_BUILTIN_TASKS, EVAL_KIND_METRICS
+
+    assert {k: b.kind for k, b in BUILTINS.items()} == EVAL_BUILTIN_TASKS
+    assert {k: v.metrics for k, v in ev.KINDS.items()} == EVAL_KIND_METRICS
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_builtin_task_loads_from_its_fixture(name):
+    t = load_task(name, "forget", path=str(fixture_path(name)))
+    assert t.kind == BUILTINS[name].kind and t.metric == BUILTINS[name].metric and t.rows
+    assert all(r["id"].startswith(f"{name}/") for r in t.rows)
+    assert len({r["id"] for r in t.rows}) == len(t.rows)
+    assert t.meta["source"].startswith("file:") and len(t.meta["sha256"]) == 64
+    assert t.meta["few_shot"] == BUILTINS[name].few_shot and t.meta["format"] == "plain"
+    for r in t.rows:
+        if t.kind == "multiple_choice":
+            n = len(r["contexts"]) if "contexts" in r else len(r["choices"])
+            assert 0 <= r["label"] < n
+        elif t.kind == "generation":
+            assert r["prompt"].endswith("Answer:") and r["reference"]
+        else:
+            assert r["text"].strip()
+
+
+def test_row_formats_follow_lm_eval():
+    arc = load_task("arc_challenge", path=str(fixture_path("arc_challenge"))).rows
+    assert arc[0]["context"].startswith("Question: An astronomer") and arc[0]["context"].endswith("\nAnswer:")
+    assert arc[0]["label"] == 2 and arc[3]["label"] == 3  # numeric answer keys "1".."4" map too
+    hs = load_task("hellaswag", path=str(fixture_path("hellaswag"))).rows
+    assert hs[0]["context"] == "Roof shingle removal: A man is sitting on a roof. He"
+    assert hs[3]["choices"][0] == " Make it twice as wide as the root ball."  # lm-eval: [step] dropped after strip
+    wg = load_task("winogrande", path=str(fixture_path("winogrande"))).rows[0]
+    assert wg["contexts"] == ["Sarah was a much better surgeon than Maria so Sarah",
+                              "Sarah was a much better surgeon than Maria so Maria"]
+    assert wg["continuation"] == "always got the harder cases." and wg["label"] == 0
+    bq = load_task("boolq", path=str(fixture_path("boolq"))).rows
+    assert bq[0]["choices"] == ["no", "yes"] and bq[0]["label"] == 1 and bq[4]["label"] == 0
+    assert bq[0]["context"].endswith("\nQuestion: do iran and afghanistan speak the same language?\nAnswer:")
+    mm = load_task("mmlu", path=str(fixture_path("mmlu"))).rows[0]
+    assert mm["context"].startswith("The following are multiple choice questions (with answers) about abstract "
+                                    "algebra.\n\nFind the degree")
+    assert mm["context"].endswith("\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:") and mm["choices"] == list("ABCD")
+    wt = load_task("wikitext", path=str(fixture_path("wikitext")))
+    assert [r["id"] for r in wt.rows] == ["wikitext/1", "wikitext/3", "wikitext/4", "wikitext/5", "wikitext/6"]
+
+
+def test_few_shot_examples_are_fixed_recorded_and_never_the_item_itself():
+    rows, meta = load_builtin("arc_easy", path=str(fixture_path("arc_easy")), few_shot=2)
+    assert meta["few_shot"] == 2 and meta["fewshot_source"].startswith("eval rows")
+    for r in rows:
+        blocks = r["context"].split("\n\n")
+        assert len(blocks) == 3 and blocks[-1].startswith("Question:")
+        assert blocks[-1] not in blocks[:2]  # its own question is not an example
+        for b in blocks[:2]:
+            assert b.count("\nAnswer: ") == 1  # an example ends with its correct answer
+    again, _ = load_builtin("arc_easy", path=str(fixture_path("arc_easy")), few_shot=2)
+    assert again == rows
+    gsm = load_task("gsm8k", path=str(fixture_path("gsm8k")), n=3)
+    assert gsm.meta["few_shot"] == 5 and len(gsm.rows) == 3
+    assert gsm.rows[0]["prompt"].count("Question: ") == 6 and gsm.rows[0]["prompt"].count("#### ") == 5
+    with pytest.raises(ValueError, match="only 3 available"):
+        load_builtin("arc_easy", path=str(fixture_path("arc_easy")), few_shot=4)
+
+
+def test_mmlu_subset_interleaving_and_same_subject_examples():
+    rows, meta = load_builtin("mmlu", path=str(fixture_path("mmlu")), subset=["anatomy", "virology"])
+    assert len(rows) == 4 and meta["subset"] == ["anatomy", "virology"]
+    rows, _ = load_builtin("mmlu", path=str(fixture_path("mmlu")), n=3)
+    assert [r["id"] for r in rows] == ["mmlu/0", "mmlu/3", "mmlu/6"]  # one per subject first
+    rows, meta = load_builtin("mmlu", path=str(fixture_path("mmlu")), few_shot=2, **fewshot_kw("mmlu"))
+    anatomy = rows[3]["context"]
+    assert anatomy.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
+    assert anatomy.count("(dev)") == 2 and "abstract" not in anatomy.split("\n\n", 1)[1]
+    with pytest.raises(ValueError, match="no rows for"):
+        load_builtin("mmlu", path=str(fixture_path("mmlu")), subset=["astronomy"])
+
+
+def test_offline_hub_failure_names_the_local_file_override(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from ftlab.models import HubUnavailable
+
+    with pytest.raises((HubUnavailable, Exception), match="eval.paths.boolq=FILE.jsonl"):
+        load_builtin("boolq")
+
+
+# ------------------------------------------------------------------------------------- multiple choice
+def reference_loglikelihoods(model, tok, task):
+    """Straightforward per-choice scoring: one unpadded forward of context+continuation per choice."""
+    out = []
+    for pairs in ev.mc_requests(task, tok):
+        lls = []
+        for ctx, cont in pairs:
+            if ctx != ctx.rstrip():
+                n = len(ctx) - len(ctx.rstrip())
+                ctx, cont = ctx[:-n], ctx[-n:] + cont
+            c = tok(ctx)["input_ids"]
+            w = tok(ctx + cont)["input_ids"][len(c):]
+            ids = torch.tensor([c + w])
+            with torch.no_grad():
+                logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            lls.append(sum(float(logp[len(c) - 1 + i, t]) for i, t in enumerate(w)))
+        out.append(lls)
+    return out
+
+
+def reference_accuracy(task, lls):
+    acc = norm = 0
+    for r, ll in zip(task.rows, lls):
+        lens = [len(r["continuation"])] * len(ll) if "contexts" in r else [len(c) for c in r["choices"]]
+        acc += max(range(len(ll)), key=lambda i: (ll[i], -i)) == r["label"]
+        norm += max(range(len(ll)), key=lambda i: (ll[i] / lens[i], -i)) == r["label"]
+    return 100.0 * acc / len(lls), 100.0 * norm / len(lls)
+
+
+@pytest.mark.parametrize("name", MC_TASKS)
+def test_multiple_choice_equals_per_choice_reference(model, tok, name):
+    task = load_task(name, path=str(fixture_path(name)), few_shot=1, **fewshot_kw(name))
+    ref = reference_loglikelihoods(model, tok, task)
+    ref_acc, ref_norm = reference_accuracy(task, ref)
+    for share in (True, False):
+        for bs in (1, 3):
+            preds = ev.predict_multiple_choice(model, tok, task, bs, share_context=share)
+            for p, r in zip(preds, ref):
+                assert p["loglikelihoods"] == pytest.approx(r, abs=2e-4)
+            got = score_predictions(task, preds)
+            assert got["metrics"] == {"acc": ref_acc, "acc_norm": ref_norm}, (share, bs)
+
+
+def test_multiple_choice_chat_format_and_truncation(model, tok):
+    task = load_task("boolq", path=str(fixture_path("boolq")), format="chat")
+    assert task.delimiter == "" and ev.mc_requests(task, tok)[0][0][0].startswith("user: ")
+    ref = reference_loglikelihoods(model, tok, task)
+    preds = ev.predict_multiple_choice(model, tok, task, 4)
+    assert [p["loglikelihoods"] for p in preds] == [pytest.approx(r, abs=2e-4) for r in ref]
+    # a window shorter than the context: contexts are cut from the left, both paths agree
+    short = load_task("boolq", path=str(fixture_path("boolq")), max_length=12)
+    a = ev.predict_multiple_choice(model, tok, short, 4, share_context=True)
+    b = ev.predict_multiple_choice(model, tok, short, 4, share_context=False)
+    assert [p["loglikelihoods"] for p in a] == [pytest.approx(p["loglikelihoods"], abs=2e-4) for p in b]
+
+
+def test_multiple_choice_scoring_rules():
+    task = Task("t", "forget", "multiple_choice",
+                [{"id": "a", "context": "Q", "choices": ["x", "yyyy"], "label": 1},
+                 {"id": "b", "context": "Q", "choices": ["x", "y"], "label": 0}], metric="acc_norm")
+    # a: acc picks 0 (-2 > -3), acc_norm picks 1 (-3/4 > -2/1); b: a tie picks the first choice
+    res = score_predictions(task, [{"id": "a", "loglikelihoods": [-2.0, -3.0]},
+                                   {"id": "b", "loglikelihoods": [-1.0, -1.0]}])
+    assert res["metrics"] == {"acc": 50.0, "acc_norm": 100.0} and res["score"] == 100.0
+    assert [i["prediction"] for i in res["items"]] == [0, 0] and res["items"][0]["prediction_norm"] == 1
+    by_text = score_predictions(task, [{"id": "a", "prediction": "yyyy"}, {"id": "b", "prediction": 1}])
+    assert by_text["metrics"]["acc"] == 50.0
+    with pytest.raises(ValueError, match="no prediction"):
+        score_predictions(task, [{"id": "a", "loglikelihoods": [0, 1]}])
+    with pytest.raises(ValueError, match="2 log-likelihoods for 2|3 log-likelihoods"):
+        score_predictions(task, [{"id": "a", "loglikelihoods": [0, 1, 2]}, {"id": "b", "loglikelihoods": [0, 1]}])
+    with pytest.raises(ValueError, match="not one of"):
+        score_predictions(task, [{"id": "a", "prediction": "zzz"}, {"id": "b", "prediction": 0}])
+
+
+def _lm_eval_tasks(tmp_path, names):
+    """lm-evaluation-harness's own task definitions, re-pointed at the local fixtures."""
+    import os
+    import shutil
+
+    import lm_eval
+
+    src = Path(os.path.dirname(lm_eval.__file__)) / "tasks"
+    files = {"arc_challenge": ("arc/arc_challenge.yaml", "test"), "arc_easy": ("arc/arc_easy.yaml", "test"),
+             "hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
+             "winogrande": ("winogrande/default.yaml", "validation"),
+             "boolq": ("super_glue/boolq/default.yaml", "validation")}
+    for name in names:
+        rel, split = files[name]
+        d = tmp_path / name  # the task's directory as shipped (its includes and !function helpers), plus ours
+        shutil.copytree(src / Path(rel).parent, d, ignore=shutil.ignore_patterns("__pycache__", "*.md"))
+        (d / f"ftlab_{name}.yaml").write_text(
+            f"include: {Path(rel).name}\ntask: ftlab_{name}\ntag: []\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    {split}: {fixture_path(name)}\ntraining_split: null\n"
+            f"validation_split: {split if split == 'validation' else 'null'}\n"
+            f"test_split: {split if split == 'test' else 'null'}\n")
+    return tmp_path
+
+
+def test_multiple_choice_equals_lm_eval_on_its_own_task_definitions(model, tok, tmp_path):
+    """ftlab's prompts, log-likelihoods, acc and acc_norm equal lm-evaluation-harness's (HF backend, same
+    in-memory model) on its task YAMLs for ARC, HellaSwag (its preprocessing) and WinoGrande (partial scoring)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    names = ["arc_challenge", "hellaswag", "winogrande"]
+    tm = TaskManager(include_path=str(_lm_eval_tasks(tmp_path, names)), include_defaults=False)
+    res = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu"),
+                                  tasks=[f"ftlab_{n}" for n in names], task_manager=tm, log_samples=True)
+    for name in names:
+        task = load_task(name, path=str(fixture_path(name)))
+        ours = score_predictions(task, ev.predict_multiple_choice(model, tok, task, 4))
+        theirs = res["results"][f"ftlab_{name}"]
+        assert ours["metrics"]["acc"] == pytest.approx(100 * theirs["acc,none"])
+        if "acc_norm,none" in theirs:
+            assert ours["metrics"]["acc_norm"] == pytest.approx(100 * theirs["acc_norm,none"])
+        samples = sorted(res["samples"][f"ftlab_{name}"], key=lambda s: s["doc_id"])
+        assert len(samples) == len(task.rows)
+        for item, s in zip(ours["items"], samples):
+            assert item["loglikelihoods"] == pytest.approx([float(r[0][0]) for r in s["resps"]], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------ perplexity, generation
+def test_perplexity_windows_predict_every_token_once(model, tok):
+    task = load_task("wikitext", path=str(fixture_path("wikitext")))
+    whole = ev.predict_perplexity(model, tok, task, 2)
+    for r, p in zip(task.rows, whole):  # one window: a plain forward
+        ids = torch.tensor([tok(r["text"])["input_ids"]])
+        with torch.no_grad():
+            nll = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="sum")
+        assert p["nll"] == pytest.approx(float(nll), rel=1e-4) and p["n_tokens"] == ids.shape[1] - 1
+    windowed = ev.predict_perplexity(model, tok, load_task("wikitext", path=str(fixture_path("wikitext")),
+                                                           max_length=16), 3)
+    assert [p["n_tokens"] for p in windowed] == [p["n_tokens"] for p in whole]
+    assert all(math.isfinite(p["nll"]) and p["nll"] > 0 for p in windowed)
+    res = score_predictions(task, whole)
+    total = sum(p["nll"] for p in whole) / sum(p["n_tokens"] for p in whole)
+    assert res["score"] == pytest.approx(math.exp(total)) and res["higher_is_better"] is False
+
+
+ADVERSARIAL = [  # (prediction, scores against reference 27)
+    (" Maya has 36 - 9 = 27 pencils left.\n#### 27", True),
+    (" #### 27.00\n\nQuestion: what is 5 + 5?\nAnswer: 10", True),
+    (" The answer is $27.", True),
+    (" 27 pencils, then 28 more? no: 3rd try gives 1,027", False),
+    (" I think 26.\n\nQuestion: Tom has 27 apples", False),
+    ("", False),
+]
+
+
+def test_generation_scoring_reads_the_final_number():
+    task = load_task("gsm8k", path=str(fixture_path("gsm8k")), few_shot=0)
+    ref_row = next(r for r in task.rows if r["reference"] == "27")
+    for pred, ok in ADVERSARIAL:
+        preds = [{"id": r["id"], "prediction": pred if r is ref_row else ""} for r in task.rows]
+        res = score_predictions(task, preds)
+        item = next(i for i in res["items"] if i["id"] == ref_row["id"])
+        assert item["score"] == (100.0 if ok else 0.0), pred
+
+
+# ----------------------------------------------------------------------------------------- evaluate, cache
+def test_evaluate_records_and_scoring_saved_records_agree(model, tok, tmp_path):
+    tasks = [load_task(n, "forget", path=str(fixture_path(n)), **({"few_shot": 0} if n == "gsm8k" else {}),
+                       **({"max_new_tokens": 4} if n == "gsm8k" else {})) for n in BUILTINS]
+    res = evaluate(model, tok, tasks, 4, stage="base", run_dir=tmp_path, progress=False)
+    for t in tasks:
+        recs = [json.loads(line) for line in (tmp_path / "records" / "base" / f"{t.name}.jsonl").open()]
+        assert len(recs) == len(t.rows) == res[t.name]["n"]
+        again = score_predictions(t, recs)
+        assert again["score"] == res[t.name]["score"] and again["metrics"] == res[t.name]["metrics"]
+        if t.kind != "perplexity":
+            assert sum(r["score"] for r in recs) / len(recs) == pytest.approx(res[t.name]["score"])
+
+
+def test_base_cache_hits_and_misses(model, tok, tmp_path):
+    cache = tmp_path / "cache"
+
+    def run(task, fp="fp-a", tokenizer=tok):
+        return evaluate(model, tokenizer, [task], 4, stage="base", run_dir=tmp_path, cache_dir=cache,
+                        fingerprint=fp, progress=False)[task.name]
+
+    path = str(fixture_path("arc_easy"))
+    first = run(load_task("arc_easy", path=path))
+    assert first["cached"] is False
+    hit = run(load_task("arc_easy", path=path))
+    assert hit["cached"] is True and hit["score"] == first["score"] and hit["metrics"] == first["metrics"]
+    assert run(load_task("arc_easy", path=path, n=3))["cached"] is False  # n
+    assert run(load_task("arc_easy", path=path, few_shot=1))["cached"] is False  # few-shot
+    assert run(load_task("arc_easy", path=path, format="chat"))["cached"] is False  # format
+    assert run(load_task("arc_easy", path=path, metric="acc"))["cached"] is False  # metric
+    assert run(load_task("arc_easy", path=path), fp="fp-b")["cached"] is False  # model weights
+    edited = tmp_path / "arc_easy.jsonl"  # the task file: one answer key changed
+    lines = Path(path).read_text().splitlines()
+    lines[0] = lines[0].replace('"answerKey": "A"', '"answerKey": "B"')
+    edited.write_text("\n".join(lines) + "\n")
+    assert run(load_task("arc_easy", path=str(edited)))["cached"] is False
+    assert run(load_task("arc_easy", path=str(edited)))["cached"] is True
+    # a damaged entry is recomputed, not trusted
+    for f in cache.glob("*.json"):
+        f.write_text("{not json")
+    assert run(load_task("arc_easy", path=path))["cached"] is False
+
+
+def test_cache_key_depends_on_eval_version(monkeypatch):
+    t = Task("x", "target", "generation", [{"id": "1", "prompt": "p", "reference": "r"}])
+    k = ev.cache_key(t, "fp")
+    monkeypatch.setattr(ev, "EVAL_VERSION", ev.EVAL_VERSION + 1)
+    assert ev.cache_key(t, "fp") != k
+
+
+# ------------------------------------------------------------------------------------------ score CLI
+def test_score_cli_applies_the_task_metric(tmp_path, capsys):
+    from ftlab.cli import main
+
+    preds = tmp_path / "preds.jsonl"
+    task = load_task("arc_easy", path=str(fixture_path("arc_easy")))
+    preds.write_text("".join(json.dumps({"id": r["id"], "prediction": r["label"] if i < 3 else 0}) + "\n"
+                             for i, r in enumerate(task.rows)))
+    assert main(["score", "arc_easy", str(preds), "--path", str(fixture_path("arc_easy")), "--metric", "acc"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "arc_easy" and out["metric"] == "acc" and out["score"] == 75.0 and out["n"] == 4
+    gen = tmp_path / "gsm.jsonl"
+    t = load_task("gsm8k", path=str(fixture_path("gsm8k")), few_shot=0, n=2)
+    gen.write_text("".join(json.dumps({"id": r["id"], "prediction": f"so #### {r['reference']}"}) + "\n"
+                           for r in t.rows))
+    assert main(["score", "gsm8k", str(gen), "--path", str(fixture_path("gsm8k")), "--few-shot", "0",
+                 "-n", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["score"] == 100.0
+    # a missing item is an error, with the ids to use
+    gen.write_text(json.dumps({"id": t.rows[0]["id"], "prediction": "1"}) + "\n")
+    assert main(["score", "gsm8k", str(gen), "--path", str(fixture_path("gsm8k")), "-n", "2"]) == 2
+    assert "have no prediction" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- suites
+def test_suites_build_their_tasks_from_local_files():
+    from ftlab.cli import check
+
+    paths = [f"eval.paths.{n}={fixture_path(n)}" for n in ("gsm8k", "hellaswag", "arc_challenge", "winogrande")]
+    (cfg,) = check(["eval=biderman", "eval.limit=3", *paths])
+    tasks = ev.build_tasks(cfg)
+    assert [(t.name, t.role, t.metric) for t in tasks] == [
+        ("gsm8k", "target", "exact_match"), ("hellaswag", "forget", "acc_norm"),
+        ("arc_challenge", "forget", "acc_norm"), ("winogrande", "forget", "acc")]
+    assert all(len(t.rows) == 3 for t in tasks)
+    assert tasks[0].meta["few_shot"] == 5 and tasks[0].max_new_tokens == 256
+    (cfg,) = check(["eval=standard", "eval.limit=2", "eval.tasks.mmlu.subset=[anatomy]", "eval.tasks.mmlu.few_shot=2",
+                    f"eval.tasks.mmlu.fewshot_path={EVAL_FIX / 'mmlu_dev.jsonl'}",
+                    *[f"eval.paths.{n}={fixture_path(n)}" for n in
+                      ("mmlu", "arc_challenge", "arc_easy", "hellaswag", "winogrande", "boolq", "wikitext")]])
+    tasks = {t.name: t for t in ev.build_tasks(cfg)}
+    assert set(tasks) == {"synth_sub", "mmlu", "arc_challenge", "arc_easy", "hellaswag", "winogrande", "boolq",
+                          "wikitext"}
+    assert tasks["mmlu"].meta["few_shot"] == 2 and tasks["mmlu"].meta["subset"] == ["anatomy"]
+    assert [r["id"] for r in tasks["mmlu"].rows] == ["mmlu/3", "mmlu/4"]
+    assert len(tasks["wikitext"].rows) == 5  # the suite's own n (500) wins over eval.limit
+    assert all(len(t.rows) == 2 for n, t in tasks.items() if n != "wikitext")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.forget=[hellaswg]", "eval.forget: unknown task 'hellaswg'"),
+    ("+eval.paths.hellaswg=x.jsonl", "eval.paths.hellaswg: unknown built-in task"),
+    ("eval.paths.boolq=/no/such.jsonl", "eval.paths.boolq: file"),
+    ("eval.tasks.boolq.metric=exact_match", "eval.tasks.boolq.metric: unknown value"),
+    ("eval.tasks.arc_easy.subset=[x]", "eval.tasks.arc_easy.subset: only mmlu"),
+    ("eval.tasks.gsm8k.few_shot=-1", "eval.tasks.gsm8k.few_shot: must be >= 0"),
+])
+def test_eval_config_refusals(override, message):
+    from ftlab.cli import check
+    from ftlab.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        check([override])
+
+
+# ------------------------------------------------------------------------------------------------ probes
+def test_in_training_probes_ppl_and_kl_to_base(model, tok):
+    from ftlab.probes import Probes
+
+    texts = [r["text"] for r in load_task("wikitext", path=str(fixture_path("wikitext"))).rows]
+    probes = Probes(tok, texts, max_length=24, batch_size=2)
+    base = probes.capture_base(model)
+    same = probes(model)
+    assert same["probe_kl"] == pytest.approx(0.0, abs=1e-6) and same["probe_ppl"] == pytest.approx(base["probe_ppl"])
+    other = tiny_model(tok, seed=1)
+    got = probes(other)
+    kl = n = nll = 0.0  # direct: full softmax of both models on the same truncated texts
+    for text in texts:
+        ids = torch.tensor([tok(text)["input_ids"][:24]])
+        with torch.no_grad():
+            p = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            q = other(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        kl += float((p.exp() * (p - q)).sum())
+        nll -= float(q.gather(-1, ids[0, 1:, None]).sum())
+        n += ids.shape[1] - 1
+    assert got["probe_kl"] == pytest.approx(kl / n, rel=1e-4) and got["probe_kl"] > 0.01
+    assert got["probe_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    coarse = Probes(tok, texts, max_length=24, batch_size=2, topk=8, full_vocab_max=10)  # top-8 + one bucket
+    coarse.capture_base(model)
+    assert 0 < coarse(other)["probe_kl"] <= got["probe_kl"] + 1e-3
+    assert coarse(model)["probe_kl"] == pytest.approx(0.0, abs=1e-2)
