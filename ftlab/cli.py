@@ -28,7 +28,7 @@ commands:
   score TASK PREDS     score saved predictions with a task's metric, no model (ftlab score --help)
   version              print the version
 
-Config groups: model, data, method, eval, hw, logger (see `ftlab run --help`).
+Config groups: model, data, method, eval, hw, logger, reg (see `ftlab run --help`).
 Environment: FTLAB_OUTPUTS (run directories, default ./outputs), FTLAB_CACHE (base models and base
 evaluations, default ~/.cache/ftlab).
 """
@@ -151,6 +151,7 @@ GROUPS = {
     "eval": "target task(s) and forgetting suite; eval.limit caps examples per task",
     "hw": "device, precision, processes",
     "logger": "where metrics go besides the run directory",
+    "reg": "a regulariser added to the training loss, with any method (reg.weight scales it)",
 }
 
 

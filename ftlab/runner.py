@@ -80,6 +80,7 @@ def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
         from ftlab.methods import MethodContext, build_method
         from ftlab.metrics import summarize, task_entry
         from ftlab.models import load_model_and_tokenizer, model_fingerprint
+        from ftlab.reg import build_regulariser
         from ftlab.train import Batches, encode_example, save_checkpoint, train
         from ftlab.world.base import cache_root
 
@@ -98,11 +99,16 @@ def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
         seed_everything(cfg.seed)
         method = build_method(cfg.method)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ctx = MethodContext(tokenizer=tok, train_rows=train_rows, seed=cfg.seed)
+        ctx = MethodContext(tokenizer=tok, train_rows=train_rows, seed=cfg.seed, max_length=cfg.model.max_length)
+        reg = build_regulariser(cfg.reg)
+        if reg is not None:
+            reg.capture_base(model)  # before prepare: the original base, whatever the method does to it
         model = method.prepare(model, ctx)
+        if reg is not None:
+            reg.capture_start(model)
         batches = Batches(encoded, cfg.train.batch_size, cfg.seed)
         stats = train(model, method, batches, cfg, device=device, pad_id=pad_id, run_dir=run_dir,
-                      on_log=logger.log, progress=progress)
+                      on_log=logger.log, progress=progress, reg=reg)
         save_checkpoint(model, method, run_dir / "checkpoints" / "final")
 
         tuned = evaluate(model, tok, tasks, cfg.eval.batch_size, stage="tuned", run_dir=run_dir, progress=progress)

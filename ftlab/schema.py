@@ -74,7 +74,10 @@ class DataConfig:
     max_new_tokens: int = 16
 
 
-# --------------------------------------------------------------------------------------------------- method
+# ==================================================================================================== methods
+# The "methods" part: one schema per `method=` option (registered in METHODS below, at the end of this part),
+# the `reg` group's schema, and their range checks (`_check_method`, `_check_reg`, called by `_check_ranges`).
+# A knob that is not a field here is refused at compose time.
 @dataclass
 class MethodConfig:
     name: str = MISSING
@@ -85,16 +88,207 @@ class FullConfig(MethodConfig):
     name: str = "full"
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 @dataclass
 class LoraConfig(MethodConfig):
     name: str = "lora"
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     use_rslora: bool = False
+
+
+@dataclass
+class RsLoraConfig(LoraConfig):
+    """rsLoRA: LoRA scaled by alpha/sqrt(r) instead of alpha/r."""
+
+    name: str = "rslora"
+    use_rslora: bool = True
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    """DoRA: LoRA on the direction of each weight plus a trained per-column magnitude."""
+
+    name: str = "dora"
+
+
+@dataclass
+class PissaConfig(LoraConfig):
+    """PiSSA: the adapter starts as the top-r singular components of W; the residual stays frozen."""
+
+    name: str = "pissa"
+    alpha: float = 8.0
+    svd_niter: Optional[int] = 4  # fast randomized SVD with this many subspace iterations; None: full SVD
+
+
+@dataclass
+class OloraConfig(LoraConfig):
+    """OLoRA: the adapter starts from a QR decomposition of W; the residual stays frozen."""
+
+    name: str = "olora"
+    alpha: float = 8.0
+
+
+@dataclass
+class CordaConfig(LoraConfig):
+    """CorDA: SVD of W times the input covariance of calibration rows (from the training data)."""
+
+    name: str = "corda"
+    alpha: float = 8.0
+    mode: str = "kpm"  # kpm: train the smallest r components (keep knowledge) | ipm: the largest r (task)
+    calib_samples: int = 32  # training rows run through the base, one at a time, for the covariance
+
+
+@dataclass
+class LoraGaConfig(LoraConfig):
+    """LoRA-GA: the adapter starts from the SVD of the full-weight gradient on calibration batches."""
+
+    name: str = "lora_ga"
+    alpha: float = 8.0
+    calib_samples: int = 32  # training rows for the gradient estimate
+    calib_batch_size: int = 8
+    direction: str = "ArB2r"  # peft LoraGAConfig.direction: ArBr | A2rBr | ArB2r | random
+    scale: str = "stable"  # peft LoraGAConfig.scale: stable | weight_svd | gd_scale | unit
+    stable_gamma: float = 16.0
+
+
+@dataclass
+class Ia3Config(MethodConfig):
+    """IA3: learned per-feature scaling vectors on keys, values and the FFN input of down_proj."""
+
+    name: str = "ia3"
+    target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    # the subset of target_modules whose *input* is scaled (FFN); the others scale their output
+    feedforward_modules: list[str] = field(default_factory=lambda: ["down_proj"])
+
+
+@dataclass
+class PromptTuningConfig(MethodConfig):
+    """Prompt tuning: trained soft-prompt embeddings prepended to every input; the model is frozen."""
+
+    name: str = "prompt_tuning"
+    num_virtual_tokens: int = 16
+    init: str = "vocab"  # vocab: embeddings of random vocabulary tokens | random | text: embeddings of init_text
+    init_text: Optional[str] = None
+
+
+@dataclass
+class FreezeConfig(MethodConfig):
+    """Layer freezing: the top `train_top` blocks train (or all but the bottom `freeze_bottom`)."""
+
+    name: str = "freeze"
+    train_top: Optional[int] = 1  # exactly one of train_top / freeze_bottom is set
+    freeze_bottom: Optional[int] = None
+    train_embeddings: bool = False  # input embeddings (shared with the head when the model ties them)
+    train_head: bool = True  # lm head and final norm
+    llrd: float = 1.0  # layer-wise LR decay: block i from the top trains at lr * llrd**i (1.0: off)
+
+
+@dataclass
+class HftConfig(MethodConfig):
+    """Half Fine-Tuning: in each block, half of the attention matrices, of the FFN matrices and of the norms train."""
+
+    name: str = "hft"
+    ratio: float = 0.5  # share of each block's matrices that train
+    stage: int = 0  # the draw is seeded by (run seed, stage): a new training stage re-draws the half
+    train_embeddings: bool = False
+    train_head: bool = False  # lm head and final norm
+
+
+@dataclass
+class LisaConfig(MethodConfig):
+    """LISA: embeddings and head always train; `gamma` blocks, sampled every `interval` steps, train too."""
+
+    name: str = "lisa"
+    gamma: int = 1  # active blocks at a time
+    interval: int = 20  # steps between re-samplings (K)
+
+
+@dataclass
+class RegConfig:
+    """A regulariser added to the training loss, composable with any method (config group `reg`)."""
+
+    kind: str = "none"  # none | kl (KL to the frozen base on the batch) | l2sp (L2 pull to the start weights)
+    weight: float = 0.0
+
+
+METHODS: dict[str, type[MethodConfig]] = {
+    "full": FullConfig, "lora": LoraConfig, "rslora": RsLoraConfig, "dora": DoraConfig, "pissa": PissaConfig,
+    "olora": OloraConfig, "corda": CordaConfig, "lora_ga": LoraGaConfig, "ia3": Ia3Config,
+    "prompt_tuning": PromptTuningConfig, "freeze": FreezeConfig, "hft": HftConfig, "lisa": LisaConfig,
+}
+REG_KINDS = ("none", "kl", "l2sp")
+CORDA_MODES = ("kpm", "ipm")
+LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
+PROMPT_INITS = ("vocab", "random", "text")
+
+
+def _check_method(meth: "MethodConfig") -> None:
+    """Range checks of the method knobs (types and unknown keys are refused by the schema itself)."""
+    if isinstance(meth, LoraConfig):
+        _at_least("method.r", meth.r, 1)
+        if not meth.alpha > 0:
+            raise ConfigError(f"method.alpha: must be > 0, got {meth.alpha!r}")
+        if not 0 <= meth.dropout < 1:
+            raise ConfigError(f"method.dropout: must be in [0, 1), got {meth.dropout!r}")
+        if not meth.target_modules:
+            raise ConfigError("method.target_modules: must name at least one module (e.g. q_proj)")
+    if isinstance(meth, PissaConfig):
+        _at_least("method.svd_niter", meth.svd_niter, 1, allow_none=True)
+    if isinstance(meth, CordaConfig):
+        _choice("method.mode", meth.mode, CORDA_MODES)
+        _at_least("method.calib_samples", meth.calib_samples, 1)
+    if isinstance(meth, LoraGaConfig):
+        _at_least("method.calib_samples", meth.calib_samples, 1)
+        _at_least("method.calib_batch_size", meth.calib_batch_size, 1)
+        _choice("method.direction", meth.direction, LORA_GA_DIRECTIONS)
+        _choice("method.scale", meth.scale, LORA_GA_SCALES)
+        if not meth.stable_gamma > 0:
+            raise ConfigError(f"method.stable_gamma: must be > 0, got {meth.stable_gamma!r}")
+    if isinstance(meth, Ia3Config):
+        if not meth.target_modules:
+            raise ConfigError("method.target_modules: must name at least one module (e.g. v_proj)")
+        extra = [m for m in meth.feedforward_modules if m not in meth.target_modules]
+        if extra:
+            raise ConfigError(f"method.feedforward_modules: {extra} are not in method.target_modules "
+                              f"{meth.target_modules}; feedforward modules must be targets too")
+    if isinstance(meth, PromptTuningConfig):
+        _at_least("method.num_virtual_tokens", meth.num_virtual_tokens, 1)
+        _choice("method.init", meth.init, PROMPT_INITS)
+        if meth.init == "text" and not meth.init_text:
+            raise ConfigError("method.init_text: method.init=text needs the text, e.g. method.init_text='Answer:'")
+    if isinstance(meth, FreezeConfig):
+        if (meth.train_top is None) == (meth.freeze_bottom is None):
+            raise ConfigError("method.train_top: set exactly one of method.train_top (blocks that train, from the "
+                              "top) and method.freeze_bottom (blocks frozen, from the bottom); the other =null, got "
+                              f"train_top={meth.train_top!r}, freeze_bottom={meth.freeze_bottom!r}")
+        _at_least("method.train_top", meth.train_top, 0, allow_none=True)
+        _at_least("method.freeze_bottom", meth.freeze_bottom, 0, allow_none=True)
+        if not 0 < meth.llrd <= 1:
+            raise ConfigError(f"method.llrd: must be in (0, 1], got {meth.llrd!r}")
+    if isinstance(meth, HftConfig):
+        if not 0 < meth.ratio < 1:
+            raise ConfigError(f"method.ratio: must be in (0, 1), got {meth.ratio!r}")
+        _at_least("method.stage", meth.stage, 0)
+    if isinstance(meth, LisaConfig):
+        _at_least("method.gamma", meth.gamma, 1)
+        _at_least("method.interval", meth.interval, 1)
+
+
+def _check_reg(reg: RegConfig) -> None:
+    _choice("reg.kind", reg.kind, REG_KINDS)
+    if not (isinstance(reg.weight, (int, float)) and reg.weight >= 0):
+        raise ConfigError(f"reg.weight: must be >= 0, got {reg.weight!r}")
+    if reg.kind != "none" and reg.weight == 0:
+        raise ConfigError(f"reg.weight: reg.kind={reg.kind} needs a weight > 0 (e.g. reg.weight=0.1), got 0")
+
+
+# ================================================================================================ end methods
 
 
 # ----------------------------------------------------------------------------------------------------- eval
@@ -231,10 +425,10 @@ class RunConfig:
     hw: HwConfig = field(default_factory=HwConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
 
 
 # ------------------------------------------------------------------------------------------------ registries
-METHODS: dict[str, type[MethodConfig]] = {"full": FullConfig, "lora": LoraConfig}
 DATA_SOURCES = ("synth", "hf", "jsonl")
 ANSWER_KINDS = ("exact", "number")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -313,6 +507,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         hw=_typed("hw", HwConfig, rest.get("hw", {})),
         logger=_typed("logger", LoggerConfig, rest.get("logger", {})),
         train=_typed("train", TrainConfig, rest.get("train", {})),
+        reg=_typed("reg", RegConfig, rest.get("reg", {})),
     )
     if not isinstance(run.seed, int) or isinstance(run.seed, bool):
         raise ConfigError(f"seed: must be an integer, got {run.seed!r}")
@@ -405,15 +600,8 @@ def _check_ranges(c: RunConfig) -> None:
     _choice("logger.name", lg.name, LOGGERS)
     _choice("logger.mode", lg.mode, LOGGER_MODES)
 
-    meth = c.method
-    if isinstance(meth, LoraConfig):
-        _at_least("method.r", meth.r, 1)
-        if not meth.alpha > 0:
-            raise ConfigError(f"method.alpha: must be > 0, got {meth.alpha!r}")
-        if not 0 <= meth.dropout < 1:
-            raise ConfigError(f"method.dropout: must be in [0, 1), got {meth.dropout!r}")
-        if not meth.target_modules:
-            raise ConfigError("method.target_modules: must name at least one module (e.g. q_proj)")
+    _check_method(c.method)
+    _check_reg(c.reg)
 
 
 def _looks_like_path(s: str) -> bool:

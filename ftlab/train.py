@@ -110,14 +110,20 @@ def _peak_mem(device: str) -> int:
 
 
 def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, device: str, pad_id: int,
-          run_dir: Path, on_log: Callable[[dict], None] | None = None, progress: bool = True) -> TrainResult:
-    """Train `model` (already prepared by the method) for cfg.train.max_steps optimizer steps."""
+          run_dir: Path, on_log: Callable[[dict], None] | None = None, progress: bool = True,
+          reg: Callable[[nn.Module, dict, Any], torch.Tensor] | None = None) -> TrainResult:
+    """Train `model` (already prepared by the method) for cfg.train.max_steps optimizer steps.
+
+    `reg` (an ftlab.reg.Regulariser, or None) adds its term to the loss; its mean is logged as `reg`.
+    A param group may carry `lr_scale` (layer-wise LR decay): its lr is train.lr times that."""
     from transformers import get_scheduler
 
     t = cfg.train
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(method.param_groups(model, t.weight_decay), lr=t.lr,
-                            betas=(t.adam_beta1, t.adam_beta2))
+    groups = method.param_groups(model, t.weight_decay)
+    for g in groups:
+        g["lr"] = t.lr * g.pop("lr_scale", 1.0)
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2))
     if not any(p.requires_grad for g in opt.param_groups for p in g["params"]):
         raise ValueError(f"method {method.name}: no trainable parameters")
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
@@ -129,6 +135,7 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
     tokens = 0
     t0 = time.perf_counter()
     window_loss, window_n, loss_value = 0.0, 0, float("nan")
+    window_reg = 0.0
     bar = Bar(t.max_steps, "train", "loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s",
               enabled=progress, loss=float("nan"), tps=0.0)
     with open(curve_path, "a") as curve, bar:
@@ -142,6 +149,10 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
                     extra = method.extra_loss(model, batch, out, step)
                     if extra is not None:
                         loss = loss + extra
+                    if reg is not None:
+                        reg_term = reg(model, batch, out)
+                        loss = loss + reg_term
+                        window_reg += reg_term.item() / t.grad_accum
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; lower train.lr, "
                                         "or use hw.precision=fp32")
@@ -167,11 +178,13 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
                 row = {"step": step, "loss": window_loss / window_n, "lr": sched.get_last_lr()[0],
                        "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
                        "elapsed_s": elapsed}
+                if reg is not None:
+                    row["reg"] = window_reg / window_n
                 curve.write(json.dumps(row) + "\n")
                 curve.flush()
                 if on_log is not None:
                     on_log(row)
-                window_loss, window_n = 0.0, 0
+                window_loss, window_n, window_reg = 0.0, 0, 0.0
             if t.save_every and step % t.save_every == 0 and step < t.max_steps:
                 save_checkpoint(model, method, run_dir / "checkpoints" / f"step_{step:06d}")
     wall = time.perf_counter() - t0

@@ -20,6 +20,20 @@ class MethodContext:
     seed: int
     collate: Callable[[list[dict]], dict] | None = None
     extras: dict = field(default_factory=dict)
+    max_length: int = 256  # model.max_length: calibration rows are cut like training rows
+
+    def calibration_rows(self, n: int) -> list[dict]:
+        """`n` training rows (a seeded sample, without repeats while rows last), encoded like training
+        examples: {"input_ids", "labels"} with the prompt masked in labels."""
+        from ftlab.train import encode_example
+
+        if not self.train_rows:
+            raise ValueError("method: calibration needs training rows, and the training data is empty")
+        g = torch.Generator().manual_seed(self.seed * 7919 + 17)
+        order = torch.randperm(len(self.train_rows), generator=g).tolist()
+        picks = [order[i % len(order)] for i in range(n)]
+        return [encode_example(self.tokenizer, self.train_rows[i]["prompt"], self.train_rows[i]["response"],
+                               self.max_length) for i in picks]
 
 
 class Method:
@@ -53,6 +67,17 @@ class Method:
 _REGISTRY: dict[str, str] = {
     "full": "ftlab.methods.full:FullFinetune",
     "lora": "ftlab.methods.lora:Lora",
+    "rslora": "ftlab.methods.rslora:RsLora",
+    "dora": "ftlab.methods.dora:Dora",
+    "pissa": "ftlab.methods.pissa:Pissa",
+    "olora": "ftlab.methods.olora:Olora",
+    "corda": "ftlab.methods.corda:Corda",
+    "lora_ga": "ftlab.methods.lora_ga:LoraGa",
+    "ia3": "ftlab.methods.ia3:Ia3",
+    "prompt_tuning": "ftlab.methods.prompt_tuning:PromptTuning",
+    "freeze": "ftlab.methods.freeze:Freeze",
+    "hft": "ftlab.methods.hft:Hft",
+    "lisa": "ftlab.methods.lisa:Lisa",
 }
 
 

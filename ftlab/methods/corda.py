@@ -1,0 +1,45 @@
+"""CorDA (Yang et al., 2024, arXiv:2406.05223): context-oriented decomposition adaptation, through peft.
+
+Calibration rows (`calib_samples` training rows, one per forward: peft's covariance hook needs batch size 1,
+stack notes G7) give each target layer's input covariance C; the SVD of W·C splits W into components. KPM
+(knowledge-preserved mode) trains the r components with the *smallest* singular values and freezes the rest;
+IPM (instruction-previewed mode) trains the *largest* r. The base keeps the residual, so the export converts the
+adapter to apply to the original W (stack notes G5). peft's CorDA module imports `attrs` (G6).
+"""
+
+from __future__ import annotations
+
+import peft
+import torch
+from torch import nn
+
+from ftlab.methods.base import MethodContext
+from ftlab.methods.lora import Lora
+
+
+class Corda(Lora):
+    name = "corda"
+    rewrites_base = True
+
+    def lora_options(self) -> dict:
+        from peft.tuners.lora.config import CordaConfig
+
+        return {**super().lora_options(), "init_lora_weights": "corda",
+                "corda_config": CordaConfig(corda_method=self.cfg.mode)}
+
+    def preprocess(self, model: nn.Module, config: peft.LoraConfig, ctx: MethodContext) -> None:
+        from peft.tuners.lora.corda import preprocess_corda
+
+        rows = ctx.calibration_rows(self.cfg.calib_samples)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+
+        def run_model() -> None:
+            for r in rows:  # batch size 1 (G7)
+                model(input_ids=torch.tensor([r["input_ids"]], device=device))
+
+        try:
+            preprocess_corda(model, config, run_model=run_model)
+        finally:
+            model.train(was_training)

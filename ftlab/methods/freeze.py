@@ -1,0 +1,55 @@
+"""Layer freezing with optional layer-wise LR decay.
+
+Telly (Shi et al., 2023, "Towards Efficient Fine-tuning of Pre-trained Code Models") finds that the top layers
+change most and fine-tunes by freezing the rest; "Fine-Tuning Large Neural Language Models for Biomedical NLP"
+(Tinn et al., 2023) compares freezing lower layers with layer-wise LR decay. Here: the top `train_top` blocks
+train (or every block above the bottom `freeze_bottom`), plus the head and final norm (`train_head`) and,
+optionally, the input embeddings. With `llrd` < 1 the trained block i places from the top gets lr * llrd**i.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ftlab.methods.base import Method, MethodContext
+from ftlab.methods.layers import embedding_names, head_names, layer_param_names, set_trainable
+
+
+class Freeze(Method):
+    name = "freeze"
+
+    def trainable_layers(self, n_layers: int) -> list[int]:
+        c = self.cfg
+        k = c.train_top if c.train_top is not None else n_layers - c.freeze_bottom
+        k = max(0, min(n_layers, k))
+        return list(range(n_layers - k, n_layers))
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        layers = layer_param_names(model)
+        self.layers = self.trainable_layers(len(layers))
+        names = {n for i in self.layers for n in layers[i]}
+        if self.cfg.train_embeddings:
+            names |= embedding_names(model)
+        if self.cfg.train_head:
+            names |= head_names(model)
+        if not names:
+            raise ValueError("method freeze: nothing trains; raise method.train_top or set method.train_head=true")
+        set_trainable(model, names)
+        return model
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        if self.cfg.llrd == 1.0:
+            return super().param_groups(model, weight_decay)
+        layers = layer_param_names(model)
+        by_name = dict(model.named_parameters())
+        groups, seen = [], set()
+        for i in self.layers:
+            ps = [by_name[n] for n in layers[i] if by_name[n].requires_grad]
+            seen |= set(layers[i])
+            if ps:  # lr_scale: the loop multiplies train.lr by it
+                groups.append({"params": ps, "weight_decay": weight_decay,
+                               "lr_scale": self.cfg.llrd ** (len(layers) - 1 - i)})
+        rest = [p for n, p in by_name.items() if p.requires_grad and n not in seen]
+        if rest:
+            groups.append({"params": rest, "weight_decay": weight_decay, "lr_scale": 1.0})
+        return groups

@@ -1,0 +1,63 @@
+"""LISA: Layerwise Importance Sampled AdamW (Pan et al., 2024, arXiv:2403.17919).
+
+The embeddings and the head (with the final norm) always train; of the transformer blocks only `gamma`,
+sampled uniformly without replacement, train at a time, and the sample is re-drawn every `interval` steps
+(K). On each re-draw the de-activated blocks stop requiring gradients and their AdamW state (exp_avg,
+exp_avg_sq, step) is released; a re-activated block starts with fresh state. The optimizer is built once over
+every parameter that may train (AdamW skips parameters without a gradient). The sampling is seeded by the run
+seed; `history` records (step, active blocks) of every draw.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from ftlab.methods.base import Method, MethodContext
+from ftlab.methods.layers import embedding_names, head_names, layer_param_names
+
+
+class Lisa(Method):
+    name = "lisa"
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        self.layers = layer_param_names(model)
+        self.always = embedding_names(model) | head_names(model)
+        self.rng = random.Random(f"lisa:{ctx.seed}")
+        self.history: list[tuple[int, list[int]]] = []
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in self.always)
+        self._resample(model, None, 0)
+        return model
+
+    @property
+    def active(self) -> list[int]:
+        return self.history[-1][1]
+
+    def _resample(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
+        n_layers = len(self.layers)
+        active = sorted(self.rng.sample(range(n_layers), min(self.cfg.gamma, n_layers)))
+        params = dict(model.named_parameters())
+        for i, names in enumerate(self.layers):
+            on = i in active
+            for n in names:
+                p = params[n]
+                if n in self.always:  # a tied parameter shared with the embeddings keeps training
+                    continue
+                p.requires_grad_(on)
+                if not on:
+                    p.grad = None
+                    if optimizer is not None:
+                        optimizer.state.pop(p, None)  # release exp_avg / exp_avg_sq of inactive blocks
+        self.history.append((step, active))
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        candidates = self.always | {n for names in self.layers for n in names}
+        params = [p for n, p in model.named_parameters() if n in candidates]
+        return [{"params": params, "weight_decay": weight_decay}]
+
+    def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        if step % self.cfg.interval == 0:
+            self._resample(model, optimizer, step)

@@ -1,0 +1,512 @@
+"""The shared method test matrix: one row per `method=` option, on a tiny Llama (hidden 32, 2 blocks, vocab 64).
+
+Each row checks, through the real config (Hydra compose + schema), `Method.prepare` and the one training loop
+(`ftlab.train.train`):
+- which parameters train: names and count match the method's definition, and nothing else moves;
+- it trains: the loss falls over a few steps;
+- export: the saved result, reloaded onto a freshly built ORIGINAL base, gives the in-memory model's logits
+  (max |diff| <= RELOAD_ATOL = 1e-5); for adapters merge-and-unload gives them too (<= MERGE_ATOL = 1e-4).
+  Inits that rewrite base weights (PiSSA, OLoRA, CorDA, LoRA-GA) are checked to have rewritten them, so the
+  reload test is a real test of the weight conversion.
+Then: the regularisers (zero at step 0, growing as the model moves), LISA's re-sampling, HFT's draw, freeze's
+layer-wise LR decay, prompt tuning's cached decoding, and one end-to-end `ftlab.runner` run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ftlab.cli import check
+from ftlab.methods import MethodContext, build_method
+from ftlab.schema import METHODS, ConfigError, HwConfig, TrainConfig
+from ftlab.train import Batches, collate, encode_example, train
+
+RELOAD_ATOL = 1e-5
+MERGE_ATOL = 1e-4
+HIDDEN, INTER, LAYERS, VOCAB = 32, 64, 2, 64
+LINEAR = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
+          "gate_proj": (32, 64), "up_proj": (32, 64), "down_proj": (64, 32)}  # (in, out); 2 kv heads of 8
+LORA_FAMILY = ("lora", "rslora", "dora", "pissa", "olora", "corda", "lora_ga")
+REWRITES_BASE = ("pissa", "olora", "corda", "lora_ga")
+ADAPTERS = LORA_FAMILY + ("ia3", "prompt_tuning")
+WHOLE_MODEL = ("full", "freeze", "hft", "lisa")
+
+# per-method knobs that fit the tiny model (everything else: the YAML defaults)
+OVERRIDES = {
+    **{m: ["method.r=4"] for m in LORA_FAMILY},
+    "corda": ["method.r=4", "method.calib_samples=8"],
+    "lora_ga": ["method.r=4", "method.calib_samples=8", "method.calib_batch_size=4"],
+    "prompt_tuning": ["method.num_virtual_tokens=4"],
+    "freeze": ["method.train_top=1"],
+    "lisa": ["method.gamma=1", "method.interval=2"],
+}
+LR = {"prompt_tuning": 0.1, "ia3": 0.05}
+STEPS = 8
+
+# ------------------------------------------------------------------------------------------ tiny model, data
+CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789 =>"))
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+@functools.lru_cache(maxsize=1)
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    ct = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    ct.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    ct.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=ct, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def make_model(seed: int = 0):
+    """The ORIGINAL base: the same weights every call."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0, tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_rows(n: int = 16, seed: int = 0) -> list[dict]:
+    """Reverse a 4-letter word: a learnable pattern for a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        w = "".join(rng.choice("abcdef") for _ in range(4))
+        rows.append({"prompt": f"{w}=", "response": w[::-1]})
+    return rows
+
+
+def method_cfg(name: str, *extra: str):
+    (run,) = check([f"method={name}", *OVERRIDES.get(name, []), *extra])
+    return run.method
+
+
+def probe_batch():
+    tok = make_tokenizer()
+    rows = [encode_example(tok, r["prompt"], r["response"], 32) for r in make_rows(4, seed=1)]
+    return collate(rows, tok.pad_token_id)
+
+
+def logits_of(model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def run_cfg(name: str, steps: int = STEPS, lr: float | None = None):
+    return SimpleNamespace(seed=0, hw=HwConfig(), train=TrainConfig(
+        max_steps=steps, lr=lr or LR.get(name, 1e-2), batch_size=8, warmup_steps=0, schedule="constant",
+        log_every=1, max_grad_norm=1.0))
+
+
+def train_method(name: str, tmp: Path, *extra: str, reg=None, steps: int = STEPS, lr: float | None = None):
+    """prepare + the real loop; returns a namespace with the method, model, start weights and loss curve."""
+    tok = make_tokenizer()
+    cfg = method_cfg(name, *extra)
+    method = build_method(cfg)
+    base = make_model()
+    if reg is not None:
+        reg.capture_base(base)
+    ctx = MethodContext(tokenizer=tok, train_rows=make_rows(), seed=0, max_length=32)
+    model = method.prepare(base, ctx)
+    if reg is not None:
+        reg.capture_start(model)
+    trainable0 = {n for n, p in model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    encoded = [encode_example(tok, r["prompt"], r["response"], 32) for r in make_rows()]
+    tmp.mkdir(parents=True, exist_ok=True)
+    stats = train(model, method, Batches(encoded, 8, 0), run_cfg(name, steps, lr), device="cpu",
+                  pad_id=tok.pad_token_id, run_dir=tmp, progress=False, reg=reg)
+    curve = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
+    return SimpleNamespace(name=name, cfg=cfg, method=method, model=model, trainable0=trainable0, start=start,
+                           curve=curve, stats=stats, dir=tmp)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one intra-op thread is ~100x faster than two on a shared, loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_TRAINED: dict[str, SimpleNamespace] = {}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    def get(name: str) -> SimpleNamespace:
+        if name not in _TRAINED:
+            _TRAINED[name] = train_method(name, tmp_path_factory.mktemp(name))
+        return _TRAINED[name]
+    return get
+
+
+# ------------------------------------------------------------------------------ expected trainable parameters
+def expected_trainable(name: str, cfg) -> dict[str, int]:
+    """{parameter name: numel} that the method's definition says train (at step 0)."""
+    base = make_model()
+    params = {n: p.numel() for n, p in base.named_parameters()}
+    layer = lambda i: {n: k for n, k in params.items() if n.startswith(f"model.layers.{i}.")}  # noqa: E731
+    head = {"lm_head.weight": params["lm_head.weight"], "model.norm.weight": params["model.norm.weight"]}
+    emb = {"model.embed_tokens.weight": params["model.embed_tokens.weight"]}
+    if name == "full":
+        return params
+    if name in LORA_FAMILY:
+        out = {}
+        for i in range(LAYERS):
+            for mod in cfg.target_modules:
+                d_in, d_out = LINEAR[mod]
+                sub = "self_attn" if mod in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                pre = f"base_model.model.model.layers.{i}.{sub}.{mod}"
+                out[f"{pre}.lora_A.default.weight"] = cfg.r * d_in
+                out[f"{pre}.lora_B.default.weight"] = cfg.r * d_out
+                if name == "dora":
+                    out[f"{pre}.lora_magnitude_vector.default.weight"] = d_out
+        return out
+    if name == "ia3":
+        out = {}
+        for i in range(LAYERS):
+            for mod in cfg.target_modules:
+                d_in, d_out = LINEAR[mod]
+                sub = "self_attn" if mod in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                size = d_in if mod in cfg.feedforward_modules else d_out
+                out[f"base_model.model.model.layers.{i}.{sub}.{mod}.ia3_l.default"] = size
+        return out
+    if name == "prompt_tuning":
+        return {"peft_model.prompt_encoder.default.embedding.weight": cfg.num_virtual_tokens * HIDDEN}
+    if name == "freeze":  # train_top=1: the top block, the head and the final norm
+        return {**layer(LAYERS - 1), **head}
+    if name == "lisa":  # embeddings + head + final norm + the gamma sampled blocks
+        return {**emb, **head}
+    if name == "hft":
+        return {}  # checked by its own rules below
+    raise AssertionError(f"no expectation for {name}")
+
+
+ALL = sorted(METHODS)
+
+
+def test_matrix_covers_every_registered_method():
+    from ftlab.methods.base import _REGISTRY
+
+    assert set(METHODS) == set(_REGISTRY)
+    for name in METHODS:
+        first = (Path(__file__).parents[1] / "conf" / "method" / f"{name}.yaml").read_text().splitlines()[0]
+        assert first.startswith("# ") and len(first) > 10, name
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_trainable_parameters_match_definition(name, trained):
+    t = trained(name)
+    got = {n: p.numel() for n, p in t.model.named_parameters() if n in t.trainable0}
+    if name == "hft":
+        _check_hft_selection(t)
+    elif name == "lisa":
+        active = t.method.history[0][1]
+        assert len(active) == t.cfg.gamma
+        want = expected_trainable(name, t.cfg)
+        for i in active:
+            want.update({n: p.numel() for n, p in t.model.named_parameters() if n.startswith(f"model.layers.{i}.")})
+        assert got == want
+    else:
+        assert got == expected_trainable(name, t.cfg)
+    assert t.stats.trainable_params == sum(got.values())
+    assert t.stats.total_params == sum(p.numel() for p in t.model.parameters())
+    if name != "full":
+        assert 0 < t.stats.trainable_params < t.stats.total_params
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_only_trainable_parameters_move(name, trained):
+    t = trained(name)
+    ever = set(t.trainable0)
+    if name == "lisa":
+        for _, active in t.method.history:
+            ever |= {n for n, _ in t.model.named_parameters() if any(n.startswith(f"model.layers.{i}.") for i in active)}
+    moved = {n for n, p in t.model.named_parameters() if not torch.equal(p.detach(), t.start[n])}
+    assert moved, f"{name}: nothing changed"
+    assert moved <= ever, f"{name}: frozen parameters changed: {sorted(moved - ever)[:5]}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_loss_falls(name, trained):
+    t = trained(name)
+    losses = [r["loss"] for r in t.curve]
+    assert len(losses) == STEPS
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < first, f"{name}: loss {losses}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_export_reloads_onto_original_base(name, trained, tmp_path):
+    from peft import PeftModel
+
+    t = trained(name)
+    batch = probe_batch()
+    want = logits_of(t.model, batch)
+    out = tmp_path / "export"
+    t.method.export(t.model, out)
+    if name in WHOLE_MODEL:
+        from transformers import LlamaForCausalLM
+
+        reloaded = LlamaForCausalLM.from_pretrained(out)
+        assert (logits_of(reloaded, batch) - want).abs().max() <= RELOAD_ATOL
+        return
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(make_model(), out)  # a fresh ORIGINAL base
+    if name == "prompt_tuning":
+        from ftlab.methods.prompt_tuning import PromptTunedLM
+
+        assert (logits_of(PromptTunedLM(reloaded), batch) - want).abs().max() <= RELOAD_ATOL
+        return  # prompts do not merge into weights
+    assert (logits_of(reloaded, batch) - want).abs().max() <= RELOAD_ATOL
+    merged = reloaded.merge_and_unload()
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert (logits_of(merged, batch) - want).abs().max() <= MERGE_ATOL
+
+
+@pytest.mark.parametrize("name", REWRITES_BASE)
+def test_rewriting_inits_export_plain_lora_for_the_original_base(name, trained, tmp_path):
+    """These inits rewrite the base weights. The export is a plain LoRA adapter (init_lora_weights=true, rank
+    2r) that any LoRA loader applies to the ORIGINAL W (the reload test above); the adapter saved naively is
+    not: read as a plain LoRA on the original base it gives other logits (stack notes G5). (peft itself can
+    reload a naive PiSSA/OLoRA adapter only by re-running the init on the base.)"""
+    from peft import PeftModel
+
+    t = trained(name)
+    orig = make_model().model.layers[0].self_attn.q_proj.weight
+    inside = t.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.equal(inside, orig)
+    t.method.export(t.model, tmp_path / "export")
+    exported = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert exported["init_lora_weights"] is True and exported["r"] == 2 * t.cfg.r
+    t.model.save_pretrained(tmp_path / "naive")
+    conf = tmp_path / "naive" / "adapter_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "init_lora_weights": True}))
+    naive = PeftModel.from_pretrained(make_model(), tmp_path / "naive")
+    batch = probe_batch()
+    assert (logits_of(naive, batch) - logits_of(t.model, batch)).abs().max() > 10 * RELOAD_ATOL
+
+
+def test_corda_modes_differ():
+    tok = make_tokenizer()
+    ctx = MethodContext(tokenizer=tok, train_rows=make_rows(), seed=0, max_length=32)
+    a = {}
+    for mode in ("kpm", "ipm"):
+        m = build_method(method_cfg("corda", f"method.mode={mode}")).prepare(make_model(), ctx)
+        a[mode] = m.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.detach().clone()
+    assert not torch.allclose(a["kpm"], a["ipm"])
+
+
+# ------------------------------------------------------------------------------------------ method specifics
+def _check_hft_selection(t):
+    from ftlab.methods.hft import block_units
+
+    base = make_model()
+    names = set(t.trainable0)
+    ffn_total = 0
+    for i, layer in enumerate(base.model.layers):
+        units = block_units(layer)
+        assert sorted(units) == ["attn", "mlp", "norm"]
+        trained_units = {cat: sorted(u for u in us if f"model.layers.{i}.{u}.weight" in names)
+                         for cat, us in units.items()}
+        assert len(units["attn"]) == 4 and len(trained_units["attn"]) == 2  # exactly half of q/k/v/o
+        assert len(units["norm"]) == 2 and len(trained_units["norm"]) == 1
+        assert len(trained_units["mlp"]) in (1, 2)
+        ffn_total += len(trained_units["mlp"])
+        assert trained_units == t.method.selection[i]
+    assert ffn_total == 3  # 2 blocks x 3 FFN matrices: exactly half
+    assert not names & {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    n_matrices = sum(1 for n in names if n.endswith(".weight"))
+    assert n_matrices == 2 * (2 + 1) + 3  # attn 2+2, norms 1+1, ffn 3
+
+
+def test_hft_draw_is_seeded_and_redrawn_per_stage():
+    tok = make_tokenizer()
+
+    def draw(seed, stage):
+        ctx = MethodContext(tokenizer=tok, train_rows=make_rows(), seed=seed, max_length=32)
+        m = build_method(method_cfg("hft", f"method.stage={stage}"))
+        m.prepare(make_model(), ctx)
+        return m.selection
+
+    assert draw(0, 0) == draw(0, 0)
+    draws = [draw(0, s) for s in range(4)] + [draw(s, 0) for s in range(1, 4)]
+    assert len({json.dumps(d, sort_keys=True) for d in draws}) > 1
+
+
+def test_lisa_resamples_every_k_steps_and_releases_optimizer_state(tmp_path):
+    """gamma=1 of 2 blocks, K=2: requires_grad follows the draw at each step, draws happen exactly at multiples
+    of K, the active set changes over the run, and inactive blocks hold no AdamW state."""
+    from ftlab.methods.lisa import Lisa
+
+    seen = []  # (step, active blocks by requires_grad, blocks with optimizer state)
+
+    class Spy(Lisa):
+        def on_step_end(self, model, optimizer, step):
+            super().on_step_end(model, optimizer, step)
+            params = dict(model.named_parameters())
+            req = sorted({int(n.split(".")[2]) for n, p in params.items() if n.startswith("model.layers.") and p.requires_grad})
+            state = sorted({int(n.split(".")[2]) for n, p in params.items()
+                            if n.startswith("model.layers.") and p in optimizer.state})
+            seen.append((step, req, state))
+
+    cfg = method_cfg("lisa", "method.interval=2")
+    tok = make_tokenizer()
+    method = Spy(cfg)
+    model = method.prepare(make_model(), MethodContext(tokenizer=tok, train_rows=make_rows(), seed=0))
+    encoded = [encode_example(tok, r["prompt"], r["response"], 32) for r in make_rows()]
+    train(model, method, Batches(encoded, 8, 0), run_cfg("lisa", steps=12), device="cpu", pad_id=0,
+          run_dir=tmp_path, progress=False)
+    assert [s for s, _ in method.history] == [0, 2, 4, 6, 8, 10, 12]
+    draws = dict(method.history)
+    for step, req, state in seen:
+        current = draws[max(s for s in draws if s <= step)]
+        assert req == current and len(req) == 1
+        assert set(state) <= set(current)  # state of de-activated blocks was released
+    assert len({tuple(a) for _, a in method.history}) == 2  # the active block changes over the run
+    changes = sum(1 for (_, a), (_, b) in zip(method.history, method.history[1:]) if a != b)
+    assert changes >= 2
+
+
+def test_freeze_bottom_and_layerwise_lr_decay(tmp_path):
+    cfg = method_cfg("freeze", "method.train_top=null", "method.freeze_bottom=0", "method.llrd=0.5",
+                     "method.train_head=false")
+    method = build_method(cfg)
+    model = method.prepare(make_model(), MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=0))
+    assert method.layers == [0, 1]
+    groups = method.param_groups(model, 0.0)
+    assert [g["lr_scale"] for g in groups] == [0.5, 1.0]  # the bottom block trains at half the top's lr
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if n.startswith("model.layers.")}
+    with pytest.raises(ConfigError, match="exactly one"):
+        method_cfg("freeze", "method.freeze_bottom=1")
+
+
+def test_prompt_tuning_cached_decoding_matches_full_forward():
+    """The wrapper prepends the prompt once: step-by-step decoding with a KV cache (left padding, explicit
+    positions, as ftlab.generate does) gives the logits of one full forward."""
+    from ftlab.methods.prompt_tuning import PromptTunedLM
+
+    method = build_method(method_cfg("prompt_tuning", "method.init=text", "method.init_text='ab c'"))
+    tok = make_tokenizer()
+    model = method.prepare(make_model(), MethodContext(tokenizer=tok, train_rows=[], seed=0))
+    assert isinstance(model, PromptTunedLM)
+    emb = model.peft_model.word_embeddings.weight
+    ids = tok("ab c")["input_ids"]
+    assert torch.equal(model.peft_model.prompt_encoder["default"].embedding.weight[0], emb[ids[0]])
+    model.eval()
+    seq = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        full = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
+        assert full.shape[1] == seq.shape[1]
+        # left-padded prefix of 3 real tokens, then 3 cached single-token steps
+        pad = torch.tensor([[0, 0]])
+        ids = torch.cat([pad, seq[:, :3]], 1)
+        mask = torch.tensor([[0, 0, 1, 1, 1]])
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        step_logits = [out.logits[:, -1]]
+        cache, next_pos = out.past_key_values, pos[:, -1:] + 1
+        for t in range(3, 6):
+            mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], 1)
+            out = model(input_ids=seq[:, t:t + 1], attention_mask=mask, position_ids=next_pos,
+                        past_key_values=cache, use_cache=True)
+            cache, next_pos = out.past_key_values, next_pos + 1
+            step_logits.append(out.logits[:, -1])
+    got = torch.stack(step_logits, 1)
+    assert (got - full[:, 2:6]).abs().max() <= RELOAD_ATOL
+
+
+def test_unknown_method_knobs_are_refused():
+    from hydra.errors import HydraException
+
+    for name in ALL:  # Hydra refuses the override: the key is not in the method's schema
+        with pytest.raises(HydraException, match="method.no_such_knob"):
+            check([f"method={name}", "method.no_such_knob=1"])
+    for name in ("pissa", "lisa"):  # an addition with `+` is refused by ftlab's validation
+        with pytest.raises(ConfigError, match="method.no_such_knob"):
+            check([f"method={name}", "+method.no_such_knob=1"])
+    with pytest.raises(ConfigError, match="reg.no_such_knob"):
+        check(["reg=kl", "+reg.no_such_knob=1"])
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["method=pissa", "method.svd_niter=0"], ["method.svd_niter", ">= 1"]),
+    (["method=corda", "method.mode=both"], ["method.mode", "kpm, ipm"]),
+    (["method=corda", "method.calib_samples=0"], ["method.calib_samples"]),
+    (["method=lora_ga", "method.direction=up"], ["method.direction", "ArB2r"]),
+    (["method=ia3", "method.feedforward_modules=[up_proj]"], ["method.feedforward_modules"]),
+    (["method=prompt_tuning", "method.init=text"], ["method.init_text"]),
+    (["method=prompt_tuning", "method.num_virtual_tokens=0"], ["method.num_virtual_tokens"]),
+    (["method=hft", "method.ratio=1"], ["method.ratio"]),
+    (["method=lisa", "method.interval=0"], ["method.interval"]),
+    (["method=freeze", "method.llrd=0"], ["method.llrd"]),
+    (["reg=kl", "reg.weight=0"], ["reg.weight"]),
+    (["reg=l2sp", "reg.kind=l3"], ["reg.kind", "none, kl, l2sp"]),
+])
+def test_method_and_reg_ranges_refused(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        check(overrides)
+    for w in words:
+        assert w in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- regularisers
+@pytest.mark.parametrize("kind,name", [("kl", "full"), ("kl", "lora"), ("l2sp", "full"), ("l2sp", "lisa")])
+def test_regulariser_zero_at_step0_and_grows(kind, name, tmp_path):
+    from ftlab.reg import build_regulariser
+
+    (run,) = check([f"reg={kind}", "reg.weight=0.5"])
+    assert run.reg.kind == kind
+    reg = build_regulariser(run.reg)
+    t = train_method(name, tmp_path, reg=reg, steps=6)
+    regs = [r["reg"] for r in t.curve]
+    assert regs[0] == 0.0  # logged on step 1's forward: the model as it starts
+    assert all(r > 0 for r in regs[1:]), regs
+    assert regs[-1] > regs[1], regs
+    if kind == "kl":  # the reference is the untouched base
+        assert all(not p.requires_grad for p in reg.ref.parameters())
+
+
+def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
+    from ftlab.reg import token_kl
+
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
+    assert token_kl(logits, logits.clone(), labels).item() == 0.0
+    assert token_kl(logits, logits + torch.randn_like(logits), labels).item() > 0
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_runner_end_to_end_new_method_with_reg(tmp_path, ftlab_cache):
+    """One real run (small world) with a new method and a regulariser: result.json reports the parameter
+    counts, metrics.jsonl the reg term, and the exported checkpoint carries HFT's draw."""
+    from conftest import FAST
+    from ftlab.runner import prepare_run_dir, run_from_dir
+
+    (cfg,) = check(FAST + ["method=hft", "reg=l2sp", "train.max_steps=6", "train.log_every=2", "hw.num_threads=1"])
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, cfg)
+    result = run_from_dir(run_dir, progress=False)
+    assert result["status"] == "completed"
+    tr = result["train"]
+    assert 0 < tr["trainable_params"] < tr["total_params"]
+    curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [2, 4, 6] and all(r["reg"] > 0 for r in curve)
+    assert (run_dir / "checkpoints" / "final" / "hft_selection.json").is_file()
