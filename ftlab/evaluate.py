@@ -59,8 +59,10 @@ class Task:
         if self.kind not in KINDS:
             raise ValueError(f"task {self.name!r}: unknown kind {self.kind!r}; known: {', '.join(KINDS)}")
         kind = KINDS[self.kind]
-        self.metric = self.metric or kind.metrics[0]
-        if self.metric not in kind.metrics:
+        self.metric = self.metric or (kind.metrics[0] if kind.metrics else "")
+        if not self.metric:
+            raise ValueError(f"task {self.name!r}: kind {self.kind} needs a metric name")
+        if kind.metrics and self.metric not in kind.metrics:
             raise ValueError(f"task {self.name!r}: kind {self.kind} has no metric {self.metric!r}; "
                              f"valid: {', '.join(kind.metrics)}")
         if self.format not in FORMATS:
@@ -68,7 +70,7 @@ class Task:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric != "perplexity"
+        return bool(self.meta.get("higher_is_better", self.metric != "perplexity"))
 
     @property
     def unit(self) -> str:
@@ -86,7 +88,7 @@ class Task:
 @dataclass(frozen=True)
 class Kind:
     name: str
-    metrics: tuple[str, ...]  # the first is the default primary metric
+    metrics: tuple[str, ...]  # the first is the default primary metric; () = any name the task gives
     predict: Callable[..., list[dict]]
     score: Callable[["Task", list[dict]], tuple[dict, list[dict]]]
 
@@ -146,6 +148,12 @@ def _task_options(cfg: Any, name: str) -> dict:
 def _named_task(name: str, role: str, cfg: Any) -> Task:
     from ftlab.tasks import BUILTINS
 
+    if name.startswith("lm_eval:"):
+        from ftlab.lm_eval_adapter import load_lm_eval_task
+
+        o = cfg.eval.lm_eval
+        return load_lm_eval_task(name[len("lm_eval:"):], role, n=cfg.eval.limit, include_path=o.include_path,
+                                 num_fewshot=o.num_fewshot, metric=o.metric)
     if name in BUILTINS:
         opts = _task_options(cfg, name)
         opts.setdefault("n", cfg.eval.limit)

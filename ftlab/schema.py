@@ -321,6 +321,15 @@ class EvalTaskOptions:
 
 
 @dataclass
+class LmEvalOptions:
+    """lm_eval:<task> entries of eval.target / eval.forget (lm-evaluation-harness tasks)."""
+
+    include_path: Optional[str] = None  # a directory of local task YAMLs
+    num_fewshot: Optional[int] = None  # null: the task's own
+    metric: Optional[str] = None  # null: the task's first mean-aggregated metric
+
+
+@dataclass
 class EvalConfig:
     name: str = "synth"
     # Target tasks; "data" means the training data's own held-out split; or built-in tasks (gsm8k, ...).
@@ -335,6 +344,7 @@ class EvalConfig:
     paths: dict[str, Optional[str]] = field(default_factory=lambda: {t: None for t in EVAL_BUILTIN_TASKS})
     tasks: dict[str, EvalTaskOptions] = field(
         default_factory=lambda: {t: EvalTaskOptions() for t in EVAL_BUILTIN_TASKS})
+    lm_eval: LmEvalOptions = field(default_factory=LmEvalOptions)
     # In-training probes (ftlab.probes): every probe_every steps (0: off), perplexity and KL to the base on
     # probe_n held-out general texts (model=tiny: the world's pretraining text; else wikitext).
     probe_every: int = 0
@@ -345,14 +355,18 @@ class EvalConfig:
         synth = {"data", "world", "synth_ppl"} | {f"synth_{s}" for s in WORLD_SKILLS + WORLD_TARGET_SKILLS}
         for role in ("target", "forget"):
             for name in getattr(self, role):
-                if name not in synth and name not in EVAL_BUILTIN_TASKS:
+                if name not in synth and name not in EVAL_BUILTIN_TASKS and not (
+                        name.startswith("lm_eval:") and len(name) > len("lm_eval:")):
                     raise ConfigError(f"eval.{role}: unknown task {name!r}; valid: data, world, synth_ppl, "
-                                      f"synth_<skill>, {', '.join(EVAL_BUILTIN_TASKS)}")
+                                      f"synth_<skill>, {', '.join(EVAL_BUILTIN_TASKS)}, lm_eval:<task>")
         for key in ("paths", "tasks"):
             for name in getattr(self, key):
                 if name not in EVAL_BUILTIN_TASKS:
                     raise ConfigError(f"eval.{key}.{name}: unknown built-in task; valid: "
                                       f"{', '.join(EVAL_BUILTIN_TASKS)}")
+        _at_least("eval.lm_eval.num_fewshot", self.lm_eval.num_fewshot, 0, allow_none=True)
+        if self.lm_eval.include_path is not None and not os.path.isdir(os.path.expanduser(self.lm_eval.include_path)):
+            raise ConfigError(f"eval.lm_eval.include_path: directory {self.lm_eval.include_path!r} does not exist")
         _at_least("eval.probe_every", self.probe_every, 0)
         _at_least("eval.probe_n", self.probe_n, 1)
         _at_least("eval.probe_max_length", self.probe_max_length, 2)

@@ -287,6 +287,32 @@ def test_multiple_choice_equals_lm_eval_on_its_own_task_definitions(model, tok, 
             assert item["loglikelihoods"] == pytest.approx([float(r[0][0]) for r in s["resps"]], abs=1e-4)
 
 
+def test_lm_eval_task_kind_runs_the_in_memory_model(model, tok, tmp_path):
+    """lm_eval:<task> through build_tasks and evaluate: lm-eval's acc on the in-memory model, cached like any task,
+    equal to ftlab's own multiple-choice scoring of the same task."""
+    pytest.importorskip("lm_eval")
+    from ftlab.cli import check
+
+    inc = _lm_eval_tasks(tmp_path / "tasks", ["arc_easy"])
+    (cfg,) = check(["eval.target=[data]", "eval.forget=[lm_eval:ftlab_arc_easy]", f"eval.lm_eval.include_path={inc}",
+                    "eval.limit=3"])
+    (task,) = [t for t in ev.build_tasks(cfg) if t.role == "forget"]
+    assert task.name == "lm_eval:ftlab_arc_easy" and task.kind == "lm_eval" and task.metric == "acc"
+    assert len(task.rows) == 3 and task.higher_is_better and task.meta["lm_eval_version"]
+    cache = tmp_path / "cache"
+    first = evaluate(model, tok, [task], 4, stage="base", run_dir=tmp_path, cache_dir=cache, fingerprint="f",
+                     progress=False)[task.name]
+    ours = score_predictions(load_task("arc_easy", path=str(fixture_path("arc_easy")), n=3),
+                             ev.predict_multiple_choice(model, tok, load_task("arc_easy", path=str(
+                                 fixture_path("arc_easy")), n=3), 4))
+    assert first["score"] == pytest.approx(ours["metrics"]["acc"]) and first["n"] == 3
+    recs = [json.loads(x) for x in (tmp_path / "records" / "base" / f"{task.name}.jsonl").open()]
+    assert score_predictions(task, recs)["score"] == first["score"]
+    again = evaluate(model, tok, [task], 4, stage="base", run_dir=tmp_path, cache_dir=cache, fingerprint="f",
+                     progress=False)[task.name]
+    assert again["cached"] is True and again["score"] == first["score"]
+
+
 # ------------------------------------------------------------------------------------ perplexity, generation
 def test_perplexity_windows_predict_every_token_once(model, tok):
     task = load_task("wikitext", path=str(fixture_path("wikitext")))
@@ -466,3 +492,37 @@ def test_in_training_probes_ppl_and_kl_to_base(model, tok):
     coarse.capture_base(model)
     assert 0 < coarse(other)["probe_kl"] <= got["probe_kl"] + 1e-3
     assert coarse(model)["probe_kl"] == pytest.approx(0.0, abs=1e-2)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_a_run_on_a_local_model_with_the_biderman_suite(model, tok, tmp_path, ftlab_cache):
+    """`ftlab run` (runner, base cache, records, result.json) with built-in tasks from local files, no world."""
+    from ftlab.cli import check
+    from ftlab.runner import prepare_run_dir, run_from_dir
+
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    paths = [f"eval.paths.{n}={fixture_path(n)}" for n in ("gsm8k", "hellaswag", "arc_challenge", "winogrande")]
+    overrides = ["model=smollm2-135m", f"model.name_or_path={model_dir}", "model.dtype=float32",
+                 "model.attn_implementation=eager", "model.max_length=96", "data=gsm8k",
+                 f"data.path={fixture_path('gsm8k')}", "eval=biderman", "eval.limit=3", "eval.tasks.gsm8k.few_shot=1",
+                 "eval.tasks.gsm8k.max_new_tokens=4", "method=lora", "train.max_steps=2", "train.batch_size=2",
+                 "train.log_every=1", "hw.num_threads=1", *paths]
+    results = []
+    for name in ("a", "b"):
+        (cfg,) = check(overrides)
+        prepare_run_dir(tmp_path / name, cfg)
+        results.append(run_from_dir(tmp_path / name, progress=False))
+    first, second = results
+    assert first["status"] == "completed", first.get("error")
+    tasks = first["tasks"]
+    assert list(tasks) == ["gsm8k", "hellaswag", "arc_challenge", "winogrande"]
+    assert tasks["gsm8k"]["role"] == "target" and tasks["gsm8k"]["metric"] == "exact_match"
+    assert tasks["hellaswag"]["metric"] == "acc_norm" and tasks["winogrande"]["metric"] == "acc"
+    assert all(t["n"] == 3 and t["source"].startswith("file:") for t in tasks.values())
+    assert tasks["gsm8k"]["few_shot"] == 1 and first["summary"]["forgetting"] is not None
+    recs = [json.loads(x) for x in (tmp_path / "a" / "records" / "tuned" / "hellaswag.jsonl").open()]
+    assert len(recs) == 3 and {"loglikelihoods", "acc", "acc_norm", "score"} <= set(recs[0])
+    assert all(t["base_cached"] for t in second["tasks"].values())
+    assert {k: t["base"] for k, t in second["tasks"].items()} == {k: t["base"] for k, t in tasks.items()}
