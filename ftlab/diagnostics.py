@@ -15,6 +15,12 @@ linear layers; embeddings and the head are left out unless `include` names them)
     base = effective_weights(base_model)                 # before training (a snapshot on the CPU)
     report = weight_report(base, effective_weights(tuned_model))
     report["summary"]; report["matrices"]               # totals / one row per matrix
+
+- **TuCo** (Nuti et al., *TuCo: Measuring the Contribution of Fine-Tuning to Individual Responses of LLMs*,
+  ICML 2025), activation space: run the tuned model; at each decoder layer l with input x_l, the pre-training
+  component is PTC_l = f_base,l(x_l) − x_l and the fine-tuning component FTC_l = f_tuned,l(x_l) − f_base,l(x_l)
+  (so x_{l+1} = x_l + PTC_l + FTC_l exactly). Summed over layers at the last prompt token,
+  TuCo = ‖ΣFTC‖ / (‖ΣPTC‖ + ‖ΣFTC‖) ∈ [0, 1] (`tuning_contribution`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import torch
 
 __all__ = ["intruder_dimensions", "update_profile", "effective_rank", "energy_rank", "weight_report",
-           "effective_weights", "parse_name", "DEFAULT_KS", "DEFAULT_EPSILONS"]
+           "effective_weights", "parse_name", "tuning_contribution", "DEFAULT_KS", "DEFAULT_EPSILONS"]
 
 DEFAULT_KS = (10, 50)
 DEFAULT_EPSILONS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -200,4 +206,96 @@ def effective_weights(model, include: Optional[Iterable[str]] = None, device: st
     for name, t in m.state_dict().items():
         if _selected(name, t, include):
             out[name] = t.detach().to(device=device, copy=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- TuCo
+def _decoder_layers(model) -> list:
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = m
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return list(obj)
+    raise ValueError(f"tuning_contribution: no decoder layers found in {type(m).__name__}")
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.inference_mode()
+def tuning_contribution(tuned_model, tokenizer, prompts: Sequence[str], base_model=None,
+                        batch_size: int = 8, return_vectors: bool = False) -> list[dict]:
+    """TuCo of each prompt (see the module doc), at its last token.
+
+    Args:
+        tuned_model: the fine-tuned model (a PEFT model is fine).
+        base_model: the pre-trained model with the same architecture; None for a PEFT model, whose base is its
+            own layers with the adapters disabled.
+
+    Returns:
+        One dict per prompt: ``{"tuco", "ftc_norm", "ptc_norm"}`` (and with return_vectors the summed
+        components ``"ftc"``, ``"ptc"`` and the first layer's input ``"x0"`` at the last token, as tensors).
+    """
+    layers_ft = _decoder_layers(tuned_model)
+    if base_model is None:
+        if not hasattr(tuned_model, "disable_adapter"):
+            raise ValueError("tuning_contribution: give base_model (the tuned model is not a PEFT model)")
+        layers_pt, disable = layers_ft, tuned_model.disable_adapter
+    else:
+        layers_pt, disable = _decoder_layers(base_model), None
+        if len(layers_pt) != len(layers_ft):
+            raise ValueError("tuning_contribution: base and tuned models have different numbers of layers")
+    device = next(tuned_model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    calls: list[tuple] = []
+
+    def pre_hook(module, args, kwargs):
+        calls.append((module, args, dict(kwargs)))
+
+    was = tuned_model.training
+    tuned_model.eval()
+    handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers_ft]
+    out: list[dict] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            enc = tokenizer(chunk, add_special_tokens=True)["input_ids"]
+            width = max(map(len, enc))
+            ids = torch.full((len(enc), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(enc), width), dtype=torch.long)
+            for i, e in enumerate(enc):  # right padding: causal attention keeps real tokens unaffected
+                ids[i, :len(e)] = torch.tensor(e)
+                mask[i, :len(e)] = 1
+            last = torch.tensor([len(e) - 1 for e in enc], device=device)
+            rows = torch.arange(len(enc), device=device)
+            calls.clear()
+            tuned_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            ftc = ptc = x0 = 0
+            for l, (module, args, kwargs) in enumerate(calls[:len(layers_ft)]):
+                x = args[0] if args else kwargs["hidden_states"]
+                if l == 0:
+                    x0 = x[rows, last].double()
+                y_ft = _hidden(module(*args, **kwargs))
+                if disable is not None:
+                    with disable():
+                        y_pt = _hidden(module(*args, **kwargs))
+                else:
+                    y_pt = _hidden(layers_pt[l](*args, **kwargs))
+                x_last, ft_last, pt_last = x[rows, last], y_ft[rows, last], y_pt[rows, last]
+                ptc = ptc + (pt_last - x_last).double()
+                ftc = ftc + (ft_last - pt_last).double()
+            for f, p, x in zip(ftc, ptc, x0):
+                fn, pn = float(f.norm()), float(p.norm())
+                out.append({"tuco": fn / (fn + pn) if fn + pn > 0 else 0.0, "ftc_norm": fn, "ptc_norm": pn})
+                if return_vectors:
+                    out[-1].update(ftc=f.cpu(), ptc=p.cpu(), x0=x.cpu())
+    finally:
+        for h in handles:
+            h.remove()
+        tuned_model.train(was)
     return out

@@ -142,3 +142,67 @@ def test_continual_metrics_on_a_known_accuracy_matrix():
     assert one["average_accuracy"] == 42 and one["bwt"] is None and one["forgetting"] == {}
     with pytest.raises(ValueError, match="square"):
         continual_metrics([[1, 2], [3]])
+
+
+# ---------------------------------------------------------------------------------------------------- TuCo
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                        attn_implementation="eager")).eval()
+
+
+class _Tok:
+    pad_token_id, eos_token_id = 0, 1
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[2] + [3 + (ord(c) % 60) for c in t] for t in texts]}
+
+
+def test_tuco_is_zero_without_tuning_and_grows_with_the_update():
+    import copy
+
+    from ftlab.diagnostics import tuning_contribution
+
+    base = _tiny_llama()
+    prompts = ["hello there", "a much longer prompt about nothing", "x"]
+    same = tuning_contribution(copy.deepcopy(base), _Tok(), prompts, base_model=base, batch_size=2)
+    assert [r["tuco"] for r in same] == [0.0, 0.0, 0.0] and all(r["ptc_norm"] > 0 for r in same)
+    small, large = copy.deepcopy(base), copy.deepcopy(base)
+    g = torch.Generator().manual_seed(0)
+    for m, scale in ((small, 0.01), (large, 0.3)):
+        with torch.no_grad():
+            w = m.model.layers[1].mlp.down_proj.weight
+            w += scale * torch.randn(w.shape, generator=g)
+    t_small = tuning_contribution(small, _Tok(), prompts, base_model=base)
+    t_large = tuning_contribution(large, _Tok(), prompts, base_model=base)
+    assert all(0 < a["tuco"] < b["tuco"] < 1 for a, b in zip(t_small, t_large))
+    # batching (right padding) does not change a prompt's value
+    one = tuning_contribution(large, _Tok(), prompts[:1], base_model=base)
+    assert one[0]["tuco"] == pytest.approx(t_large[0]["tuco"], rel=1e-5)
+
+
+def test_tuco_decomposition_is_exact_and_peft_needs_no_base_copy():
+    from peft import LoraConfig, get_peft_model
+
+    from ftlab.diagnostics import tuning_contribution
+
+    peft = get_peft_model(_tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    last_out = []
+    handle = peft.base_model.model.model.layers[-1].register_forward_hook(lambda m, a, o: last_out.append(o))
+    try:
+        got = tuning_contribution(peft, _Tok(), ["decompose me"], return_vectors=True)[0]
+    finally:
+        handle.remove()
+    assert 0 < got["tuco"] < 1
+    with peft.disable_adapter():
+        assert tuning_contribution(peft, _Tok(), ["decompose me"])[0]["tuco"] == 0.0  # no tuning at all
+    # exact: the last layer's output = first layer's input + ΣPTC + ΣFTC (tuned forward, last token)
+    x_last = (last_out[0][0] if isinstance(last_out[0], tuple) else last_out[0])[0, -1].double()
+    assert torch.allclose(got["x0"] + got["ptc"] + got["ftc"], x_last, atol=1e-5)
