@@ -16,8 +16,8 @@ import pytest  # noqa: E402
 
 # A small world that pretrains in a few seconds: enough for the plumbing tests (not for the accuracy budget,
 # which tests/test_default_world.py checks on the real default).
-SMALL_WORLD = ["model.world.hidden_size=64", "model.world.num_heads=4", "model.world.intermediate_size=256",
-               "model.world.steps=300", "model.world.skills=[add,rev,copy,succ,cnt]"]
+SMALL_WORLD = ["model.world.hidden_size=32", "model.world.num_heads=4", "model.world.intermediate_size=128",
+               "model.world.steps=200", "model.world.skills=[add,rev,copy,succ,cnt]"]
 FAST = SMALL_WORLD + ["train.max_steps=20", "eval.limit=16", "eval.batch_size=16", "data.n_train=256"]
 
 
