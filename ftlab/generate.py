@@ -1,0 +1,113 @@
+"""Batched greedy decoding with a KV cache, for any HF causal LM (peft-wrapped too)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if eos is not None:  # chat models often stop on several ids (e.g. <|im_end|> and <|endoftext|>)
+        ids.update([eos] if isinstance(eos, int) else eos)
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def _decode_batch(model, enc: list[list[int]], max_new_tokens: int, pad_id: int, eos: torch.Tensor,
+                  device: torch.device) -> list[list[int]]:
+    """Greedy continuation token ids of one batch of tokenized prompts (each row cut at its first eos)."""
+    b = len(enc)
+    width = max(map(len, enc))
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for i, row in enumerate(enc):  # left padding: every row's next token lands in the same column
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    # Positions count real tokens only, so a left-padded row sees the same positions as it would alone.
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = out.past_key_values
+    next_pos = pos[:, -1:] + 1
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    new = []
+    for step in range(max_new_tokens):
+        tok = out.logits[:, -1, :].argmax(-1)  # [b]
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        new.append(tok)
+        done |= torch.isin(tok, eos)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        next_pos = next_pos + 1
+    gen = torch.stack(new, dim=1).tolist()  # [b, steps]
+    eos_set = set(eos.tolist())
+    result = []
+    for row in gen:
+        cut = next((j for j, t in enumerate(row) if t in eos_set), len(row))
+        result.append(row[:cut])
+    return result
+
+
+def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
+                  progress: Optional[Callable[[int], None]] = None) -> list[str]:
+    """Greedy continuations of `prompts`, batched, with a KV cache.
+
+    Prompts are tokenized with the tokenizer's special tokens (e.g. a leading <s>), sorted by length so a
+    batch holds similar lengths, left-padded, and decoded until every row has produced an eos token or
+    `max_new_tokens` tokens. The model's train/eval mode is restored afterwards.
+
+    Args:
+        model: a HF causal LM (``model(input_ids, attention_mask, position_ids, past_key_values)``), e.g.
+            ``LlamaForCausalLM`` or a peft ``PeftModel`` around one.
+        tokenizer: its tokenizer; needs a pad or eos token.
+        prompts: the prompts, as text.
+        max_new_tokens: cap on generated tokens per prompt (eos included).
+        batch_size: prompts per forward pass.
+        progress: called with the number of prompts finished after each batch.
+
+    Returns:
+        The decoded continuations, in the order of `prompts`, without the prompt, eos or special tokens.
+    """
+    if not prompts:
+        return []
+    if max_new_tokens < 1:
+        return [""] * len(prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("greedy_decode: the tokenizer has neither a pad nor an eos token")
+    device = _model_device(model)
+    eos = torch.tensor(_eos_ids(model, tokenizer) or [-1], dtype=torch.long, device=device)
+    enc = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: len(enc[i]), reverse=True)
+    outputs: list[Optional[str]] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            rows = _decode_batch(model, [enc[i] for i in idx], max_new_tokens, pad_id, eos, device)
+            texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+            for i, t in zip(idx, texts):
+                outputs[i] = t
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        model.train(was_training)
+    return outputs  # type: ignore[return-value]
