@@ -53,12 +53,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _completed(run_dir: Path) -> dict | None:
+    """result.json of a run that already completed (None otherwise); refused if the config changed since."""
+    import json
+
+    from ftlab.checkpoint import ResumeRefused, config_sha256
+
+    path = run_dir / "result.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("status") != "completed":
+        return None
+    saved = data.get("config_sha256")
+    if saved is not None and saved != config_sha256(run_dir):
+        raise ResumeRefused(f"{run_dir}: this run already completed under a different config.yaml "
+                            f"(sha256 {saved[:12]}…); start the changed config in a new directory")
+    return data
+
+
 def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
-    """Run the experiment described by run_dir/config.yaml; return the final result.json content."""
+    """Run the experiment described by run_dir/config.yaml; return the final result.json content.
+
+    A run directory whose result.json says completed is not run again (its record is returned). One that holds
+    a complete training-state checkpoint (train.save_every > 0) continues from the newest one exactly; a
+    changed config.yaml is refused (ftlab.checkpoint.ResumeRefused, naming what changed)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     config = to_container(cfg)
     run_id = run_dir.name
+    done = _completed(run_dir)
+    if done is not None:
+        return done
+    from ftlab.checkpoint import check_same_config, config_sha256, latest
+
+    resume = latest(run_dir)
+    if resume is not None:
+        check_same_config(resume, run_dir)  # before anything in the run directory is touched
     record = RunRecord(run_dir)
     if progress is None:
         progress = os.environ.get("FTLAB_PROGRESS", "1") != "0"
@@ -71,6 +103,8 @@ def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
     from ftlab.record import env_info
 
     record.start(run_id, config, env_info(device, world_size=cfg.hw.nproc))
+    record.update(config_sha256=config_sha256(run_dir),
+                  resumed_from=None if resume is None else resume.path.name)
     logger = None
     try:
         t_start = time.perf_counter()
@@ -108,7 +142,7 @@ def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
             reg.capture_start(model)
         batches = Batches(encoded, cfg.train.batch_size, cfg.seed)
         stats = train(model, method, batches, cfg, device=device, pad_id=pad_id, run_dir=run_dir,
-                      on_log=logger.log, progress=progress, reg=reg)
+                      on_log=logger.log, progress=progress, reg=reg, resume_from=resume)
         save_checkpoint(model, method, run_dir / "checkpoints" / "final")
 
         tuned = evaluate(model, tok, tasks, cfg.eval.batch_size, stage="tuned", run_dir=run_dir, progress=progress)

@@ -424,7 +424,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    save_every: int = 0  # steps between training-state checkpoints (resume); 0: none, only the final export
+    keep_checkpoints: int = 2  # the newest k training-state checkpoints are kept
     log_every: int = 10
 
 
@@ -543,6 +544,7 @@ def _check_ranges(c: RunConfig) -> None:
     _at_least("train.log_every", t.log_every, 1)
     for k in ("adam_beta1", "adam_beta2"):
         v = getattr(t, k)
+    _at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
         if not 0 <= v < 1:
             raise ConfigError(f"train.{k}: must be in [0, 1), got {v!r}")
     _choice("train.schedule", t.schedule, SCHEDULES)

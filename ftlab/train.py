@@ -77,6 +77,11 @@ class Batches:
     def position(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 
+    def set_position(self, epoch: int, index: int) -> None:
+        """Continue from `position` (the epoch's order is re-derived from seed + epoch)."""
+        self.epoch, self.index = int(epoch), int(index)
+        self._order = self._perm(self.epoch)
+
 
 # ---------------------------------------------------------------------------------------------------- loop
 @dataclass
@@ -111,8 +116,13 @@ def _peak_mem(device: str) -> int:
 
 def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, device: str, pad_id: int,
           run_dir: Path, on_log: Callable[[dict], None] | None = None, progress: bool = True,
-          reg: Callable[[nn.Module, dict, Any], torch.Tensor] | None = None) -> TrainResult:
+          reg: Callable[[nn.Module, dict, Any], torch.Tensor] | None = None,
+          resume_from: Any = None) -> TrainResult:
     """Train `model` (already prepared by the method) for cfg.train.max_steps optimizer steps.
+
+    Every train.save_every steps (and after the last step) a training-state checkpoint goes to
+    run_dir/checkpoints/step_NNNNNN (ftlab.checkpoint); `resume_from` (an ftlab.checkpoint.Loaded) continues
+    from one exactly: weights, optimizer, scheduler, RNG, data position, method state, curve accumulators.
 
     `reg` (an ftlab.reg.Regulariser, or None) adds its term to the loss; its mean is logged as `reg`.
     A param group may carry `lr_scale` (layer-wise LR decay): its lr is train.lr times that."""
@@ -133,13 +143,23 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
     model.train()
 
     tokens = 0
-    t0 = time.perf_counter()
     window_loss, window_n, loss_value = 0.0, 0, float("nan")
     window_reg = 0.0
+    start, elapsed0 = 1, 0.0
+    if resume_from is not None:
+        from ftlab.checkpoint import restore
+
+        p = restore(resume_from, model=model, optimizer=opt, scheduler=sched, method=method, batches=batches)
+        start, tokens, elapsed0 = p["step"] + 1, p["tokens"], p["elapsed_s"]
+        window_loss, window_n, window_reg, loss_value = p["window_loss"], p["window_n"], p["window_reg"], \
+            p["loss_value"]
+    _truncate_curve(curve_path, start - 1)
+    save_every, keep = t.save_every, getattr(t, "keep_checkpoints", 2)
+    t0 = time.perf_counter() - elapsed0
     bar = Bar(t.max_steps, "train", "loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s",
               enabled=progress, loss=float("nan"), tps=0.0)
     with open(curve_path, "a") as curve, bar:
-        for step in range(1, t.max_steps + 1):
+        for step in range(start, t.max_steps + 1):
             step_loss = 0.0
             for _ in range(t.grad_accum):
                 batch = {k: v.to(device) for k, v in collate(batches.next(), pad_id).items()}
@@ -185,12 +205,27 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
                 if on_log is not None:
                     on_log(row)
                 window_loss, window_n, window_reg = 0.0, 0, 0.0
-            if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-                save_checkpoint(model, method, run_dir / "checkpoints" / f"step_{step:06d}")
+            if save_every and (step % save_every == 0 or step == t.max_steps):
+                from ftlab.checkpoint import prune, save_state
+
+                save_state(run_dir / "checkpoints" / f"step_{step:06d}", model=model, optimizer=opt,
+                           scheduler=sched, method=method, batches=batches, run_dir=run_dir,
+                           progress={"step": step, "tokens": tokens, "window_loss": window_loss,
+                                     "window_n": window_n, "window_reg": window_reg, "loss_value": loss_value,
+                                     "elapsed_s": time.perf_counter() - t0})
+                prune(run_dir / "checkpoints", keep)
     wall = time.perf_counter() - t0
     return TrainResult(steps=t.max_steps, tokens=tokens, tokens_per_s=tokens / max(wall, 1e-9),
                        peak_mem_bytes=_peak_mem(device), trainable_params=trainable, total_params=total,
                        wall_s=wall, final_loss=loss_value)
+
+
+def _truncate_curve(path: Path, step: int) -> None:
+    """metrics.jsonl holds rows up to `step` only (a resumed run re-logs what came after its checkpoint)."""
+    if path.exists():
+        from ftlab.checkpoint import truncate_curve
+
+        truncate_curve(path, step)
 
 
 def _response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

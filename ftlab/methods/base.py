@@ -59,6 +59,15 @@ class Method:
     def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """After each optimizer step (re-sampling active layers, projecting updates)."""
 
+    def state_dict(self) -> dict:
+        """What the method changes while training beyond the weights (e.g. LISA's sampler and active blocks),
+        saved in every training-state checkpoint. Tensors, numbers, strings, lists and dicts only: it is
+        read back with torch.load(weights_only=True)."""
+        return {}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        """Restore `state_dict()` on resume, after `prepare` (on a freshly prepared model)."""
+
     def export(self, model: nn.Module, out_dir: Path) -> None:
         """Save what the method trained so that it reloads onto the original base."""
         model.save_pretrained(out_dir, safe_serialization=True)

@@ -53,6 +53,23 @@ class Lisa(Method):
                         optimizer.state.pop(p, None)  # release exp_avg / exp_avg_sq of inactive blocks
         self.history.append((step, active))
 
+    def state_dict(self) -> dict:
+        version, key, gauss = self.rng.getstate()
+        return {"rng": list(key), "rng_gauss": [gauss is not None, float(gauss or 0.0)],
+                "history": [[step, list(active)] for step, active in self.history]}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        """Continue the sampler and re-apply the active blocks' requires_grad (the optimizer is restored
+        separately, with the state of the active blocks only)."""
+        has_gauss, gauss = state["rng_gauss"]
+        self.rng.setstate((3, tuple(int(x) for x in state["rng"]), float(gauss) if has_gauss else None))
+        self.history = [(int(step), [int(i) for i in active]) for step, active in state["history"]]
+        params = dict(model.named_parameters())
+        for i, names in enumerate(self.layers):
+            for n in names:
+                if n not in self.always:
+                    params[n].requires_grad_(i in self.active)
+
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         candidates = self.always | {n for names in self.layers for n in names}
         params = [p for n, p in model.named_parameters() if n in candidates]
