@@ -73,13 +73,30 @@ def _completed(run_dir: Path) -> dict | None:
     return data
 
 
+class RunDirBusy(RuntimeError):
+    """Another live process is running the same run directory."""
+
+
 def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
     """Run the experiment described by run_dir/config.yaml; return the final result.json content.
 
     A run directory whose result.json says completed is not run again (its record is returned). One that holds
     a complete training-state checkpoint (train.save_every > 0) continues from the newest one exactly; a
-    changed config.yaml is refused (ftlab.checkpoint.ResumeRefused, naming what changed)."""
+    changed config.yaml is refused (ftlab.checkpoint.ResumeRefused, naming what changed). One process at a time
+    per run directory (an advisory lock, released by the kernel even on SIGKILL)."""
+    import fcntl
+
     run_dir = Path(run_dir)
+    with open(run_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirBusy(f"{run_dir}: another process is running this run directory "
+                             f"(holds {run_dir / '.lock'})") from None
+        return _run_from_dir(run_dir, progress)
+
+
+def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
     cfg = load_run_config(run_dir)
     config = to_container(cfg)
     run_id = run_dir.name

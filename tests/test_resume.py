@@ -231,3 +231,15 @@ def test_incomplete_or_corrupt_checkpoint_is_never_used(reference_12, tmp_path, 
 def test_keep_checkpoints_range_check(assets):
     with pytest.raises(ConfigError, match="train.keep_checkpoints"):
         check(overrides(assets, "train.keep_checkpoints=0"))
+
+
+def test_one_process_per_run_dir(reference_12, tmp_path):
+    import fcntl
+
+    from ftlab.runner import RunDirBusy
+
+    run_dir = resume_copy(reference_12["lora"], tmp_path / "busy", at_step=5)
+    with open(run_dir / ".lock", "a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(RunDirBusy, match="another process"):
+            run_from_dir(run_dir, progress=False)
