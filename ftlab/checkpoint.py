@@ -9,6 +9,7 @@ bit from the end of step N:
 - `rng.pt`               python `random`, NumPy, torch CPU (and CUDA when present) generator states, stored as
                          tensors and plain numbers so `weights_only=True` loads them;
 - `method.pt`            the method's own state (`Method.state_dict()`, e.g. LISA's sampler and active blocks);
+- `reg.pt`               the regulariser's state (`Regulariser.state_dict()`, e.g. which L2-SP anchors exist);
 - `state.json`           step, data position (epoch, index; the permutation of an epoch is derived from
                          seed + epoch), the loss-window accumulators, tokens so far, the elapsed time, the
                          sha256 of the run's config.yaml, and the sha256 of every file above;
@@ -19,7 +20,7 @@ The directory is written as `step_NNNNNN.tmp` and renamed into place; the last `
 kept. The training curve so far is metrics.jsonl itself: on resume it is cut back to the checkpoint's step.
 
 Test-only switch: the environment variable FTLAB_RESUME_DROP (comma-separated: weights, optimizer, scheduler,
-rng, data, method) makes `restore` skip that component. tests/test_resume.py uses it to show that each
+rng, data, method, reg) makes `restore` skip that component. tests/test_resume.py uses it to show that each
 component is needed; never set it otherwise.
 """
 
@@ -43,7 +44,7 @@ FORMAT = 1
 COMPLETE = "COMPLETE"
 STATE = "state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-COMPONENTS = ("weights", "optimizer", "scheduler", "rng", "data", "method")
+COMPONENTS = ("weights", "optimizer", "scheduler", "rng", "data", "method", "reg")
 _DROP_ENV = "FTLAB_RESUME_DROP"  # test-only, see the module docstring
 
 
@@ -125,7 +126,7 @@ def config_sha256(run_dir: Path) -> str | None:
 
 
 def save_state(path: Path, *, model: nn.Module, optimizer, scheduler, method, batches, run_dir: Path,
-               progress: dict) -> None:
+               progress: dict, reg=None) -> None:
     """Write one training-state checkpoint atomically: temp dir, fsync, COMPLETE last, rename."""
     from safetensors.torch import save_file
 
@@ -145,6 +146,7 @@ def save_state(path: Path, *, model: nn.Module, optimizer, scheduler, method, ba
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     torch.save(method.state_dict(), tmp / "method.pt")
+    torch.save(reg.state_dict() if reg is not None else {}, tmp / "reg.pt")
     cfg = Path(run_dir) / "config.yaml"
     if cfg.is_file():
         shutil.copyfile(cfg, tmp / "config.yaml")
@@ -211,6 +213,7 @@ class Loaded:
     scheduler: dict
     rng: dict
     method: dict
+    reg: dict
     drop: set[str] = field(default_factory=set)
 
     @property
@@ -241,7 +244,7 @@ def load_state(path: Path) -> Loaded:
         raise ValueError(f"{_DROP_ENV}: unknown component(s) {sorted(unknown)}; valid: {', '.join(COMPONENTS)}")
     return Loaded(path=path, state=state, weights=load_file(str(path / "weights.safetensors")),
                   optimizer=pt("optimizer.pt"), scheduler=pt("scheduler.pt"), rng=pt("rng.pt"),
-                  method=pt("method.pt"), drop=drop)
+                  method=pt("method.pt"), reg=pt("reg.pt"), drop=drop)
 
 
 def latest(run_dir: Path) -> Loaded | None:
@@ -294,12 +297,14 @@ def check_same_config(ck: Loaded, run_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- restore
-def restore(ck: Loaded, *, model: nn.Module, optimizer, scheduler, method, batches) -> dict:
+def restore(ck: Loaded, *, model: nn.Module, optimizer, scheduler, method, batches, reg=None) -> dict:
     """Put the checkpoint's state into freshly built objects (model prepared, optimizer and scheduler
     constructed); returns the loop's progress counters. RNG is set last, right before training continues."""
     drop = ck.drop
     if "method" not in drop:
         method.load_state_dict(ck.method, model)
+    if reg is not None and "reg" not in drop:
+        reg.load_state_dict(ck.reg, model)  # before the weights: L2-SP anchors are the untrained values
     if "weights" not in drop:
         params = dict(model.named_parameters())
         missing = [n for n in ck.weights if n not in params]

@@ -42,6 +42,13 @@ class Regulariser:
         """The unweighted term."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """What changes during training (saved in training-state checkpoints; plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        """On resume: called with the freshly prepared model, before the checkpoint's weights are loaded."""
+
     def __call__(self, model: nn.Module, batch: dict, outputs: Any) -> torch.Tensor:
         return self.weight * self.value(model, batch, outputs)
 
@@ -77,6 +84,15 @@ class L2SP(Regulariser):
     def capture_start(self, model: nn.Module) -> None:
         self.anchors: dict[str, torch.Tensor] = {}
         self._anchor_new(model)
+
+    def state_dict(self) -> dict:
+        return {"anchored": list(self.anchors)}  # names in anchoring order (the order of the sum)
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        """Anchors are values before a parameter first trained: the fresh model's, taken before the checkpoint's
+        weights are loaded, in the saved order."""
+        params = dict(model.named_parameters())
+        self.anchors = {n: params[n].detach().clone() for n in state["anchored"]}
 
     def _anchor_new(self, model: nn.Module) -> None:
         for n, p in model.named_parameters():

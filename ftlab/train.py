@@ -149,7 +149,8 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
     if resume_from is not None:
         from ftlab.checkpoint import restore
 
-        p = restore(resume_from, model=model, optimizer=opt, scheduler=sched, method=method, batches=batches)
+        p = restore(resume_from, model=model, optimizer=opt, scheduler=sched, method=method, batches=batches,
+                    reg=reg)
         start, tokens, elapsed0 = p["step"] + 1, p["tokens"], p["elapsed_s"]
         window_loss, window_n, window_reg, loss_value = p["window_loss"], p["window_n"], p["window_reg"], \
             p["loss_value"]
@@ -209,7 +210,7 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
                 from ftlab.checkpoint import prune, save_state
 
                 save_state(run_dir / "checkpoints" / f"step_{step:06d}", model=model, optimizer=opt,
-                           scheduler=sched, method=method, batches=batches, run_dir=run_dir,
+                           scheduler=sched, method=method, batches=batches, run_dir=run_dir, reg=reg,
                            progress={"step": step, "tokens": tokens, "window_loss": window_loss,
                                      "window_n": window_n, "window_reg": window_reg, "loss_value": loss_value,
                                      "elapsed_s": time.perf_counter() - t0})
