@@ -159,14 +159,16 @@ def test_sigkill_at_random_steps_resumes_bit_identical(assets, reference_40, tmp
 # ------------------------------------------------------------------------ each component is needed
 @pytest.fixture(scope="module")
 def reference_12(assets, tmp_path_factory, ftlab_cache):
-    """Uninterrupted 12-step runs with every step's checkpoint kept: LoRA with dropout; LISA (method state);
+    """Uninterrupted 12-step runs with every step's checkpoint kept: LoRA with dropout; full fine-tuning (the
+    whole model is the trainable state); LISA (method state);
     LISA with L2-SP (regulariser state: which blocks are anchored, in which order)."""
     root = tmp_path_factory.mktemp("ref12")
     runs = {}
     lisa = ["method=lisa", "method.interval=2"]
-    for name, extra in {"lora": [], "lisa": lisa, "lisa_l2sp": [*lisa, "reg=l2sp", "reg.weight=1.0"]}.items():
+    for name, extra in {"lora": [], "full": ["method=full"], "lisa": lisa,
+                        "lisa_l2sp": [*lisa, "reg=l2sp", "reg.weight=1.0"]}.items():
         ovr = [o for o in overrides(assets, "train.max_steps=12", "train.keep_checkpoints=100", *extra)
-               if not (name.startswith("lisa") and o == "method.dropout=0.1")]
+               if not (name != "lora" and o == "method.dropout=0.1")]
         run_dir = make_run(root, name, ovr)
         run_from_dir(run_dir, progress=False)
         runs[name] = run_dir
@@ -185,7 +187,7 @@ def resume_copy(ref, dst, at_step):
 
 # LoRA has no method or regulariser state; LISA's sampler is; L2-SP's anchors are
 CASES = [("lora", None), *[("lora", c) for c in COMPONENTS if c not in ("method", "reg")],
-         ("lisa", None), ("lisa", "method"), ("lisa_l2sp", None), ("lisa_l2sp", "reg")]
+         ("full", None), ("full", "weights"), ("lisa", None), ("lisa", "method"), ("lisa_l2sp", None), ("lisa_l2sp", "reg")]
 
 
 @pytest.mark.parametrize("run,drop", CASES, ids=[f"{r}-{d or 'nothing'}" for r, d in CASES])
