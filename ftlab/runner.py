@@ -165,6 +165,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
         tuned = evaluate(model, tok, tasks, cfg.eval.batch_size, stage="tuned", run_dir=run_dir, progress=progress)
         table = {t.name: {**task_entry(t.role, t.metric, t.higher_is_better, t.unit, base[t.name]["score"],
                                        tuned[t.name]["score"], tuned[t.name]["n"]),
+                          "metrics": {"base": base[t.name].get("metrics"), "tuned": tuned[t.name].get("metrics")},
                           "base_cached": base[t.name]["cached"], **t.meta}
                  for t in tasks}
         record.update(summary=summarize(table), tasks=table,
