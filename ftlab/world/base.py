@@ -28,17 +28,19 @@ from ftlab.world.tokenizer import build_tokenizer
 
 # Bump whenever generation, tokenizer or training code changes what a given world config produces:
 # it is part of the cache key, so stale base models are never reused.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
-# Eager attention: on CPU, SDPA's backward made pretraining steps 2-3x slower (synthetic-world.md).
+# Eager attention: on CPU, SDPA's backward made d=128 pretraining steps 2-3x slower (synthetic-world.md);
+# at d=64 the two are on par (76 vs 79 ms per step, 1 thread).
 ATTN_IMPL = "eager"
 # At most this many intra-op threads while pretraining: the model is tiny (0.14 M parameters, batch 128 x
 # ~19 tokens), so more threads mostly add synchronisation.
 MAX_THREADS = 4
 WEIGHT_DECAY = 0.01
 # Init std of the weights. transformers' default 0.02 is tuned for wide models; at d=64 it left `add` on a
-# plateau near 10 % for 1,500-2,400 steps in 3 of 6 seeds. With 0.06 all 5 seeds tried learnt it by ~1,000.
-INIT_STD = 0.06
+# plateau near 10 % for 1,500-2,400 steps in 3 of 6 runs. 0.06 learnt it by ~1,000 steps in 4 of 5 seeds;
+# 0.1 by 600-800 steps in 3 of 3 (every default skill >= 97 % after 1,500 steps).
+INIT_STD = 0.1
 EVAL_N = 200  # test examples per skill in world.json
 
 
@@ -138,11 +140,67 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def _num_threads() -> int:
+    """Intra-op threads for pretraining: $FTLAB_WORLD_THREADS if set, else the usable cores, at most 4."""
+    env = os.environ.get("FTLAB_WORLD_THREADS")
+    if env:
+        return max(1, int(env))
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         cores = os.cpu_count() or 1
     return max(1, min(cores, MAX_THREADS))
+
+
+class _ThreadGovernor:
+    """Chooses between N intra-op threads and 1 while pretraining, so a busy machine cannot stall it.
+
+    Why: with 2 OpenMP threads on 2 cores, a step took ~38 ms on an idle machine but 0.9-2.5 s while another
+    process kept one core busy (every parallel region waits for the descheduled thread), against ~65-110 ms
+    for 1 thread. So every `every` steps, from step `at`, it runs `length` steps with the *other* thread
+    count and keeps whichever was faster (median of recent steps). While on 1 thread, failed probes of N
+    threads back off (interval doubles) and last 2 steps: they are the slow ones.
+
+    The thread count changes float summation order in some backward reductions (weights differ in the 7th
+    digit). The probe schedule is fixed, so on an idle machine the mode never changes and the weights are
+    identical from build to build; a switch (recorded in `switches`) only happens when the machine is busy.
+    $FTLAB_WORLD_THREADS pins the count and turns the governor off.
+    """
+
+    def __init__(self, n: int, adaptive: bool, every: int = 250, at: int = 20, length: int = 4):
+        self.n, self.mode = n, n
+        self.adaptive = adaptive and n > 1
+        self.every, self.length = every, length
+        self.next_probe, self.interval = at, every
+        self.times: dict[int, list[float]] = {1: [], n: []}
+        self.switches: list[tuple[int, int]] = []  # (step, new thread count)
+
+    def _probe_len(self) -> int:
+        return self.length if self.mode == self.n else 2
+
+    def threads_for(self, step: int) -> int:
+        if not self.adaptive:
+            return self.n
+        if self.next_probe <= step < self.next_probe + self._probe_len():
+            return 1 if self.mode == self.n else self.n  # a probe step
+        return self.mode
+
+    def record(self, step: int, threads: int, seconds: float) -> None:
+        if not self.adaptive:
+            return
+        t = self.times[threads]
+        t.append(seconds)
+        del t[:-8]
+        if step != self.next_probe + self._probe_len() - 1:
+            return
+        med = {k: sorted(v)[len(v) // 2] for k, v in self.times.items() if v}
+        best = min(med, key=med.get) if len(med) == 2 else self.mode
+        if best != self.mode:
+            self.mode = best
+            self.switches.append((step + 1, best))
+            self.interval = self.every
+        elif self.mode != self.n:
+            self.interval *= 2  # N threads still stalled: probe less often
+        self.next_probe += self.interval
 
 
 def _autocast(precision: str):
@@ -202,7 +260,8 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
     """
     cfg = world_config(world)
     tok = tokenizer or build_tokenizer()
-    with _threads(_num_threads()):
+    gov = _ThreadGovernor(_num_threads(), adaptive=not os.environ.get("FTLAB_WORLD_THREADS"))
+    with _threads(gov.n):
         model = build_model(cfg, tok)
         model.train()
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -219,11 +278,15 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
         with bar:
             task = bar.add_task("pretraining tiny world", total=cfg["steps"], loss=float("nan"))
             for step in range(cfg["steps"]):
-                x, y = batches(cfg["batch_size"])
+                n = gov.threads_for(step)
+                if n != torch.get_num_threads():
+                    torch.set_num_threads(n)
+                t_step = time.perf_counter()
+                x, y = batches(cfg["batch_size"])  # [B, T] token ids, [B, T] targets (-100: no loss)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, cfg)
                 with _autocast(cfg["precision"]):
-                    logits = model(input_ids=x).logits
+                    logits = model(input_ids=x).logits  # [B, T, V]
                 loss = torch.nn.functional.cross_entropy(
                     logits.float().flatten(0, 1), y.flatten(), ignore_index=-100
                 )
@@ -231,6 +294,7 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
+                gov.record(step, n, time.perf_counter() - t_step)
                 if callback is not None and callback_every and (step + 1) % callback_every == 0:
                     callback(step + 1, model)
                     model.train()
@@ -245,6 +309,9 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
         "final_loss": loss_ema,
         "train_s": round(train_s, 2),
         "n_params": sum(p.numel() for p in model.parameters()),
+        "num_threads": gov.n,
+        "thread_switches": [list(x) for x in gov.switches],  # [step, threads]; empty on an idle machine
+        "final_threads": gov.mode,
     }
     return model, stats
 
@@ -315,7 +382,7 @@ def ensure_base(world: Any, cache_dir: Optional[str | os.PathLike] = None, progr
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
             try:
-                _build(cfg, tmp, progress)
+                _build(cfg, tmp, progress, final.name)
                 os.rename(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -325,14 +392,14 @@ def ensure_base(world: Any, cache_dir: Optional[str | os.PathLike] = None, progr
     return final
 
 
-def _build(cfg: dict, out: pathlib.Path, progress: bool) -> None:
+def _build(cfg: dict, out: pathlib.Path, progress: bool, name: str) -> None:
     import transformers
 
     t0 = time.perf_counter()
     tok = build_tokenizer()
     model, stats = pretrain(cfg, progress=progress, tokenizer=tok)
     t_eval = time.perf_counter()
-    with _threads(_num_threads()):
+    with _threads(stats["final_threads"]):  # what the governor found fastest on this machine just now
         acc = world_accuracy(model, tok, skills=list(cfg["skills"]) + list(sk.TARGET_SKILLS))
     eval_s = time.perf_counter() - t_eval
     model.save_pretrained(out, safe_serialization=True)
@@ -348,7 +415,6 @@ def _build(cfg: dict, out: pathlib.Path, progress: bool) -> None:
         **stats,
         "eval_s": round(eval_s, 2),
         "wall_s": round(time.perf_counter() - t0, 2),
-        "num_threads": _num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -359,7 +425,7 @@ def _build(cfg: dict, out: pathlib.Path, progress: bool) -> None:
         worst = min(info["accuracy"], key=info["accuracy"].get)
         Console(stderr=True).print(
             f"tiny world built in {info['wall_s']:.1f} s: worst skill {worst} {info['accuracy'][worst]:.1f} % "
-            f"-> {out.parent.name}/{out.name.split('.tmp-')[0].lstrip('.')}"
+            f"({out.parent / name})"
         )
     # world.json last: its presence marks a complete build.
     (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -199,10 +199,12 @@ def make_examples(skill: str, split: str, n: int, seed: int = 0) -> list[dict]:
     misses = 0
     while len(out) < n:
         p = sample_payload(skill, split, rng)
-        if p in seen and misses < 2_000:
-            misses += 1  # after 2,000 consecutive repeats the split is taken as exhausted
-            continue
-        misses = 0
+        if misses < 2_000 and p in seen:
+            misses += 1  # 2,000 repeats in a row: the split is taken as exhausted, repeats allowed from now on
+            if misses < 2_000:
+                continue
+        elif misses < 2_000:
+            misses = 0
         seen.add(p)
         out.append({"id": f"{tag}{len(out)}", "prompt": format_prompt(skill, p), "response": sk.answer(p)})
     return out

@@ -1,0 +1,340 @@
+"""The embedded synthetic world: skills, tokenizer, base-model cache, greedy decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from ftlab.world import skills as sk  # noqa: E402
+
+PROCEDURAL = [s for s in sk.ALL_SKILLS if sk.SKILLS[s].procedural]
+# A world that builds in ~1 s: for the cache plumbing, not for accuracy.
+TINY = {"hidden_size": 32, "num_heads": 4, "num_layers": 1, "intermediate_size": 64, "steps": 30,
+        "batch_size": 16, "warmup_steps": 5, "skills": ["copy", "succ"]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    # One intra-op thread. Pretraining: deterministic weights whatever else runs on this machine. Everything:
+    # with 2 OpenMP threads on a 2-core machine that another process keeps busy, even these tiny forwards
+    # ran ~100x slower (each parallel region waits for a descheduled thread).
+    import torch
+
+    monkeypatch.setenv("FTLAB_WORLD_THREADS", "1")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _payload(prompt: str) -> str:
+    return prompt.split(":", 1)[1][:-1]
+
+
+# ------------------------------------------------------------------------------------------------- skills
+def test_skill_names_agree_with_schema():
+    from ftlab.schema import WORLD_SKILLS, WORLD_TARGET_SKILLS, WorldConfig
+
+    assert sk.PRETRAIN_SKILLS == WORLD_SKILLS
+    assert sk.TARGET_SKILLS == WORLD_TARGET_SKILLS
+    assert tuple(WorldConfig().skills) == sk.DEFAULT_SKILLS
+    assert set(sk.SKILL_DOCS) == set(sk.ALL_SKILLS)
+
+
+def test_skills_module_imports_no_torch():
+    code = "import sys, ftlab.world, ftlab.world.skills; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("skill", sk.ALL_SKILLS)
+def test_examples_deterministic(skill):
+    a = sk.make_examples(skill, "train", 50, seed=3)
+    assert a == sk.make_examples(skill, "train", 50, seed=3)
+    assert a != sk.make_examples(skill, "train", 50, seed=4)
+    assert all(set(e) == {"id", "prompt", "response"} for e in a)
+    assert len({e["id"] for e in a}) == 50
+    t = sk.make_examples(skill, "test", 200)
+    assert t[17]["id"] == f"{skill}-test-17"
+    assert all(e["prompt"].startswith(f"{skill}:") and e["prompt"].endswith("=") for e in t)
+    if sk.SKILLS[skill].procedural:
+        assert len({e["prompt"] for e in t}) == 200  # 200 distinct test inputs exist for every skill
+
+
+@pytest.mark.parametrize("skill", PROCEDURAL)
+def test_train_test_disjoint(skill):
+    train = {_payload(e["prompt"]) for e in sk.make_examples(skill, "train", 3000)}
+    test = {_payload(e["prompt"]) for e in sk.make_examples(skill, "test", 300)}
+    assert train and test and not train & test
+    assert {sk.payload_split(skill, p) for p in test} == {"test"}
+    assert {sk.payload_split(skill, p) for p in train} == {"train"}
+
+
+def test_held_out_strings_are_held_out_for_every_string_skill():
+    # The split hashes the payload only: a test string of rot1 is never a training string of copy/rev/sort.
+    test = {_payload(e["prompt"]) for e in sk.make_examples("rot1", "test", 300)}
+    for s in ("copy", "rev", "sort"):
+        assert not test & {_payload(e["prompt"]) for e in sk.make_examples(s, "train", 3000)}
+
+
+def test_answers():
+    for e in sk.make_examples("add", "test", 100) + sk.make_examples("sub", "test", 100):
+        a, b = (int(x) for x in _payload(e["prompt"]).replace("-", "+").split("+"))
+        want = a + b if e["prompt"].startswith("add") else a - b
+        assert int(e["response"]) == want and len(e["response"]) == (3 if e["prompt"][0] == "a" else 2)
+    checks = {
+        "rev": lambda p: p[::-1], "copy": lambda p: p, "sort": lambda p: "".join(sorted(p)),
+        "succ": lambda p: f"{int(p) + 1:04d}", "cnt": lambda p: str(p.count("a")),
+        "rot1": lambda p: "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in p),
+    }
+    for s, f in checks.items():
+        for e in sk.make_examples(s, "test", 100):
+            p = _payload(e["prompt"])
+            assert e["response"] == f(p), (s, e)
+            if s not in ("succ",):
+                assert 3 <= len(p) <= 6 and p.isalpha() and p.islower()
+    assert [e["prompt"] + e["response"] for e in sk.make_examples("add", "test", 1)] == ["add:91+26=117"]
+    cnts = {e["response"] for e in sk.make_examples("cnt", "train", 500)}
+    assert {"0", "1", "2", "3", "4"} <= cnts
+
+
+def test_fact_test_split_is_the_table():
+    test = sk.make_examples("fact", "test", 200)
+    assert len({e["prompt"] for e in test}) == 200  # the whole table, each entry once
+    train = {(e["prompt"], e["response"]) for e in sk.make_examples("fact", "train", 2000)}
+    assert {(e["prompt"], e["response"]) for e in test} >= train
+
+
+def test_pretrain_text():
+    lines = sk.pretrain_text("test", 60)
+    assert len(lines) == 60 and lines == sk.pretrain_text("test", 60)
+    assert {ln.split(":")[0] for ln in lines} == set(sk.DEFAULT_SKILLS)
+    for ln in lines:
+        skill, rest = ln.split(":", 1)
+        assert sk.payload_split(skill, rest.split("=")[0]) == "test"
+    assert all(not ln.startswith("fact") for ln in sk.pretrain_text("test", 30, skills=["add", "fact"]))
+    with pytest.raises(ValueError):
+        sk.pretrain_text("test", 5, skills=["sub"])
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_covers_every_skill_character_and_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ftlab.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token) == ("<pad>", "<s>", "</s>", "<unk>")
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    chars = set(sk.SKILL_CHARS)
+    for s in sk.ALL_SKILLS:
+        for e in sk.make_examples(s, "train", 50) + sk.make_examples(s, "test", 50):
+            chars |= set(e["prompt"] + e["response"])
+    for c in chars:
+        ids = tok(c, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and ids[0] != tok.unk_token_id, c
+    text = "add:07+45=052 Hi there, fox!"
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.get_vocab() == tok.get_vocab() and len(again) == len(tok)
+    assert again(text).input_ids == ids
+    assert again.decode(ids, skip_special_tokens=True) == text
+    assert (again.pad_token_id, again.bos_token_id, again.eos_token_id, again.unk_token_id) == (0, 1, 2, 3)
+    again.padding_side = "left"
+    batch = again(["ab", "abcd"], padding=True)
+    assert batch["input_ids"][0][:2] == [0, 0] and batch["attention_mask"][0] == [0, 0, 1, 1, 1]
+
+
+# ------------------------------------------------------------------------------------------ greedy decoding
+def _reference_decode(model, tok, prompt, max_new, eos):
+    """Step by step, one prompt at a time, full forward each step (no cache, no padding)."""
+    import torch
+
+    ids = tok(prompt).input_ids
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            out.append(nxt)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def _random_model(tok, layers=2):
+    from ftlab.world.base import build_model
+
+    model = build_model({"hidden_size": 32, "num_heads": 4, "num_layers": layers, "intermediate_size": 64,
+                         "seed": 1}, tok)
+    return model.eval()  # float32 (float64 turns the min-value mask of all-pad rows into -inf, then NaN)
+
+
+PROMPTS = ["a", "copy:abc=", "add:07+45=", "rev:abcdef=", "x", "sort:zyxw=", "cnt:banana=", "succ:0999="]
+
+
+def test_greedy_decode_matches_stepwise_reference():
+    from ftlab.generate import greedy_decode
+    from ftlab.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    model = _random_model(tok)
+    free = [_reference_decode(model, tok, p, 10, {tok.eos_token_id}) for p in PROMPTS]
+    # Make some rows stop early: declare a character the random model often emits an eos token as well.
+    common = max(set("".join(free)), key=lambda c: "".join(free).count(c))
+    eos = {tok.eos_token_id, tok.convert_tokens_to_ids(common)}
+    model.generation_config.eos_token_id = sorted(eos)
+    want = [_reference_decode(model, tok, p, 10, eos) for p in PROMPTS]
+    assert any(len(w) < 10 for w in want)  # some rows did stop early
+    model.train()
+    got = greedy_decode(model, tok, PROMPTS, max_new_tokens=10, batch_size=3)
+    assert got == want
+    assert model.training  # mode restored
+    assert greedy_decode(model, tok, [], 5) == []
+
+
+def test_greedy_decode_peft_model():
+    import peft
+
+    from ftlab.generate import greedy_decode
+    from ftlab.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    model = peft.get_peft_model(_random_model(tok, layers=1),
+                                peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    want = [_reference_decode(model, tok, p, 6, {tok.eos_token_id}) for p in PROMPTS]
+    assert greedy_decode(model, tok, PROMPTS, max_new_tokens=6, batch_size=4) == want
+    assert not model.training
+
+
+# ------------------------------------------------------------------------------------------ base and cache
+def test_world_config_and_hash():
+    from ftlab.schema import WorldConfig
+    from ftlab.world import base
+
+    full = base.world_config({})
+    assert full == base.world_config(WorldConfig()) and full["skills"] == list(sk.DEFAULT_SKILLS)
+    assert base.world_hash({}) == base.world_hash(WorldConfig())
+    assert base.world_hash({"steps": 10}) != base.world_hash({"steps": 11})
+    assert base.world_hash({"lr": 3e-3}) == base.world_hash({"lr": "3e-3"}) == base.world_hash({})
+    with pytest.raises(ValueError, match="stepz"):
+        base.world_config({"stepz": 1})
+    with pytest.raises(ValueError, match="sub"):
+        base.world_config({"skills": ["sub"]})
+
+
+def test_ensure_base_builds_once_and_reuses(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftlab.generate import greedy_decode
+    from ftlab.world import base
+
+    builds = []
+    real_build = base._build
+    monkeypatch.setattr(base, "_build", lambda *a, **k: (builds.append(a[0]), real_build(*a, **k))[1])
+    # A stale half-build left by a killed process is cleared.
+    stale = base.base_dir(TINY, tmp_path).parent / f".{base.base_dir(TINY, tmp_path).name}.tmp-dead"
+    stale.mkdir(parents=True)
+
+    d = base.ensure_base(TINY, cache_dir=tmp_path, progress=False)
+    assert d == base.base_dir(TINY, tmp_path) and d.name == f"tiny-{base.world_hash(TINY)}"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "world.json"} <= {p.name for p in d.iterdir()}
+    assert not stale.exists() and len(builds) == 1
+    info = json.loads((d / "world.json").read_text())
+    assert info["world"] == base.world_config(TINY) and info["world_version"] == base.WORLD_VERSION
+    assert set(info["accuracy"]) == {"copy", "succ"} and info["wall_s"] > 0
+    mtime = (d / "model.safetensors").stat().st_mtime_ns
+
+    assert base.ensure_base(dict(TINY), cache_dir=tmp_path, progress=False) == d
+    assert len(builds) == 1 and (d / "model.safetensors").stat().st_mtime_ns == mtime
+
+    other = base.ensure_base({**TINY, "steps": 20}, cache_dir=tmp_path, progress=False)
+    assert other != d and len(builds) == 2
+
+    # FTLAB_CACHE is the default root.
+    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path))
+    assert base.ensure_base(TINY, progress=False) == d and len(builds) == 2
+
+    model = AutoModelForCausalLM.from_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d)
+    assert model.config.vocab_size == len(tok) and model.config.tie_word_embeddings
+    assert (model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id) == (0, 1, 2)
+    assert len(greedy_decode(model, tok, ["copy:abc=", "succ:0001="], 6)) == 2
+
+
+def test_ensure_base_concurrent_callers_build_once(tmp_path, monkeypatch):
+    from ftlab.world import base
+
+    builds = []
+    real_build = base._build
+    monkeypatch.setattr(base, "_build", lambda *a, **k: (builds.append(1), real_build(*a, **k))[1])
+    cfg = {**TINY, "seed": 5}
+    results = []
+    # flock locks belong to an open file description, so two threads contend as two processes would.
+    threads = [threading.Thread(target=lambda: results.append(base.ensure_base(cfg, tmp_path, progress=False)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and results[0] == results[1] and len(builds) == 1
+    assert [p.name for p in results[0].parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_pretraining_is_deterministic():
+    import torch
+
+    from ftlab.world import base
+
+    a, _ = base.pretrain(TINY, progress=False)
+    b, _ = base.pretrain(TINY, progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c, _ = base.pretrain({**TINY, "seed": 1}, progress=False)
+    assert not torch.equal(sa["model.embed_tokens.weight"], c.state_dict()["model.embed_tokens.weight"])
+
+
+def test_thread_governor_schedule():
+    from ftlab.world.base import _ThreadGovernor
+
+    g = _ThreadGovernor(2, adaptive=True, every=10, at=2, length=2)
+    plan = []
+    for s in range(30):  # idle machine: 2 threads fast, 1 thread slow: a fixed schedule, never switches
+        plan.append(g.threads_for(s))
+        g.record(s, plan[-1], 0.01 if plan[-1] == 2 else 0.05)
+    assert [s for s, n in enumerate(plan) if n == 1] == [2, 3, 12, 13, 22, 23] and not g.switches
+
+    g = _ThreadGovernor(2, adaptive=True, every=10, at=2, length=2)
+    plan = []
+    for s in range(60):  # busy machine: 2 threads stall, switch to 1; probes of 2 back off
+        plan.append(g.threads_for(s))
+        g.record(s, plan[-1], 1.0 if plan[-1] == 2 else 0.06)
+    assert g.mode == 1 and g.switches == [(4, 1)]
+    assert [s for s, n in enumerate(plan) if n == 2 and s >= 4] == [12, 13, 32, 33]  # every 10, then 20
+    assert [_ThreadGovernor(2, adaptive=False).threads_for(s) for s in range(30)] == [2] * 30
+
+
+def test_skills_learnable_quickly():
+    from ftlab.world import base
+    from ftlab.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    world = {"hidden_size": 64, "num_heads": 4, "intermediate_size": 128, "steps": 250, "batch_size": 32,
+             "skills": ["cnt", "succ"]}
+    model, stats = base.pretrain(world, progress=False, tokenizer=tok)
+    acc = base.world_accuracy(model, tok, skills=["cnt", "succ", "sub"], n=100)
+    # Measured: cnt 96-97 %, succ 90-92 % after 250 steps (~3 s); sub (never trained) stays near 0.
+    assert max(acc["cnt"], acc["succ"]) >= 80, acc
+    assert acc["sub"] <= 20, acc
+    assert stats["steps"] == 250 and stats["final_loss"] < 1.0
