@@ -163,9 +163,13 @@ def _named_task(name: str, role: str, cfg: Any) -> Task:
 
     n = cfg.eval.limit or 200
     if name == "synth_ppl":
-        texts = skills.pretrain_text("test", n, seed=EVAL_SEED, skills=list(cfg.model.world.skills))
-        return Task(name, role, "perplexity", [{"id": f"ppl-{i}", "text": t} for i, t in enumerate(texts)],
-                    meta={"source": "world"})
+        # Held-out pretraining examples, scored on their answers (what pretraining trained), skills interleaved.
+        per = -(-n // len(cfg.model.world.skills))
+        pools = [skills.make_examples(sk, "test", per, seed=EVAL_SEED) for sk in cfg.model.world.skills]
+        rows = [pool[j] for j in range(per) for pool in pools if j < len(pool)][:n]
+        return Task(name, role, "perplexity",
+                    [{"id": f"ppl-{r['id']}", "context": r["prompt"], "text": r["response"]} for r in rows],
+                    meta={"source": "world", "scored": "answers"})
     if name.startswith("synth_") and name[6:] in skills.ALL_SKILLS:
         rows = skills.make_examples(name[6:], "test", n, seed=EVAL_SEED)
         return Task(name, role, "generation",
@@ -314,29 +318,47 @@ def predict_perplexity(model, tokenizer, task: Task, batch_size: int) -> list[di
     import torch
 
     device, pad, L = _device(model), _pad_id(tokenizer), _model_max_length(model, task)
-    windows = []  # (row index, token ids)
-    enc = tokenizer([r["text"] for r in task.rows], add_special_tokens=True)["input_ids"]
+    # A row with a "context" is scored on its "text" only (conditional perplexity: the synthetic world's
+    # base model was trained on answers, never on prompts); first[i] is the first token that counts.
+    enc, first = [], []
+    for r in task.rows:
+        if "context" in r:
+            c = tokenizer(r["context"], add_special_tokens=True)["input_ids"]
+            t = tokenizer(r["text"], add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                t = t + [tokenizer.eos_token_id]
+            enc.append(c + t)
+            first.append(len(c))
+        else:
+            enc.append(tokenizer(r["text"], add_special_tokens=True)["input_ids"])
+            first.append(1)
+    windows = []  # (row index, offset, token ids)
     for i, ids in enumerate(enc):
         for s in range(0, max(len(ids) - 1, 1), L - 1):
-            windows.append((i, ids[s:s + L]))
+            windows.append((i, s, ids[s:s + L]))
     nll = [0.0] * len(task.rows)
-    order = sorted(range(len(windows)), key=lambda j: -len(windows[j][1]))
+    order = sorted(range(len(windows)), key=lambda j: -len(windows[j][2]))
     with _eval_mode(model), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = [windows[j] for j in order[start:start + batch_size]]
-            width = max(len(w) for _, w in chunk)
+            width = max(len(w) for _, _, w in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for b, (_, w) in enumerate(chunk):
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)  # tokens whose NLL counts
+            attn = torch.zeros((len(chunk), width), dtype=torch.long)
+            for b, (i, s, w) in enumerate(chunk):
                 ids[b, :len(w)] = torch.tensor(w)
-                mask[b, :len(w)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                attn[b, :len(w)] = 1
+                # position k of the window predicts token s + k + 1 of the row: counted from first[i] on
+                lo = max(first[i] - s, 1)
+                mask[b, lo:len(w)] = 1
+            ids, mask, attn = ids.to(device), mask.to(device), attn.to(device)
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
             tok_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             sums = (tok_nll * mask[:, 1:]).sum(-1).tolist()
-            for (i, _), v in zip(chunk, sums):
+            for (i, _, _), v in zip(chunk, sums):
                 nll[i] += v
-    return [{"id": r["id"], "nll": v, "n_tokens": max(len(e) - 1, 0)} for r, e, v in zip(task.rows, enc, nll)]
+    return [{"id": r["id"], "nll": v, "n_tokens": max(len(e) - f, 0)}
+            for r, e, f, v in zip(task.rows, enc, first, nll)]
 
 
 def score_perplexity(task: Task, predictions: list[dict]) -> tuple[dict, list[dict]]:
