@@ -218,10 +218,14 @@ def test_completed_run_is_not_rerun(reference_12):
 
 def test_changed_config_is_refused_naming_the_change(reference_12, tmp_path):
     run_dir = resume_copy(reference_12["lora"], tmp_path / "changed", at_step=5)
-    cfg = (run_dir / "config.yaml").read_text()
-    (run_dir / "config.yaml").write_text(cfg.replace("lr: 0.001", "lr: 0.002", 1))
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    old = cfg["train"]["lr"]
+    cfg["train"]["lr"] = old * 2
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     curve_before = (run_dir / "metrics.jsonl").read_text()
-    with pytest.raises(ResumeRefused, match=r"train\.lr: 0\.001 -> 0\.002"):
+    with pytest.raises(ResumeRefused, match=rf"train\.lr: {old} -> {old * 2}"):
         run_from_dir(run_dir, progress=False)
     assert (run_dir / "metrics.jsonl").read_text() == curve_before  # nothing touched
     assert not (run_dir / "result.json").exists()
