@@ -39,7 +39,12 @@ def _decode_batch(model, enc: list[list[int]], max_new_tokens: int, pad_id: int,
     ids, mask = ids.to(device), mask.to(device)
     # Positions count real tokens only, so a left-padded row sees the same positions as it would alone.
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    try:
+        # Only the last position's logits: a full [b, width, vocab] tensor is gigabytes for a real model's
+        # vocabulary and a long prompt.
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    except TypeError:  # a model whose forward predates `logits_to_keep`
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     cache = out.past_key_values
     next_pos = pos[:, -1:] + 1
     done = torch.zeros(b, dtype=torch.bool, device=device)

@@ -32,6 +32,17 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+def _busy_seconds() -> float | None:
+    """CPU-seconds all processes have spent busy since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(v) - v[3] - v[4]) / hz  # all but idle and iowait
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=2, help="cold builds to time (default 2)")
@@ -55,23 +66,29 @@ def main(argv=None) -> int:
     for i in range(args.runs):
         tmp = tempfile.mkdtemp(prefix="ftlab-bench-world-")
         try:
+            busy0, own0 = _busy_seconds(), time.process_time()
             t0 = time.perf_counter()
             d = base.ensure_base(world, cache_dir=tmp, progress=args.progress)
             total = time.perf_counter() - t0
+            busy1, own1 = _busy_seconds(), time.process_time()
             info = json.loads((d / "world.json").read_text())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         info["ensure_base_s"] = round(total, 2)
+        # Cores kept busy by *other* processes meanwhile: the noise in these timings on a shared machine.
+        info["others_cores"] = None if busy0 is None else round(((busy1 - busy0) - (own1 - own0)) / total, 2)
         rows.append(info)
         if args.json:
             print(json.dumps({k: info[k] for k in ("hash", "train_s", "eval_s", "ensure_base_s", "accuracy",
-                                                   "target_accuracy", "num_threads", "thread_switches")}))
+                                                   "target_accuracy", "num_threads", "thread_switches",
+                                                   "others_cores")}))
         else:
             acc = "  ".join(f"{s} {a:5.1f}" for s, a in info["accuracy"].items())
             tgt = "  ".join(f"{s} {a:.1f}" for s, a in info["target_accuracy"].items())
             print(f"run {i + 1}: pretrain {info['train_s']:6.1f} s  eval {info['eval_s']:4.1f} s  "
                   f"ensure_base {total:6.1f} s  | {acc}  | min {info['min_accuracy']:.1f}  | targets: {tgt}  "
-                  f"| threads {info['num_threads']} switches {info['thread_switches']}")
+                  f"| threads {info['num_threads']} switches {info['thread_switches']} "
+                  f"| other processes used {info['others_cores']} cores")
     if len(rows) > 1 and not args.json:
         tr = [r["train_s"] for r in rows]
         print(f"pretrain s: median {statistics.median(tr):.1f}, min {min(tr):.1f}, max {max(tr):.1f}; "

@@ -324,6 +324,13 @@ def test_thread_governor_schedule():
     assert [s for s, n in enumerate(plan) if n == 2 and s >= 4] == [12, 13, 32, 33]  # every 10, then 20
     assert [_ThreadGovernor(2, adaptive=False).threads_for(s) for s in range(30)] == [2] * 30
 
+    g = _ThreadGovernor(2, adaptive=True, every=100, at=2, length=2)
+    plan = []
+    for s in range(40):  # idle, then another process takes a core at step 20: probes at once, not at 102
+        plan.append(g.threads_for(s))
+        g.record(s, plan[-1], (0.01 if s < 20 else 1.0) if plan[-1] == 2 else 0.06)
+    assert g.mode == 1 and len(g.switches) == 1 and 20 < g.switches[0][0] < 30
+
 
 def test_skills_learnable_quickly():
     from ftlab.world import base

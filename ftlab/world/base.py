@@ -157,8 +157,9 @@ class _ThreadGovernor:
     Why: with 2 OpenMP threads on 2 cores, a step took ~38 ms on an idle machine but 0.9-2.5 s while another
     process kept one core busy (every parallel region waits for the descheduled thread), against ~65-110 ms
     for 1 thread. So every `every` steps, from step `at`, it runs `length` steps with the *other* thread
-    count and keeps whichever was faster (median of recent steps). While on 1 thread, failed probes of N
-    threads back off (interval doubles) and last 2 steps: they are the slow ones.
+    count and keeps whichever was faster (median of recent steps). A stall between probes (N-thread steps
+    `stall` x slower than their best) probes at once. While on 1 thread, failed probes of N threads back
+    off (interval doubles) and last 2 steps: they are the slow ones.
 
     The thread count changes float summation order in some backward reductions (weights differ in the 7th
     digit). The probe schedule is fixed, so on an idle machine the mode never changes and the weights are
@@ -166,22 +167,27 @@ class _ThreadGovernor:
     $FTLAB_WORLD_THREADS pins the count and turns the governor off.
     """
 
-    def __init__(self, n: int, adaptive: bool, every: int = 250, at: int = 20, length: int = 4):
+    def __init__(self, n: int, adaptive: bool, every: int = 250, at: int = 20, length: int = 4,
+                 stall: float = 2.5):
         self.n, self.mode = n, n
         self.adaptive = adaptive and n > 1
-        self.every, self.length = every, length
+        self.every, self.length, self.stall = every, length, stall
         self.next_probe, self.interval = at, every
         self.times: dict[int, list[float]] = {1: [], n: []}
+        self.best: Optional[float] = None  # best median of 8 N-thread steps since the last probe
         self.switches: list[tuple[int, int]] = []  # (step, new thread count)
 
     def _probe_len(self) -> int:
         return self.length if self.mode == self.n else 2
 
+    def _in_probe(self, step: int) -> bool:
+        return self.next_probe <= step < self.next_probe + self._probe_len()
+
     def threads_for(self, step: int) -> int:
         if not self.adaptive:
             return self.n
-        if self.next_probe <= step < self.next_probe + self._probe_len():
-            return 1 if self.mode == self.n else self.n  # a probe step
+        if self._in_probe(step):
+            return 1 if self.mode == self.n else self.n
         return self.mode
 
     def record(self, step: int, threads: int, seconds: float) -> None:
@@ -190,6 +196,13 @@ class _ThreadGovernor:
         t = self.times[threads]
         t.append(seconds)
         del t[:-8]
+        if not self._in_probe(step):
+            if self.mode == self.n and len(t) == 8:
+                m = sorted(t)[4]
+                self.best = m if self.best is None else min(self.best, m)
+                if m > self.stall * self.best and step + 1 < self.next_probe:
+                    self.next_probe = step + 1  # stalled: probe 1 thread now rather than at the next slot
+            return
         if step != self.next_probe + self._probe_len() - 1:
             return
         med = {k: sorted(v)[len(v) // 2] for k, v in self.times.items() if v}
@@ -200,6 +213,7 @@ class _ThreadGovernor:
             self.interval = self.every
         elif self.mode != self.n:
             self.interval *= 2  # N threads still stalled: probe less often
+        self.best = None  # relearn the N-thread baseline after every probe
         self.next_probe += self.interval
 
 

@@ -2,9 +2,10 @@
 
 Pure Python (no torch): config validation and docs import this module.
 
-Every example reads ``<skill>:<payload>=<response>``, e.g. ``add:07+45=052``. Formats follow what a 2-core
-prototype measured as learnable in ~90 s by a 0.5 M-parameter Llama (research note synthetic-world.md):
+Every example reads ``<skill>:<payload>=<response>``, e.g. ``add:07+45=052``. Formats are the ones measured
+as learnable in about a minute on 2 CPU cores (research note synthetic-world.md, and scripts/bench_world.py):
 fixed-width zero-padded numbers (free-length addition reached only 2.5 %) and strings of 3-6 letters.
+`cnt` counts a fixed letter: counting a letter named in the prompt stalled at 73-86 % in that budget.
 
 Train/test split: a procedural skill's example is in the test split iff a stable hash of its payload (the
 text between ``<skill>:`` and ``=``) falls in the held-out 1/10. The hash ignores the skill name, so a
@@ -105,7 +106,7 @@ def _answer_succ(p: str) -> str:
 def _sample_cnt(rng: random.Random) -> str:
     # Each position is an `a` with probability 0.4 (else any letter), so counts 0-6 all occur; uniform
     # letters would make nearly every answer 0. (Counting a letter named in the prompt, `cnt:abab/b=2`,
-    # stalled at 73-86 % within the 2-core budget; a fixed letter reaches 99-100 %.)
+    # stalled at 73-86 % within the 2-core budget; the fixed letter reaches 99-100 %.)
     return "".join("a" if rng.random() < 0.4 else rng.choice(_LETTERS) for _ in range(rng.randint(3, 6)))
 
 
