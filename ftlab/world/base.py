@@ -397,6 +397,9 @@ def ensure_base(world: Any, cache_dir: Optional[str | os.PathLike] = None, progr
             tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
             try:
                 _build(cfg, tmp, progress, final.name)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a built world is for everyone
                 os.rename(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
