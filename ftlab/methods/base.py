@@ -59,6 +59,10 @@ class Method:
     def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """After each optimizer step (re-sampling active layers, projecting updates)."""
 
+    def on_stage_start(self, model: nn.Module, stage: int) -> None:
+        """Before training stage `stage` (0, 1, ...) of a continual run (data=[a,b,c]); stage 0 comes right
+        after `prepare`. HFT re-draws its frozen half here."""
+
     def state_dict(self) -> dict:
         """What the method changes while training beyond the weights (e.g. LISA's sampler and active blocks),
         saved in every training-state checkpoint. Tensors, numbers, strings, lists and dicts only: it is
