@@ -10,6 +10,8 @@ bit from the end of step N:
                          tensors and plain numbers so `weights_only=True` loads them;
 - `method.pt`            the method's own state (`Method.state_dict()`, e.g. LISA's sampler and active blocks);
 - `reg.pt`               the regulariser's state (`Regulariser.state_dict()`, e.g. which L2-SP anchors exist);
+- `probes.pt`            (runs with eval.probe_every > 0) the in-training probes' base reference
+                         (`ftlab.probes.Probes.state_dict()`): a resumed run's KL is against the same numbers;
 - `state.json`           step, data position (epoch, index; the permutation of an epoch is derived from
                          seed + epoch), the loss-window accumulators, tokens so far, the elapsed time, the
                          sha256 of the run's config.yaml, and the sha256 of every file above;
@@ -121,12 +123,17 @@ def set_rng_state(s: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------- save
 def config_sha256(run_dir: Path) -> str | None:
+    """The run's identity digest (ftlab.identity): config.yaml's values without out_dir and logger."""
+    import yaml
+
+    from ftlab.identity import config_digest
+
     p = Path(run_dir) / "config.yaml"
-    return file_sha256(p) if p.is_file() else None
+    return config_digest(yaml.safe_load(p.read_text()) or {}) if p.is_file() else None
 
 
 def save_state(path: Path, *, model: nn.Module, optimizer, scheduler, method, batches, run_dir: Path,
-               progress: dict, reg=None) -> None:
+               progress: dict, reg=None, probes=None) -> None:
     """Write one training-state checkpoint atomically: temp dir, fsync, COMPLETE last, rename."""
     from safetensors.torch import save_file
 
@@ -147,6 +154,8 @@ def save_state(path: Path, *, model: nn.Module, optimizer, scheduler, method, ba
     torch.save(rng_state(), tmp / "rng.pt")
     torch.save(method.state_dict(), tmp / "method.pt")
     torch.save(reg.state_dict() if reg is not None else {}, tmp / "reg.pt")
+    if probes is not None:
+        torch.save(probes.state_dict(), tmp / "probes.pt")
     cfg = Path(run_dir) / "config.yaml"
     if cfg.is_file():
         shutil.copyfile(cfg, tmp / "config.yaml")
@@ -215,6 +224,7 @@ class Loaded:
     method: dict
     reg: dict
     drop: set[str] = field(default_factory=set)
+    probes: dict = field(default_factory=dict)  # empty: the run had no probes (or an older checkpoint)
 
     @property
     def step(self) -> int:
@@ -244,7 +254,8 @@ def load_state(path: Path) -> Loaded:
         raise ValueError(f"{_DROP_ENV}: unknown component(s) {sorted(unknown)}; valid: {', '.join(COMPONENTS)}")
     return Loaded(path=path, state=state, weights=load_file(str(path / "weights.safetensors")),
                   optimizer=pt("optimizer.pt"), scheduler=pt("scheduler.pt"), rng=pt("rng.pt"),
-                  method=pt("method.pt"), reg=pt("reg.pt"), drop=drop)
+                  method=pt("method.pt"), reg=pt("reg.pt"), drop=drop,
+                  probes=pt("probes.pt") if (path / "probes.pt").is_file() else {})
 
 
 def latest(run_dir: Path) -> Loaded | None:
@@ -277,8 +288,10 @@ def config_changes(old_yaml: str, new_yaml: str) -> list[str]:
     def show(d: dict, k: str) -> str:
         return repr(d[k]) if k in d else "(absent)"
 
+    from ftlab.identity import EXCLUDED
+
     return [f"{k}: {show(a, k)} -> {show(b, k)}" for k in sorted(set(a) | set(b))
-            if k not in a or k not in b or a[k] != b[k]]
+            if (k not in a or k not in b or a[k] != b[k]) and k.split(".")[0] not in EXCLUDED]
 
 
 def check_same_config(ck: Loaded, run_dir: Path) -> None:
@@ -297,7 +310,8 @@ def check_same_config(ck: Loaded, run_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- restore
-def restore(ck: Loaded, *, model: nn.Module, optimizer, scheduler, method, batches, reg=None) -> dict:
+def restore(ck: Loaded, *, model: nn.Module, optimizer, scheduler, method, batches, reg=None,
+            probes=None) -> dict:
     """Put the checkpoint's state into freshly built objects (model prepared, optimizer and scheduler
     constructed); returns the loop's progress counters. RNG is set last, right before training continues."""
     drop = ck.drop
@@ -319,6 +333,8 @@ def restore(ck: Loaded, *, model: nn.Module, optimizer, scheduler, method, batch
         scheduler.load_state_dict(ck.scheduler)
     if "data" not in drop:
         batches.set_position(**ck.state["data"])
+    if probes is not None:
+        probes.load_state_dict(ck.probes)  # the base reference the run started with (empty: keep the rebuilt one)
     if "rng" not in drop:
         set_rng_state(ck.rng)
     keys = ("step", "tokens", "window_loss", "window_n", "window_reg", "loss_value", "elapsed_s")

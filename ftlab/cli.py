@@ -53,6 +53,17 @@ def _register_resolvers() -> None:
         # same second in different processes get different directories.
         token = secrets.token_hex(3)
         OmegaConf.register_new_resolver("ftlab_uid", lambda: token, use_cache=True)
+    if not OmegaConf.has_resolver("ftlab_run"):
+        # The run directory's name from the job's own validated config (ftlab.identity): the same config
+        # always lands in the same directory, so a repeated run or a resubmitted sweep finds its earlier work.
+        OmegaConf.register_new_resolver("ftlab_run", _run_name_of)
+
+
+def _run_name_of(*, _root_) -> str:
+    from ftlab.identity import run_name
+    from ftlab.schema import to_container, validate
+
+    return run_name(to_container(validate(_root_)))
 
 
 def _register_schemas() -> None:
@@ -178,7 +189,9 @@ def run_help() -> str:
               "  ftlab run method=full train.max_steps=300",
               "  ftlab run -m method=full,lora seed=0,1,2     a sweep: one run directory per job",
               "  ftlab run model=qwen2.5-0.5b data=gsm8k eval=target data.path=train.jsonl",
-              "", "Results: <out_dir>/runs/<date>/<time>_<method>_<data>_<id>/result.json (out_dir: $FTLAB_OUTPUTS or ./outputs)"]
+              "", "Results: <out_dir>/runs/<method>_<data>_s<seed>_<config digest>/result.json (out_dir: $FTLAB_OUTPUTS",
+              "or ./outputs). The directory is named by the config: running a completed config again returns its",
+              "record; a resubmitted sweep skips finished runs and resumes partial ones."]
     return "\n".join(lines)
 
 
@@ -226,9 +239,21 @@ def _task(cfg) -> float | None:
             return None
         raise SystemExit(2)
 
-    from ftlab.runner import RunFailed, prepare_run_dir, run_from_dir
+    from ftlab.checkpoint import ResumeRefused
+    from ftlab.runner import RunFailed, completed_record, prepare_run_dir, run_from_dir
 
-    prepare_run_dir(run_dir, run)
+    try:
+        prepare_run_dir(run_dir, run)
+        done = completed_record(run_dir)
+    except ResumeRefused as e:
+        print(f"ftlab: run refused: {e}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:
+            return None
+        raise SystemExit(2)
+    if done is not None:
+        print(f"ftlab: {run_dir.name} already completed with this config (gain {done['summary'].get('gain')}); "
+              f"record: {run_dir / 'result.json'}. Delete that directory to run it again.", file=sys.stderr)
+        return done["summary"].get("gain")
     try:
         result = run_from_dir(run_dir)
     except RunFailed as e:

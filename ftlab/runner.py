@@ -24,9 +24,20 @@ class RunFailed(RuntimeError):
 
 
 def prepare_run_dir(run_dir: Path, run: RunConfig) -> None:
+    """Write run_dir/config.yaml. A directory already holding a different config (out_dir and logger aside) is
+    refused, untouched: its record and checkpoints belong to that config."""
+    from ftlab.checkpoint import ResumeRefused, config_changes, config_sha256
+    from ftlab.identity import config_digest
+
     run_dir = Path(run_dir)
+    text = yaml.safe_dump(to_container(run), sort_keys=False)
+    old = config_sha256(run_dir)
+    if old is not None and old != config_digest(to_container(run)):
+        changes = config_changes((run_dir / CONFIG).read_text(), text)
+        raise ResumeRefused(f"{run_dir} holds a run of a different config ({'; '.join(changes)}); "
+                            "start the changed config in a new directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG, yaml.safe_dump(to_container(run), sort_keys=False))
+    atomic_write_text(run_dir / CONFIG, text)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -53,7 +64,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _completed(run_dir: Path) -> dict | None:
+def completed_record(run_dir: Path) -> dict | None:
     """result.json of a run that already completed (None otherwise); refused if the config changed since."""
     import json
 
@@ -71,6 +82,21 @@ def _completed(run_dir: Path) -> dict | None:
         raise ResumeRefused(f"{run_dir}: this run already completed under a different config.yaml "
                             f"(sha256 {saved[:12]}…); start the changed config in a new directory")
     return data
+
+
+def _diagnostics(cfg, model, tok, tasks, run_dir: Path, device: str) -> dict:
+    """eval.diagnostics of the tuned model against a fresh load of the base (full fine-tuning and PiSSA-like
+    inits change the loaded one in place); tables in run_dir/diagnostics/, the summary for result.json."""
+    from ftlab.diagnostics import diagnose_run
+    from ftlab.models import load_model_and_tokenizer
+
+    base_model, _ = load_model_and_tokenizer(cfg.model, device=device)
+    try:
+        return diagnose_run(model, base_model, tok, tasks, run_dir / "diagnostics", cfg.eval.diagnostics,
+                            n_prompts=cfg.eval.diagnostics_n, batch_size=min(cfg.eval.batch_size, 32),
+                            max_length=cfg.model.max_length)
+    finally:
+        del base_model
 
 
 class RunDirBusy(RuntimeError):
@@ -100,7 +126,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
     cfg = load_run_config(run_dir)
     config = to_container(cfg)
     run_id = run_dir.name
-    done = _completed(run_dir)
+    done = completed_record(run_dir)
     if done is not None:
         return done
     from ftlab.checkpoint import check_same_config, config_sha256, latest
@@ -154,15 +180,22 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
         reg = build_regulariser(cfg.reg)
         if reg is not None:
             reg.capture_base(model)  # before prepare: the original base, whatever the method does to it
+        from ftlab.probes import build_probes
+
+        probes = build_probes(cfg, tok)  # None unless eval.probe_every > 0
+        if probes is not None:
+            probes.capture_base(model)  # the base, before prepare (a resume takes the checkpoint's copy)
         model = method.prepare(model, ctx)
         if reg is not None:
             reg.capture_start(model)
         batches = Batches(encoded, cfg.train.batch_size, cfg.seed)
         stats = train(model, method, batches, cfg, device=device, pad_id=pad_id, run_dir=run_dir,
-                      on_log=logger.log, progress=progress, reg=reg, resume_from=resume)
+                      on_log=logger.log, progress=progress, reg=reg, resume_from=resume, probes=probes)
         save_checkpoint(model, method, run_dir / "checkpoints" / "final")
 
         tuned = evaluate(model, tok, tasks, cfg.eval.batch_size, stage="tuned", run_dir=run_dir, progress=progress)
+        if cfg.eval.diagnostics:
+            record.update(diagnostics=_diagnostics(cfg, model, tok, tasks, run_dir, device))
         table = {t.name: {**task_entry(t.role, t.metric, t.higher_is_better, t.unit, base[t.name]["score"],
                                        tuned[t.name]["score"], tuned[t.name]["n"]),
                           "metrics": {"base": base[t.name].get("metrics"), "tuned": tuned[t.name].get("metrics")},
@@ -172,6 +205,13 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
                       train={**dataclasses.asdict(stats), "run_wall_s": time.perf_counter() - t_start})
         record.complete()
     except BaseException as e:
+        from ftlab.preempt import Preempted
+
+        if isinstance(e, Preempted):  # a scheduler's stop signal; the job resumes from its checkpoint (ftlab.slurm)
+            record.update(status="preempted", preempted=e.info)
+            if logger is not None and hasattr(logger, "abort"):
+                logger.abort()
+            raise
         msg = f"{type(e).__name__}: {e}"
         record.fail(msg)
         (run_dir / "error.txt").write_text(traceback.format_exc())

@@ -131,7 +131,7 @@ def test_multirun_makes_one_run_directory_per_job(tmp_path, ftlab_cache):
     p = _cli(["run", "-m", "method=full,lora", *FAST, "train.max_steps=4", "train.log_every=2"],
              {"FTLAB_OUTPUTS": str(out), "FTLAB_CACHE": str(ftlab_cache)}, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    results = sorted(out.glob("multirun/*/*/*/result.json"))
+    results = sorted(out.glob("runs/*/result.json"))
     assert len(results) == 2, p.stdout[-2000:]
     runs = [json.loads(r.read_text()) for r in results]
     assert sorted(r["method"] for r in runs) == ["full", "lora"]
@@ -139,15 +139,45 @@ def test_multirun_makes_one_run_directory_per_job(tmp_path, ftlab_cache):
     assert len({r["run_id"] for r in runs}) == 2
 
 
-def test_two_runs_in_the_same_second_get_different_directories(tmp_path, ftlab_cache):
+def test_run_directory_is_named_by_the_config(tmp_path, ftlab_cache):
+    """Same config -> same directory, and a completed one is returned, not re-trained; another seed -> another
+    directory; the logger is outside the identity."""
     out = tmp_path / "out"
     env = {"FTLAB_OUTPUTS": str(out), "FTLAB_CACHE": str(ftlab_cache)}
-    args = ["run", *FAST, "train.max_steps=2", "eval.limit=2", "hydra.run.dir=${out_dir}/runs/fixed_${ftlab_uid:}"]
-    procs = [subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=tmp_path, env={**os.environ, **env},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    for p in procs:
-        assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
-    assert len(list(out.glob("runs/fixed_*/result.json"))) == 2
+    args = ["run", *FAST, "train.max_steps=2", "eval.limit=2"]
+    first = _cli(args, env, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (result,) = out.glob("runs/*/result.json")
+    record = result.read_text()
+    assert result.parent.name.startswith("lora_synth_sub_s0_")
+    again = _cli(args + ["logger=console"], env, tmp_path)
+    assert again.returncode == 0 and "already completed" in again.stderr, again.stderr[-2000:]
+    assert result.read_text() == record  # returned, not re-run
+    other = _cli(args + ["seed=1"], env, tmp_path)
+    assert other.returncode == 0, other.stderr[-2000:]
+    dirs = sorted(p.parent.name for p in out.glob("runs/*/result.json"))
+    assert len(dirs) == 2 and dirs[1].startswith("lora_synth_sub_s1_"), dirs
+
+
+def test_a_directory_of_another_config_is_refused_untouched(tmp_path, ftlab_cache):
+    run_dir, r = _run(tmp_path, ["train.max_steps=2", "eval.limit=2"])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    p = _cli(["run", *FAST, "train.max_steps=3", "eval.limit=2", f"hydra.run.dir={run_dir}"],
+             {"FTLAB_CACHE": str(ftlab_cache)}, tmp_path)
+    assert p.returncode == 2 and "train.max_steps: 2 -> 3" in p.stderr, p.stderr[-2000:]
+    assert {q: q.read_bytes() for q in before} == before  # Hydra adds its .hydra/ and log; ftlab writes nothing
+
+
+def test_identity_ignores_where_results_go_but_not_what_they_are():
+    from ftlab.identity import config_digest, run_name
+    from ftlab.schema import to_container
+
+    (a,) = check(FAST)
+    (b,) = check(FAST + ["logger=wandb", "out_dir=/elsewhere"])
+    (c,) = check(FAST + ["train.lr=0.002"])
+    ca, cb, cc = (to_container(x) for x in (a, b, c))
+    assert config_digest(ca) == config_digest(cb) and run_name(ca) == run_name(cb)
+    assert config_digest(ca) != config_digest(cc)
 
 
 def test_wandb_logger_writes_offline_files(tmp_path):
