@@ -212,6 +212,50 @@ class LisaConfig(MethodConfig):
 
 
 @dataclass
+class OwLoreConfig(LisaConfig):
+    """OwLore: LISA sampling weighted by each block's outlier ratio; GaLore low-rank moments when installed."""
+
+    name: str = "owlore"
+    outlier_m: float = 3.0  # an entry is an outlier when |W_ij| > outlier_m * mean|W| of its matrix
+    galore: bool = True  # GaLore projection for the sampled blocks' matrices when galore_torch imports
+    galore_rank: int = 16
+    galore_update_proj_gap: int = 100  # steps between refreshes of the projection (SVD of the gradient)
+    galore_scale: float = 1.0
+
+
+@dataclass
+class LiftConfig(MethodConfig):
+    """LIFT: only the top `percent`% entries of each matrix's rank-`r` approximation (Principal Weights) train."""
+
+    name: str = "lift"
+    r: int = 8  # rank of the approximation the entries are ranked by (the paper: 128 for 7B models)
+    percent: float = 5.0  # share of each target matrix's entries that train, in percent
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    svd_niter: Optional[int] = None  # None: exact SVD; k: torch.svd_lowrank with k subspace iterations
+
+
+@dataclass
+class S2ftConfig(MethodConfig):
+    """S2FT: per block, `heads` attention heads and `channels` FFN channels (a seeded draw) train; masked."""
+
+    name: str = "s2ft"
+    heads: int = 2  # attention heads per block
+    channels: int = 32  # FFN (intermediate) channels per block
+    # the head's rows in q/k/v_proj (k/v: the key-value head that serves it) and its columns in o_proj
+    attn_modules: list[str] = field(default_factory=lambda: ["v_proj", "o_proj"])
+    # the channel's rows in gate/up_proj and its column in down_proj
+    ffn_modules: list[str] = field(default_factory=lambda: ["up_proj", "down_proj"])
+
+
+@dataclass
+class SsfConfig(MethodConfig):
+    """SSF: a trained scale and shift on each target linear's output features, folded into W and b on export."""
+
+    name: str = "ssf"
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+
+
+@dataclass
 class RegConfig:
     """A regulariser added to the training loss, composable with any method (config group `reg`)."""
 
@@ -223,7 +267,10 @@ METHODS: dict[str, type[MethodConfig]] = {
     "full": FullConfig, "lora": LoraConfig, "rslora": RsLoraConfig, "dora": DoraConfig, "pissa": PissaConfig,
     "olora": OloraConfig, "corda": CordaConfig, "lora_ga": LoraGaConfig, "ia3": Ia3Config,
     "prompt_tuning": PromptTuningConfig, "freeze": FreezeConfig, "hft": HftConfig, "lisa": LisaConfig,
+    "owlore": OwLoreConfig,
 }
+S2FT_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+S2FT_FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
 REG_KINDS = ("none", "kl", "l2sp")
 CORDA_MODES = ("kpm", "ipm")
 LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
@@ -281,6 +328,29 @@ def _check_method(meth: "MethodConfig") -> None:
     if isinstance(meth, LisaConfig):
         _at_least("method.gamma", meth.gamma, 1)
         _at_least("method.interval", meth.interval, 1)
+    if isinstance(meth, OwLoreConfig):
+        if not meth.outlier_m > 0:
+            raise ConfigError(f"method.outlier_m: must be > 0, got {meth.outlier_m!r}")
+        _at_least("method.galore_rank", meth.galore_rank, 1)
+        _at_least("method.galore_update_proj_gap", meth.galore_update_proj_gap, 1)
+        if not meth.galore_scale > 0:
+            raise ConfigError(f"method.galore_scale: must be > 0, got {meth.galore_scale!r}")
+    if isinstance(meth, LiftConfig):
+        _at_least("method.r", meth.r, 1)
+        if not 0 < meth.percent <= 100:
+            raise ConfigError(f"method.percent: must be in (0, 100] (a percentage of each matrix), got {meth.percent!r}")
+        _at_least("method.svd_niter", meth.svd_niter, 1, allow_none=True)
+    if isinstance(meth, (LiftConfig, SsfConfig)) and not meth.target_modules:
+        raise ConfigError("method.target_modules: must name at least one module (e.g. q_proj)")
+    if isinstance(meth, S2ftConfig):
+        _at_least("method.heads", meth.heads, 0)
+        _at_least("method.channels", meth.channels, 0)
+        for key, valid in (("attn_modules", S2FT_ATTN_MODULES), ("ffn_modules", S2FT_FFN_MODULES)):
+            for m in getattr(meth, key):
+                _choice(f"method.{key}", m, valid)
+        if not (meth.heads and meth.attn_modules) and not (meth.channels and meth.ffn_modules):
+            raise ConfigError("method.heads: nothing trains; set method.heads >= 1 with method.attn_modules, or "
+                              "method.channels >= 1 with method.ffn_modules")
 
 
 def _check_reg(reg: RegConfig) -> None:
@@ -353,6 +423,11 @@ class EvalConfig:
     probe_every: int = 0
     probe_n: int = 32
     probe_max_length: int = 128
+    # After training (ftlab.diagnostics.diagnose_run), base vs tuned: any of intruder (intruder dimensions),
+    # update (per-matrix update norms and ranks), tuco (tuning contribution on target vs forgetting prompts);
+    # summaries in result.json `diagnostics`, tables in the run's diagnostics/. [] = off.
+    diagnostics: list[str] = field(default_factory=list)
+    diagnostics_n: int = 64  # TuCo prompts per role (target, forget), spread over the role's tasks
 
     def __post_init__(self) -> None:
         synth = {"data", "world", "synth_ppl"} | {f"synth_{s}" for s in WORLD_SKILLS + WORLD_TARGET_SKILLS}
@@ -373,6 +448,9 @@ class EvalConfig:
         _at_least("eval.probe_every", self.probe_every, 0)
         _at_least("eval.probe_n", self.probe_n, 1)
         _at_least("eval.probe_max_length", self.probe_max_length, 2)
+        for d in self.diagnostics:
+            _choice("eval.diagnostics", d, DIAGNOSTICS)
+        _at_least("eval.diagnostics_n", self.diagnostics_n, 1)
         for name, p in self.paths.items():
             if p is not None and not os.path.isfile(os.path.expanduser(p)):
                 raise ConfigError(f"eval.paths.{name}: file {p!r} does not exist; give a .jsonl with the hub "
@@ -395,6 +473,30 @@ class EvalConfig:
 
 # ------------------------------------------------------------------------------------------------------- hw
 @dataclass
+class SlurmConfig:
+    """hw.slurm: run each job on a SLURM cluster (Hydra's submitit launcher, one array per sweep) instead of here.
+    Every job of a sweep shares these (one sbatch array). ftlab.slurm maps them to hydra.launcher.*."""
+
+    partition: Optional[str] = None  # None: the cluster's default partition
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0  # GPUs per node; a job runs hw.nproc processes (torchrun) on them
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    time_min: int = 60  # the job's time limit
+    # SLURM sends the stop signal (USR2) this long before the time limit: the job finishes its step, writes a
+    # training-state checkpoint, requeues itself and exits. Preemption sends it too (preempt_send_user_signal).
+    signal_lead_s: int = 120
+    max_requeues: int = 3  # self-requeues on the signal, counted by SLURM_RESTART_COUNT; then the run fails
+    save_on_signal: bool = True  # False: stop at once on the signal, resume from the last train.save_every save
+    array_parallelism: int = 256  # jobs of the sweep running at once
+    setup: list[str] = field(default_factory=list)  # shell lines before the job starts (module load, ...)
+    additional: dict[str, Any] = field(default_factory=dict)  # more sbatch flags, e.g. {exclusive: true}
+
+
+@dataclass
 class HwConfig:
     name: str = "cpu"
     device: str = "auto"  # auto | cpu | cuda
@@ -402,6 +504,7 @@ class HwConfig:
     nproc: int = 1
     num_threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     grad_checkpointing: bool = False
+    slurm: Optional[SlurmConfig] = None  # set (hw=slurm_cpu, hw=slurm_gpu): jobs go to SLURM
 
 
 # --------------------------------------------------------------------------------------------------- logger
@@ -459,6 +562,7 @@ PROMPT_FORMATS = ("plain", "chat")
 # Kept here, not imported from ftlab.world, so validation stays free of torch; tests check they agree.
 WORLD_SKILLS = ("add", "rev", "copy", "sort", "succ", "cnt", "fact")
 WORLD_TARGET_SKILLS = ("sub", "rot1")
+DIAGNOSTICS = ("intruder", "update", "tuco")  # ftlab.diagnostics.DIAGNOSTICS (a test checks they agree)
 
 
 def register_method(name: str, schema: type[MethodConfig]) -> None:
@@ -614,6 +718,8 @@ def _check_ranges(c: RunConfig) -> None:
     _choice("hw.precision", h.precision, PRECISIONS)
     _at_least("hw.nproc", h.nproc, 1)
     _at_least("hw.num_threads", h.num_threads, 1, allow_none=True)
+    if h.slurm is not None:
+        _check_slurm(c)
 
     lg = c.logger
     _choice("logger.name", lg.name, LOGGERS)
@@ -621,6 +727,46 @@ def _check_ranges(c: RunConfig) -> None:
 
     _check_method(c.method)
     _check_reg(c.reg)
+
+
+# The stop signal must leave time to finish the step in flight and write a training-state checkpoint (seconds for
+# the tiny world, tens of seconds for a billion parameters on a network file system); slurmctld also checks
+# signal times only on a ~30 s tick.
+MIN_SIGNAL_LEAD_S = 30
+# sbatch(1): "the signal may be sent up to 60 seconds earlier than specified".
+SIGNAL_EARLY_S = 60
+
+
+def _check_slurm(c: RunConfig) -> None:
+    s, h = c.hw.slurm, c.hw
+    _at_least("hw.slurm.nodes", s.nodes, 1)
+    _at_least("hw.slurm.gpus_per_node", s.gpus_per_node, 0)
+    _at_least("hw.slurm.cpus_per_task", s.cpus_per_task, 1, allow_none=True)
+    _at_least("hw.slurm.mem_gb", s.mem_gb, 1, allow_none=True)
+    _at_least("hw.slurm.time_min", s.time_min, 1)
+    _at_least("hw.slurm.max_requeues", s.max_requeues, 0)
+    _at_least("hw.slurm.array_parallelism", s.array_parallelism, 1)
+    limit = s.time_min * 60
+    if s.signal_lead_s >= limit:
+        raise ConfigError(f"hw.slurm.signal_lead_s: {s.signal_lead_s} s is not shorter than the time limit "
+                          f"hw.slurm.time_min={s.time_min} ({limit} s): the job would be told to stop before it "
+                          "trains; raise hw.slurm.time_min or lower hw.slurm.signal_lead_s")
+    if s.signal_lead_s < MIN_SIGNAL_LEAD_S:
+        raise ConfigError(f"hw.slurm.signal_lead_s: {s.signal_lead_s} s leaves no time to finish the current step "
+                          f"and write a checkpoint before the time limit; use at least {MIN_SIGNAL_LEAD_S}")
+    if s.signal_lead_s + SIGNAL_EARLY_S > limit / 2:
+        raise ConfigError(
+            f"hw.slurm.signal_lead_s: {s.signal_lead_s} s with hw.slurm.time_min={s.time_min} leaves too little time "
+            f"to train: SLURM may signal up to {SIGNAL_EARLY_S} s early, so an allocation could train only "
+            f"{max(limit - s.signal_lead_s - SIGNAL_EARLY_S, 0)} s of its {limit} s before it checkpoints and "
+            f"requeues; keep signal_lead_s + {SIGNAL_EARLY_S} <= half the time limit (raise hw.slurm.time_min "
+            "or lower hw.slurm.signal_lead_s)")
+    if not s.save_on_signal and c.train.save_every == 0:
+        raise ConfigError("train.save_every: 0 with hw.slurm.save_on_signal=false: a preempted or timed-out job "
+                          "would restart from step 0; set train.save_every=N or hw.slurm.save_on_signal=true")
+    if h.device == "cuda" and s.gpus_per_node * s.nodes < h.nproc:
+        raise ConfigError(f"hw.slurm.gpus_per_node: {s.gpus_per_node} GPU(s) per node x {s.nodes} node(s) is fewer "
+                          f"than hw.nproc={h.nproc} processes; set hw.slurm.gpus_per_node={h.nproc // s.nodes}")
 
 
 def _looks_like_path(s: str) -> bool:

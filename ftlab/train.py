@@ -6,7 +6,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,6 +94,10 @@ class TrainResult:
     total_params: int
     wall_s: float
     final_loss: float
+    # peak over training of the bytes held in optimizer.state tensors (Adam moments, GaLore projections, ...),
+    # measured after each optimizer step (a resumed run counts from its resume point)
+    optimizer_state_bytes: int = 0
+    method: dict = field(default_factory=dict)  # Method.report(): run-time choices of the method
 
 
 def autocast(device: str, precision: str):
@@ -133,7 +137,7 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
     groups = method.param_groups(model, t.weight_decay)
     for g in groups:
         g["lr"] = t.lr * g.pop("lr_scale", 1.0)
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2))
+    opt = method.build_optimizer(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2))
     if not any(p.requires_grad for g in opt.param_groups for p in g["params"]):
         raise ValueError(f"method {method.name}: no trainable parameters")
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
@@ -157,6 +161,7 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
     _truncate_curve(curve_path, start - 1)
     save_every, keep = t.save_every, getattr(t, "keep_checkpoints", 2)
     t0 = time.perf_counter() - elapsed0
+    opt_state_peak = optimizer_state_bytes(opt)  # a resumed optimizer already holds state
     bar = Bar(t.max_steps, "train", "loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s",
               enabled=progress, loss=float("nan"), tps=0.0)
     with open(curve_path, "a") as curve, bar:
@@ -187,6 +192,7 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
                 if not math.isfinite(grad_norm):
                     raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {step}; lower train.lr")
             opt.step()
+            opt_state_peak = max(opt_state_peak, optimizer_state_bytes(opt))
             sched.step()
             opt.zero_grad(set_to_none=True)
             method.on_step_end(model, opt, step)
@@ -218,7 +224,32 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
     wall = time.perf_counter() - t0
     return TrainResult(steps=t.max_steps, tokens=tokens, tokens_per_s=tokens / max(wall, 1e-9),
                        peak_mem_bytes=_peak_mem(device), trainable_params=trainable, total_params=total,
-                       wall_s=wall, final_loss=loss_value)
+                       wall_s=wall, final_loss=loss_value, optimizer_state_bytes=opt_state_peak,
+                       method=method.report())
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors an optimizer holds in `opt.state` (each tensor once), including tensors kept on
+    objects in the state (GaLore's projector holds its projection matrix as an attribute)."""
+    seen: set[int] = set()
+
+    def walk(x: Any, depth: int = 0) -> int:
+        if isinstance(x, torch.Tensor):
+            if id(x) in seen:
+                return 0
+            seen.add(id(x))
+            return x.numel() * x.element_size()
+        if depth > 3:
+            return 0
+        if isinstance(x, dict):
+            return sum(walk(v, depth + 1) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(walk(v, depth + 1) for v in x)
+        if hasattr(x, "__dict__") and not isinstance(x, type):
+            return sum(walk(v, depth + 1) for v in vars(x).values())
+        return 0
+
+    return sum(walk(s) for s in opt.state.values())
 
 
 def _truncate_curve(path: Path, step: int) -> None:

@@ -36,7 +36,8 @@ LINEAR = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": 
 LORA_FAMILY = ("lora", "rslora", "dora", "pissa", "olora", "corda", "lora_ga")
 REWRITES_BASE = ("pissa", "olora", "corda", "lora_ga")
 ADAPTERS = LORA_FAMILY + ("ia3", "prompt_tuning")
-WHOLE_MODEL = ("full", "freeze", "hft", "lisa")
+LAYER_SAMPLING = ("lisa", "owlore")
+WHOLE_MODEL = ("full", "freeze", "hft") + LAYER_SAMPLING
 
 # per-method knobs that fit the tiny model (everything else: the YAML defaults)
 OVERRIDES = {
@@ -46,6 +47,7 @@ OVERRIDES = {
     "prompt_tuning": ["method.num_virtual_tokens=4"],
     "freeze": ["method.train_top=1"],
     "lisa": ["method.gamma=1", "method.interval=2"],
+    "owlore": ["method.gamma=1", "method.interval=2"],
 }
 LR = {"prompt_tuning": 0.1, "ia3": 0.05}
 STEPS = 8
@@ -191,7 +193,7 @@ def expected_trainable(name: str, cfg) -> dict[str, int]:
         return {"peft_model.prompt_encoder.default.embedding.weight": cfg.num_virtual_tokens * HIDDEN}
     if name == "freeze":  # train_top=1: the top block, the head and the final norm
         return {**layer(LAYERS - 1), **head}
-    if name == "lisa":  # embeddings + head + final norm + the gamma sampled blocks
+    if name in LAYER_SAMPLING:  # embeddings + head + final norm + the gamma sampled blocks
         return {**emb, **head}
     if name == "hft":
         return {}  # checked by its own rules below
@@ -216,7 +218,7 @@ def test_trainable_parameters_match_definition(name, trained):
     got = {n: p.numel() for n, p in t.model.named_parameters() if n in t.trainable0}
     if name == "hft":
         _check_hft_selection(t)
-    elif name == "lisa":
+    elif name in LAYER_SAMPLING:
         active = t.method.history[0][1]
         assert len(active) == t.cfg.gamma
         want = expected_trainable(name, t.cfg)
@@ -235,7 +237,7 @@ def test_trainable_parameters_match_definition(name, trained):
 def test_only_trainable_parameters_move(name, trained):
     t = trained(name)
     ever = set(t.trainable0)
-    if name == "lisa":
+    if name in LAYER_SAMPLING:
         for _, active in t.method.history:
             ever |= {n for n, _ in t.model.named_parameters() if any(n.startswith(f"model.layers.{i}.") for i in active)}
     moved = {n for n, p in t.model.named_parameters() if not torch.equal(p.detach(), t.start[n])}
@@ -382,6 +384,89 @@ def test_lisa_resamples_every_k_steps_and_releases_optimizer_state(tmp_path):
     assert len({tuple(a) for _, a in method.history}) == 2  # the active block changes over the run
     changes = sum(1 for (_, a), (_, b) in zip(method.history, method.history[1:]) if a != b)
     assert changes >= 2
+
+
+def test_optimizer_state_bytes_full_exact_and_layer_sampling_below(trained):
+    """full holds AdamW's exp_avg + exp_avg_sq (fp32) for every parameter plus a 4-byte step per parameter;
+    LISA and OwLore release the state of inactive blocks, so their peak is below full's."""
+    full = trained("full")
+    params = list(full.model.parameters())
+    assert full.stats.optimizer_state_bytes == sum(8 * p.numel() + 4 for p in params)
+    for name in LAYER_SAMPLING:
+        t = trained(name)
+        assert 0 < t.stats.optimizer_state_bytes < full.stats.optimizer_state_bytes, name
+
+
+def test_owlore_outlier_ratio_and_weighted_draw():
+    """The ratio counts |W_ij| > M * mean|W| per matrix; the draw follows ratio / sum(ratios)."""
+    from collections import Counter
+
+    from ftlab.methods.owlore import outlier_ratio
+
+    layer = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -1.0], [1.0, 10.0]]))  # mean |W| 3.25: only 10 > 2 * 3.25
+    assert outlier_ratio(layer, 2.0) == 0.25
+    assert outlier_ratio(layer, 4.0) == 0.0
+
+    model = make_model()
+    with torch.no_grad():  # block 1 gets many large entries: more outliers
+        w = model.model.layers[1].mlp.down_proj.weight
+        w[:, :8] *= 20
+    method = build_method(method_cfg("owlore", "method.interval=1"))
+    method.prepare(model, MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=0))
+    r = method.ratios
+    assert r[1] > 1.5 * r[0] > 0
+    assert method.probs == pytest.approx([r[0] / sum(r), r[1] / sum(r)])
+    counts = Counter(method.draw()[0] for _ in range(4000))
+    assert counts[1] / 4000 == pytest.approx(method.probs[1], abs=0.03)
+    rep = method.report()
+    assert rep["outlier_ratio"] == r and rep["sampling"] == "proportional to the outlier ratio"
+
+
+def _galore_importable() -> bool:
+    from ftlab.methods.owlore import galore_unavailable
+
+    return galore_unavailable() is None
+
+
+@pytest.mark.skipif(_galore_importable(), reason="galore_torch is installed: the GaLore path is tested instead")
+def test_owlore_without_galore_says_so(trained, capfd):
+    """No galore_torch: plain AdamW (full-rank moments of the active block), on stderr and in train.method."""
+    method = build_method(method_cfg("owlore"))
+    method.prepare(make_model(), MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=0))
+    assert "galore_torch is not importable" in capfd.readouterr().err
+    t = trained("owlore")
+    assert t.stats.method["galore"] is False
+    assert t.stats.method["galore_note"].startswith("plain AdamW: galore_torch is not importable")
+    w = t.model.model.layers[t.method.active[0]].mlp.down_proj.weight
+    opt = t.method.build_optimizer([{"params": [w]}], lr=1e-3, betas=(0.9, 0.999))
+    assert type(opt) is torch.optim.AdamW
+
+
+@pytest.mark.skipif(not _galore_importable(), reason="galore_torch is not installed (pip install galore-torch)")
+def test_owlore_galore_low_rank_state_and_exact_checkpoint_round_trip(tmp_path):
+    """With galore_torch: the active blocks' matrices keep rank-`galore_rank` moments, and the optimizer's
+    state_dict holds tensors only (weights_only loadable) and restores the projection exactly."""
+    t = train_method("owlore", tmp_path, "method.galore_rank=4", steps=3)
+    assert t.stats.method["galore"] is True
+
+    model, method = t.model, t.method
+    opt = method.build_optimizer(method.param_groups(model, 0.0), lr=1e-2, betas=(0.9, 0.999))
+    batch = probe_batch()
+    for _ in range(2):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out.logits.float().logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    w = model.model.layers[method.active[0]].mlp.down_proj.weight  # (32, 64)
+    assert opt.state[w]["exp_avg"].shape == (4, 64)  # projected onto 4 of the 32 row directions
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    sd = torch.load(tmp_path / "opt.pt", weights_only=True)
+    opt2 = method.build_optimizer(method.param_groups(model, 0.0), lr=1e-2, betas=(0.9, 0.999))
+    opt2.load_state_dict(sd)
+    assert torch.equal(opt2.state[w]["projector"].ortho_matrix, opt.state[w]["projector"].ortho_matrix)
+    assert torch.equal(opt2.state[w]["exp_avg"], opt.state[w]["exp_avg"])
 
 
 def test_freeze_bottom_and_layerwise_lr_decay(tmp_path):

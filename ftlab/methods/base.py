@@ -52,6 +52,15 @@ class Method:
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "weight_decay": weight_decay}]
 
+    def build_optimizer(self, groups: list[dict], *, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+        """The optimizer over `param_groups` (each group's lr already set). AdamW; OwLore swaps in GaLore's."""
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+    def report(self) -> dict:
+        """What the method wants on record (result.json `train.method`): choices made at run time, e.g. whether
+        OwLore found GaLore, how LIFT keeps its optimizer state. JSON-able values only."""
+        return {}
+
     def extra_loss(self, model: nn.Module, batch: dict, outputs: Any, step: int) -> torch.Tensor | None:
         """A term added to the training loss (regularisers)."""
         return None
@@ -91,6 +100,7 @@ _REGISTRY: dict[str, str] = {
     "freeze": "ftlab.methods.freeze:Freeze",
     "hft": "ftlab.methods.hft:Hft",
     "lisa": "ftlab.methods.lisa:Lisa",
+    "owlore": "ftlab.methods.owlore:OwLore",
 }
 
 

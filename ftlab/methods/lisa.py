@@ -25,7 +25,7 @@ class Lisa(Method):
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         self.layers = layer_param_names(model)
         self.always = embedding_names(model) | head_names(model)
-        self.rng = random.Random(f"lisa:{ctx.seed}")
+        self.rng = random.Random(f"{self.name}:{ctx.seed}")
         self.history: list[tuple[int, list[int]]] = []
         for n, p in model.named_parameters():
             p.requires_grad_(n in self.always)
@@ -36,9 +36,13 @@ class Lisa(Method):
     def active(self) -> list[int]:
         return self.history[-1][1]
 
-    def _resample(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
+    def draw(self) -> list[int]:
+        """The next active blocks: `gamma` of them, uniformly without replacement (OwLore re-weights this)."""
         n_layers = len(self.layers)
-        active = sorted(self.rng.sample(range(n_layers), min(self.cfg.gamma, n_layers)))
+        return sorted(self.rng.sample(range(n_layers), min(self.cfg.gamma, n_layers)))
+
+    def _resample(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
+        active = self.draw()
         params = dict(model.named_parameters())
         for i, names in enumerate(self.layers):
             on = i in active
