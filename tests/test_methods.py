@@ -37,7 +37,8 @@ LORA_FAMILY = ("lora", "rslora", "dora", "pissa", "olora", "corda", "lora_ga")
 REWRITES_BASE = ("pissa", "olora", "corda", "lora_ga")
 ADAPTERS = LORA_FAMILY + ("ia3", "prompt_tuning")
 LAYER_SAMPLING = ("lisa", "owlore")
-WHOLE_MODEL = ("full", "freeze", "hft") + LAYER_SAMPLING
+SPARSE = ("lift", "s2ft")  # trained delta vectors on chosen entries (ftlab.methods.sparse), folded on export
+WHOLE_MODEL = ("full", "freeze", "hft") + LAYER_SAMPLING + SPARSE  # export a plain model directory
 
 # per-method knobs that fit the tiny model (everything else: the YAML defaults)
 OVERRIDES = {
@@ -159,6 +160,10 @@ def trained(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ expected trainable parameters
+def _sub(mod: str) -> str:
+    return "self_attn" if mod in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+
+
 def expected_trainable(name: str, cfg) -> dict[str, int]:
     """{parameter name: numel} that the method's definition says train (at step 0)."""
     base = make_model()
@@ -197,6 +202,10 @@ def expected_trainable(name: str, cfg) -> dict[str, int]:
         return {**emb, **head}
     if name == "hft":
         return {}  # checked by its own rules below
+    if name == "lift":  # one delta of round(5% of |W|) entries per block linear
+        return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta":
+                round(cfg.percent / 100 * LINEAR[mod][0] * LINEAR[mod][1])
+                for i in range(LAYERS) for mod in cfg.target_modules}
     raise AssertionError(f"no expectation for {name}")
 
 
@@ -469,6 +478,42 @@ def test_owlore_galore_low_rank_state_and_exact_checkpoint_round_trip(tmp_path):
     assert torch.equal(opt2.state[w]["exp_avg"], opt.state[w]["exp_avg"])
 
 
+def _effective_changes(t) -> dict[str, set[int]]:
+    """{block linear name: flat positions where the trained effective weight differs from the original base}."""
+    base = dict(make_model().named_modules())
+    out = {}
+    for i in range(LAYERS):
+        for mod in LINEAR:
+            name = f"model.layers.{i}.{_sub(mod)}.{mod}"
+            w = t.model.get_submodule(name).weight.detach()
+            out[name] = set((w != base[name].weight).reshape(-1).nonzero().flatten().tolist())
+    return out
+
+
+def test_lift_changes_exactly_the_principal_weights(trained):
+    """The selected entries are the top 5% of |rank-r approximation| (recomputed here with a full SVD); after
+    training exactly those entries of each matrix differ from the base, no others; the optimizer state is the
+    deltas' (2 moments + step each), far below full's."""
+    t = trained("lift")
+    base = dict(make_model().named_modules())
+    changed = _effective_changes(t)
+    n_selected = 0
+    for name, pos in changed.items():
+        w = base[name].weight.detach()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        r = t.cfg.r
+        approx = (u[:, :r] * s[:r]) @ vh[:r]
+        k = round(t.cfg.percent / 100 * w.numel())
+        want = set(torch.topk(approx.abs().reshape(-1), k).indices.tolist())
+        assert pos == want, name
+        n_selected += k
+    assert t.stats.trainable_params == n_selected
+    assert t.stats.optimizer_state_bytes == 8 * n_selected + 4 * len(changed)
+    assert t.stats.optimizer_state_bytes < trained("full").stats.optimizer_state_bytes / 10
+    assert t.stats.method["selected"]["entries"] == n_selected
+    assert t.stats.method["optimizer_state"].startswith("sparse")
+
+
 def test_freeze_bottom_and_layerwise_lr_decay(tmp_path):
     cfg = method_cfg("freeze", "method.train_top=null", "method.freeze_bottom=0", "method.llrd=0.5",
                      "method.train_head=false")
@@ -541,6 +586,10 @@ def test_unknown_method_knobs_are_refused():
     (["method=prompt_tuning", "method.num_virtual_tokens=0"], ["method.num_virtual_tokens"]),
     (["method=hft", "method.ratio=1"], ["method.ratio"]),
     (["method=lisa", "method.interval=0"], ["method.interval"]),
+    (["method=owlore", "method.outlier_m=0"], ["method.outlier_m"]),
+    (["method=owlore", "method.galore_rank=0"], ["method.galore_rank"]),
+    (["method=lift", "method.percent=0"], ["method.percent", "(0, 100]"]),
+    (["method=lift", "method.target_modules=[]"], ["method.target_modules"]),
     (["method=freeze", "method.llrd=0"], ["method.llrd"]),
     (["reg=kl", "reg.weight=0"], ["reg.weight"]),
     (["reg=l2sp", "reg.kind=l3"], ["reg.kind", "none, kl, l2sp"]),

@@ -101,6 +101,7 @@ _REGISTRY: dict[str, str] = {
     "hft": "ftlab.methods.hft:Hft",
     "lisa": "ftlab.methods.lisa:Lisa",
     "owlore": "ftlab.methods.owlore:OwLore",
+    "lift": "ftlab.methods.lift:Lift",
 }
 
 

@@ -1,0 +1,73 @@
+"""Sparse updates of chosen weight entries (LIFT, S2FT): W_eff = W + scatter(delta) with W frozen.
+
+Each target weight gets a torch parametrization holding one trained vector `delta` (one entry per chosen
+position of W, flat row-major indices) and the index buffer. So:
+- only the chosen entries can change, by construction (no gradient mask to keep consistent);
+- AdamW keeps moments for the chosen entries only: the optimizer state is 2 x (number of chosen entries)
+  floats, not 2 x |W| (the gradient of W itself is still formed densely, transiently, in backward);
+- L2-SP anchors the deltas at 0, i.e. pulls exactly the chosen entries back to their pretrained values.
+The export folds the deltas into W and saves a plain model (`save_pretrained` with the merged state dict).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+class SparseDelta(nn.Module):
+    """Parametrization W -> W + delta scattered at the flat positions `index`."""
+
+    def __init__(self, index: torch.Tensor, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("index", index.to(weight.device, torch.long), persistent=False)
+        self.delta = nn.Parameter(torch.zeros(index.numel(), dtype=weight.dtype, device=weight.device))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.reshape(-1).index_add(0, self.index, self.delta.to(w.dtype)).view_as(w)
+
+
+def attach(model: nn.Module, selection: dict[str, torch.Tensor]) -> None:
+    """Freeze every parameter of `model`; give each module named in `selection` ({module name: flat indices
+    into its weight}) a trained SparseDelta."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, index in selection.items():
+        module = model.get_submodule(name)
+        parametrize.register_parametrization(module, "weight", SparseDelta(index, module.weight))
+        module.parametrizations.weight.original.requires_grad_(False)
+
+
+def deltas(model: nn.Module) -> dict[str, SparseDelta]:
+    """{module name: its SparseDelta} of every parametrized module."""
+    out = {}
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight"):
+            for p in m.parametrizations.weight:
+                if isinstance(p, SparseDelta):
+                    out[name] = p
+    return out
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with the deltas folded in, under the plain names (`<module>.weight`)."""
+    sd = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    with torch.no_grad():
+        for name in deltas(model):
+            sd[f"{name}.weight"] = model.get_submodule(name).weight.detach().clone()
+    return sd
+
+
+def export_merged(model: nn.Module, out_dir: Path) -> None:
+    """A plain HF model directory (same architecture, deltas folded in) that reloads with the same logits."""
+    model.save_pretrained(out_dir, state_dict=merged_state_dict(model), safe_serialization=True)
+
+
+def selection_summary(model: nn.Module) -> dict:
+    ds = deltas(model)
+    chosen = sum(d.index.numel() for d in ds.values())
+    total = sum(model.get_submodule(n).parametrizations.weight.original.numel() for n in ds)
+    return {"matrices": len(ds), "entries": chosen, "of": total, "density": chosen / total if total else 0.0}
