@@ -267,7 +267,7 @@ METHODS: dict[str, type[MethodConfig]] = {
     "full": FullConfig, "lora": LoraConfig, "rslora": RsLoraConfig, "dora": DoraConfig, "pissa": PissaConfig,
     "olora": OloraConfig, "corda": CordaConfig, "lora_ga": LoraGaConfig, "ia3": Ia3Config,
     "prompt_tuning": PromptTuningConfig, "freeze": FreezeConfig, "hft": HftConfig, "lisa": LisaConfig,
-    "owlore": OwLoreConfig, "lift": LiftConfig,
+    "owlore": OwLoreConfig, "lift": LiftConfig, "s2ft": S2ftConfig,
 }
 S2FT_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 S2FT_FFN_MODULES = ("gate_proj", "up_proj", "down_proj")

@@ -49,6 +49,8 @@ OVERRIDES = {
     "freeze": ["method.train_top=1"],
     "lisa": ["method.gamma=1", "method.interval=2"],
     "owlore": ["method.gamma=1", "method.interval=2"],
+    "s2ft": ["method.heads=1", "method.channels=8", "method.attn_modules=[q_proj,k_proj,v_proj,o_proj]",
+             "method.ffn_modules=[gate_proj,up_proj,down_proj]"],
 }
 LR = {"prompt_tuning": 0.1, "ia3": 0.05}
 STEPS = 8
@@ -206,6 +208,10 @@ def expected_trainable(name: str, cfg) -> dict[str, int]:
         return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta":
                 round(cfg.percent / 100 * LINEAR[mod][0] * LINEAR[mod][1])
                 for i in range(LAYERS) for mod in cfg.target_modules}
+    if name == "s2ft":  # 1 head (8 rows of q; 8 rows of k and v: its kv head; 8 columns of o), 8 FFN channels
+        return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta": 8 * (
+                LINEAR[mod][1] if mod in ("o_proj", "down_proj") else LINEAR[mod][0])
+                for i in range(LAYERS) for mod in LINEAR}
     raise AssertionError(f"no expectation for {name}")
 
 
@@ -514,6 +520,41 @@ def test_lift_changes_exactly_the_principal_weights(trained):
     assert t.stats.method["optimizer_state"].startswith("sparse")
 
 
+def test_s2ft_changes_only_the_chosen_heads_and_channels(trained):
+    """Per block: q_proj changes in exactly the chosen head's rows, k/v_proj in the rows of the kv head serving
+    it, o_proj in the head's columns; gate/up_proj in the chosen channels' rows, down_proj in their columns.
+    The draw is seeded (same seed, same heads/channels; another seed, another draw)."""
+    t = trained("s2ft")
+    changed = _effective_changes(t)
+    hd, group = HIDDEN // 4, 2  # 4 heads of 8, 2 kv heads
+    for i in range(LAYERS):
+        sel = t.method.selection[i]
+        assert len(sel["heads"]) == 1 and len(sel["channels"]) == 8
+        assert sel["kv_heads"] == [sel["heads"][0] // group]
+        for mod, (d_in, d_out) in LINEAR.items():
+            pos = changed[f"model.layers.{i}.{_sub(mod)}.{mod}"]
+            rows, cols = {p // d_in for p in pos}, {p % d_in for p in pos}
+            if mod == "o_proj":
+                assert cols == {sel["heads"][0] * hd + j for j in range(hd)} and len(rows) == d_out
+            elif mod == "down_proj":
+                assert cols == set(sel["channels"]) and len(rows) == d_out
+            else:
+                unit = {"q_proj": sel["heads"], "k_proj": sel["kv_heads"], "v_proj": sel["kv_heads"]}.get(mod)
+                want = {u * hd + j for u in unit for j in range(hd)} if unit is not None else set(sel["channels"])
+                assert rows == want and len(cols) == d_in, (i, mod)
+            assert len(pos) == len(rows) * len(cols)  # whole rows / columns, nothing else
+
+    def draw(seed):
+        m = build_method(method_cfg("s2ft"))
+        m.prepare(make_model(), MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=seed))
+        return m.selection
+
+    assert draw(0) == draw(0) == t.method.selection
+    assert any(draw(s) != draw(0) for s in (1, 2, 3))
+    assert t.stats.optimizer_state_bytes == 8 * t.stats.trainable_params + 4 * len(
+        [n for n in t.trainable0 if n.endswith(".delta")])
+
+
 def test_freeze_bottom_and_layerwise_lr_decay(tmp_path):
     cfg = method_cfg("freeze", "method.train_top=null", "method.freeze_bottom=0", "method.llrd=0.5",
                      "method.train_head=false")
@@ -590,6 +631,8 @@ def test_unknown_method_knobs_are_refused():
     (["method=owlore", "method.galore_rank=0"], ["method.galore_rank"]),
     (["method=lift", "method.percent=0"], ["method.percent", "(0, 100]"]),
     (["method=lift", "method.target_modules=[]"], ["method.target_modules"]),
+    (["method=s2ft", "method.attn_modules=[w_proj]"], ["method.attn_modules", "q_proj, k_proj, v_proj, o_proj"]),
+    (["method=s2ft", "method.heads=0", "method.channels=0"], ["method.heads", "nothing trains"]),
     (["method=freeze", "method.llrd=0"], ["method.llrd"]),
     (["reg=kl", "reg.weight=0"], ["reg.weight"]),
     (["reg=l2sp", "reg.kind=l3"], ["reg.kind", "none, kl, l2sp"]),

@@ -102,6 +102,7 @@ _REGISTRY: dict[str, str] = {
     "lisa": "ftlab.methods.lisa:Lisa",
     "owlore": "ftlab.methods.owlore:OwLore",
     "lift": "ftlab.methods.lift:Lift",
+    "s2ft": "ftlab.methods.s2ft:S2ft",
 }
 
 
