@@ -122,6 +122,31 @@ def set_rng_state(s: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- save
+def _optimizer_state(model: nn.Module, optimizer) -> dict:
+    """optimizer.state_dict(); for FSDP2-sharded models the whole (gathered) state, keyed by parameter name."""
+    from ftlab import dist
+
+    sd = optimizer.state_dict()
+    if not dist.is_sharded(model):
+        return sd
+    # the same layout as one process's state_dict, each sharded moment gathered whole (every rank, same order)
+    return {**sd, "state": {i: {k: dist.full_tensor(v).cpu() if hasattr(v, "full_tensor") else v
+                                for k, v in st.items()} for i, st in sorted(sd["state"].items())}}
+
+
+def _reshard_optimizer_state(optimizer) -> None:
+    """After load_state_dict of whole tensors: shard each moment like its (DTensor) parameter again."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in list(st.items()):
+                if hasattr(p, "device_mesh") and torch.is_tensor(v) and not hasattr(v, "full_tensor") \
+                        and tuple(v.shape) == tuple(p.shape):
+                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+
+
 def config_sha256(run_dir: Path) -> str | None:
     """The run's identity digest (ftlab.identity): config.yaml's values without out_dir and logger."""
     import yaml
@@ -137,7 +162,15 @@ def save_state(path: Path, *, model: nn.Module, optimizer, scheduler, method, ba
     """Write one training-state checkpoint atomically: temp dir, fsync, COMPLETE last, rename."""
     from safetensors.torch import save_file
 
-    named = trainable_named(model, optimizer)
+    from ftlab import dist
+
+    # Several processes: every rank takes part in gathering (sharded weights and optimizer state, each rank's
+    # RNG); rank 0 alone writes.
+    named = {n: dist.full_tensor(p.detach()) for n, p in trainable_named(model, optimizer).items()}
+    opt_state = _optimizer_state(model, optimizer)
+    rngs = dist.gather_objects(rng_state())
+    if not dist.is_main():
+        return
     bad = [n for n, p in named.items() if not torch.isfinite(p).all()]
     if bad:
         from ftlab.train import NonFiniteLoss
@@ -149,9 +182,9 @@ def save_state(path: Path, *, model: nn.Module, optimizer, scheduler, method, ba
     tmp.mkdir(parents=True)
     save_file({n: p.detach().to("cpu").contiguous().clone() for n, p in named.items()},
               str(tmp / "weights.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(opt_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    torch.save(rngs[0] if len(rngs) == 1 else {"ranks": rngs}, tmp / "rng.pt")
     torch.save(method.state_dict(), tmp / "method.pt")
     torch.save(reg.state_dict() if reg is not None else {}, tmp / "reg.pt")
     if probes is not None:
@@ -160,7 +193,7 @@ def save_state(path: Path, *, model: nn.Module, optimizer, scheduler, method, ba
     if cfg.is_file():
         shutil.copyfile(cfg, tmp / "config.yaml")
     files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-    state = {"format": FORMAT, **progress, "data": batches.position,
+    state = {"format": FORMAT, **progress, "data": batches.position, "world_size": len(rngs),
              "config_sha256": config_sha256(run_dir), "files": files}
     (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
     for f in tmp.iterdir():
@@ -314,12 +347,25 @@ def restore(ck: Loaded, *, model: nn.Module, optimizer, scheduler, method, batch
             probes=None) -> dict:
     """Put the checkpoint's state into freshly built objects (model prepared, optimizer and scheduler
     constructed); returns the loop's progress counters. RNG is set last, right before training continues."""
+    from ftlab import dist
+
+    rank, world, _ = dist.world()
+    saved_world = int(ck.state.get("world_size", 1))
+    if saved_world != world:
+        raise ResumeRefused(f"{ck.path}: written by {saved_world} process(es), resumed on {world}: the data split, "
+                            f"RNG streams and sharding depend on the world size; resume with hw.nproc x hw.nnodes = "
+                            f"{saved_world}, or start a new run")
     drop = ck.drop
     if "method" not in drop:
         method.load_state_dict(ck.method, model)
     if reg is not None and "reg" not in drop:
         reg.load_state_dict(ck.reg, model)  # before the weights: L2-SP anchors are the untrained values
-    if "weights" not in drop:
+    sharded = dist.is_sharded(model)
+    if "weights" not in drop and sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, ck.weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    elif "weights" not in drop:
         params = dict(model.named_parameters())
         missing = [n for n in ck.weights if n not in params]
         if missing:
@@ -329,6 +375,8 @@ def restore(ck: Loaded, *, model: nn.Module, optimizer, scheduler, method, batch
                 params[n].copy_(t.to(params[n].device, params[n].dtype))
     if "optimizer" not in drop:
         optimizer.load_state_dict(ck.optimizer)
+        if sharded:
+            _reshard_optimizer_state(optimizer)
     if "scheduler" not in drop:
         scheduler.load_state_dict(ck.scheduler)
     if "data" not in drop:
@@ -336,7 +384,7 @@ def restore(ck: Loaded, *, model: nn.Module, optimizer, scheduler, method, batch
     if probes is not None:
         probes.load_state_dict(ck.probes)  # the base reference the run started with (empty: keep the rebuilt one)
     if "rng" not in drop:
-        set_rng_state(ck.rng)
+        set_rng_state(ck.rng["ranks"][rank] if "ranks" in ck.rng else ck.rng)
     keys = ("step", "tokens", "window_loss", "window_n", "window_reg", "loss_value", "elapsed_s")
     return {k: ck.state[k] for k in keys}
 

@@ -207,7 +207,7 @@ def run_command(args: list[str]) -> int:
     if not any(a in _INFO_FLAGS or a.split("=")[0] in _INFO_FLAGS for a in args):
         overrides, multirun = _split(args)
         try:
-            check(overrides, multirun)
+            args = _slurm_args(args, check(overrides, multirun), multirun)
         except ConfigError as e:
             return _refuse(str(e))
         except (HydraException, OmegaConfBaseException) as e:
@@ -220,6 +220,24 @@ def run_command(args: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     return 0
+
+
+def _slurm_args(args: list[str], jobs: list, multirun: bool) -> list[str]:
+    """hw=slurm_*: every job goes to SLURM through ftlab's submitit launcher (ftlab.slurm), which submits and
+    returns at once; a single run is submitted as a one-job sweep."""
+    from ftlab.schema import ConfigError
+
+    slurm = [j.hw.slurm for j in jobs]
+    if all(s is None for s in slurm):
+        return args
+    if any(s != slurm[0] for s in slurm):
+        raise ConfigError("hw.slurm: the jobs of a sweep are one SLURM array and share hw.slurm (and the hw "
+                          "profile's kind); submit different hw.slurm settings, or SLURM and local runs, separately")
+    from ftlab.slurm import LAUNCHER, register_launcher
+
+    register_launcher()
+    extra = [] if any(a.startswith("hydra/launcher=") for a in args) else [f"hydra/launcher={LAUNCHER}"]
+    return [*(args if multirun else ["-m", *args]), *extra]
 
 
 def _task(cfg) -> float | None:
@@ -254,6 +272,18 @@ def _task(cfg) -> float | None:
         print(f"ftlab: {run_dir.name} already completed with this config (gain {done['summary'].get('gain')}); "
               f"record: {run_dir / 'result.json'}. Delete that directory to run it again.", file=sys.stderr)
         return done["summary"].get("gain")
+    from ftlab import dist
+
+    if run.hw.nproc * run.hw.nnodes > 1 and dist.world()[1] == 1:
+        # several processes: torchrun starts them; each reads run_dir/config.yaml (ftlab.worker)
+        code = dist.launch(run_dir, run.hw)
+        result = completed_record(run_dir)
+        if code != 0 or result is None:
+            print(f"ftlab: run failed (torchrun exit {code})\n  record: {run_dir / 'result.json'}", file=sys.stderr)
+            if hc.mode == RunMode.MULTIRUN:
+                return None
+            raise SystemExit(1)
+        return result["summary"].get("gain")
     try:
         result = run_from_dir(run_dir)
     except RunFailed as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -99,6 +100,37 @@ def _diagnostics(cfg, model, tok, tasks, run_dir: Path, device: str) -> dict:
         del base_model
 
 
+class _Quiet:
+    """The logger of ranks other than 0."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def finish(self, result: dict) -> None:
+        pass
+
+
+def _unsharded_copy(cfg, sharded, method, ctx, device: str):
+    """FSDP2 after training: gather the full state to rank 0 (a collective), rebuild the prepared model there,
+    load it. Other ranks get None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ftlab import dist
+    from ftlab.models import load_model_and_tokenizer
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_main():
+        return None
+    seed_everything(cfg.seed)
+    model, _ = load_model_and_tokenizer(cfg.model, device=device)
+    model = method.prepare(model, ctx)
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise RuntimeError(f"FSDP gather: state dict does not fit the rebuilt model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    return model
+
+
 class RunDirBusy(RuntimeError):
     """Another live process is running the same run directory."""
 
@@ -112,7 +144,11 @@ def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
     per run directory (an advisory lock, released by the kernel even on SIGKILL)."""
     import fcntl
 
+    from ftlab import dist
+
     run_dir = Path(run_dir)
+    if not dist.is_main():  # rank 0 of a torchrun launch holds the lock for the whole group
+        return _run_from_dir(run_dir, progress)
     with open(run_dir / ".lock", "a+") as lock:
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -129,23 +165,37 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
     done = completed_record(run_dir)
     if done is not None:
         return done
-    from ftlab.checkpoint import check_same_config, config_sha256, latest
+    from ftlab.checkpoint import ResumeRefused, check_same_config, config_sha256, latest
 
     resume = latest(run_dir)
     if resume is not None:
         check_same_config(resume, run_dir)  # before anything in the run directory is touched
-    record = RunRecord(run_dir)
+    from ftlab import dist
+
+    rank, world, _ = dist.world()
+    procs = cfg.hw.nproc * cfg.hw.nnodes
+    if world != procs:
+        raise ResumeRefused(f"{run_dir}: configured for {procs} process(es) (hw.nproc={cfg.hw.nproc} x "
+                            f"hw.nnodes={cfg.hw.nnodes}) but started on {world}; launch it with `ftlab run`, which "
+                            "starts torchrun with the configured size")
+    if resume is not None and int(resume.state.get("world_size", 1)) != world:
+        raise ResumeRefused(f"{resume.path}: written by {resume.state.get('world_size', 1)} process(es), now "
+                            f"{world}: a run resumes on the world size it started with")
+    main = rank == 0
+    # other ranks train only: their record goes to a scratch directory, nothing of theirs into run_dir
+    record = RunRecord(run_dir if main else Path(tempfile.mkdtemp(prefix=f"ftlab-rank{rank}-")))
     if progress is None:
         progress = os.environ.get("FTLAB_PROGRESS", "1") != "0"
+    progress = progress and main
 
     import torch
 
     if cfg.hw.num_threads:
         torch.set_num_threads(cfg.hw.num_threads)
-    device = resolve_device(cfg.hw)
+    device = dist.init(resolve_device(cfg.hw))
     from ftlab.record import env_info
 
-    record.start(run_id, config, env_info(device, world_size=cfg.hw.nproc))
+    record.start(run_id, config, env_info(device, world_size=world))
     record.update(config_sha256=config_sha256(run_dir),
                   resumed_from=None if resume is None else resume.path.name)
     logger = None
@@ -161,7 +211,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
         from ftlab.train import Batches, encode_example, save_checkpoint, train
         from ftlab.world.base import cache_root
 
-        logger = build_logger(cfg, run_dir, config, run_id)
+        logger = build_logger(cfg, run_dir, config, run_id) if main else _Quiet()
         seed_everything(cfg.seed)
         model, tok = load_model_and_tokenizer(cfg.model, device=device)
         tasks = build_tasks(cfg)
@@ -171,7 +221,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
         cache = cache_root() / "base_eval" if cfg.eval.cache_base else None
         fp = model_fingerprint(model) if cache is not None else None
         base = evaluate(model, tok, tasks, cfg.eval.batch_size, stage="base", run_dir=run_dir, cache_dir=cache,
-                        fingerprint=fp, progress=progress)
+                        fingerprint=fp, progress=progress) if main else None  # rank 0 evaluates
 
         seed_everything(cfg.seed)
         method = build_method(cfg.method)
@@ -189,8 +239,18 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
         if reg is not None:
             reg.capture_start(model)
         batches = Batches(encoded, cfg.train.batch_size, cfg.seed)
+        if cfg.hw.grad_checkpointing:  # recompute activations in backward: less memory, ~30% more compute
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()  # frozen embeddings (adapters) still pass gradients on
+        forward = dist.wrap(model, cfg.hw)  # DDP wrapper / FSDP2 shards in place; `model` itself otherwise
         stats = train(model, method, batches, cfg, device=device, pad_id=pad_id, run_dir=run_dir,
-                      on_log=logger.log, progress=progress, reg=reg, resume_from=resume, probes=probes)
+                      on_log=logger.log, progress=progress, reg=reg, resume_from=resume, probes=probes,
+                      forward=forward)
+        if dist.is_sharded(model):  # FSDP2: rank 0 continues on a whole copy of the trained model
+            model = _unsharded_copy(cfg, model, method, ctx, device)
+        if not main:
+            return {}
         save_checkpoint(model, method, run_dir / "checkpoints" / "final")
 
         tuned = evaluate(model, tok, tasks, cfg.eval.batch_size, stage="tuned", run_dir=run_dir, progress=progress)
@@ -214,7 +274,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
             raise
         msg = f"{type(e).__name__}: {e}"
         record.fail(msg)
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        (record.run_dir / "error.txt").write_text(traceback.format_exc())
         if logger is not None and hasattr(logger, "abort"):
             logger.abort()
         if isinstance(e, (KeyboardInterrupt, SystemExit)):

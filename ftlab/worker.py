@@ -1,0 +1,34 @@
+"""`python -m ftlab.worker RUN_DIR`: one rank of a torchrun launch (ftlab.dist.launch). Reads RUN_DIR/config.yaml;
+never imports Hydra. Exit code 0: completed; 1: failed (result.json says why); 3: preempted (resumes on restart)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m ftlab.worker RUN_DIR", file=sys.stderr)
+        return 2
+    from ftlab import dist
+    from ftlab.checkpoint import ResumeRefused
+    from ftlab.runner import RunDirBusy, RunFailed, run_from_dir
+
+    try:
+        run_from_dir(Path(argv[0]))
+    except RunFailed as e:
+        if dist.is_main():
+            print(f"ftlab: run failed: {e}\n  record: {Path(argv[0]) / 'result.json'}", file=sys.stderr)
+        return 1
+    except (ResumeRefused, RunDirBusy) as e:
+        print(f"ftlab: run refused (rank {dist.world()[0]}): {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
