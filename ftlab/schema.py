@@ -267,7 +267,7 @@ METHODS: dict[str, type[MethodConfig]] = {
     "full": FullConfig, "lora": LoraConfig, "rslora": RsLoraConfig, "dora": DoraConfig, "pissa": PissaConfig,
     "olora": OloraConfig, "corda": CordaConfig, "lora_ga": LoraGaConfig, "ia3": Ia3Config,
     "prompt_tuning": PromptTuningConfig, "freeze": FreezeConfig, "hft": HftConfig, "lisa": LisaConfig,
-    "owlore": OwLoreConfig, "lift": LiftConfig, "s2ft": S2ftConfig,
+    "owlore": OwLoreConfig, "lift": LiftConfig, "s2ft": S2ftConfig, "ssf": SsfConfig,
 }
 S2FT_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 S2FT_FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -496,12 +496,20 @@ class SlurmConfig:
     additional: dict[str, Any] = field(default_factory=dict)  # more sbatch flags, e.g. {exclusive: true}
 
 
+# Methods whose set of trainable parameters changes during training (DDP's reducer and FSDP's shards are built
+# once, for a fixed set).
+_CHANGING_TRAINABLE_SET = ("lisa", "owlore")
+
+
 @dataclass
 class HwConfig:
     name: str = "cpu"
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    nproc: int = 1
+    nproc: int = 1  # processes per node; > 1: `ftlab run` starts torchrun (ftlab.dist)
+    nnodes: int = 1  # nodes (torchrun c10d rendezvous at MASTER_ADDR:MASTER_PORT when > 1)
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per decoder block); used when nproc * nnodes > 1
+    micro_batch_size: Optional[int] = None  # rows per forward on a process; None: its whole share of the batch
     num_threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     grad_checkpointing: bool = False
     slurm: Optional[SlurmConfig] = None  # set (hw=slurm_cpu, hw=slurm_gpu): jobs go to SLURM
@@ -717,6 +725,16 @@ def _check_ranges(c: RunConfig) -> None:
     _choice("hw.device", h.device, DEVICES)
     _choice("hw.precision", h.precision, PRECISIONS)
     _at_least("hw.nproc", h.nproc, 1)
+    _at_least("hw.nnodes", h.nnodes, 1)
+    _choice("hw.strategy", h.strategy, ("ddp", "fsdp"))
+    _at_least("hw.micro_batch_size", h.micro_batch_size, 1, allow_none=True)
+    procs = h.nproc * h.nnodes
+    if procs > 1 and c.train.batch_size % procs:
+        raise ConfigError(f"train.batch_size: {c.train.batch_size} does not split over {procs} processes "
+                          f"(hw.nproc={h.nproc} x hw.nnodes={h.nnodes}); use a multiple of {procs}")
+    if procs > 1 and c.method.name in _CHANGING_TRAINABLE_SET:
+        raise ConfigError(f"method={c.method.name}: changes its trainable parameters during training, which "
+                          f"DDP/FSDP cannot follow yet; run it with hw.nproc=1 (hw=cpu or hw=gpu)")
     _at_least("hw.num_threads", h.num_threads, 1, allow_none=True)
     if h.slurm is not None:
         _check_slurm(c)
