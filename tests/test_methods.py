@@ -38,7 +38,7 @@ REWRITES_BASE = ("pissa", "olora", "corda", "lora_ga")
 ADAPTERS = LORA_FAMILY + ("ia3", "prompt_tuning")
 LAYER_SAMPLING = ("lisa", "owlore")
 SPARSE = ("lift", "s2ft")  # trained delta vectors on chosen entries (ftlab.methods.sparse), folded on export
-WHOLE_MODEL = ("full", "freeze", "hft") + LAYER_SAMPLING + SPARSE  # export a plain model directory
+WHOLE_MODEL = ("full", "freeze", "hft", "ssf") + LAYER_SAMPLING + SPARSE  # export a plain model directory
 
 # per-method knobs that fit the tiny model (everything else: the YAML defaults)
 OVERRIDES = {
@@ -208,6 +208,9 @@ def expected_trainable(name: str, cfg) -> dict[str, int]:
         return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta":
                 round(cfg.percent / 100 * LINEAR[mod][0] * LINEAR[mod][1])
                 for i in range(LAYERS) for mod in cfg.target_modules}
+    if name == "ssf":  # a scale and a shift per output feature of every target linear
+        return {f"model.layers.{i}.{_sub(mod)}.{mod}.ssf_{k}": LINEAR[mod][1]
+                for i in range(LAYERS) for mod in cfg.target_modules for k in ("scale", "shift")}
     if name == "s2ft":  # 1 head (8 rows of q; 8 rows of k and v: its kv head; 8 columns of o), 8 FFN channels
         return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta": 8 * (
                 LINEAR[mod][1] if mod in ("o_proj", "down_proj") else LINEAR[mod][0])
@@ -553,6 +556,37 @@ def test_s2ft_changes_only_the_chosen_heads_and_channels(trained):
     assert any(draw(s) != draw(0) for s in (1, 2, 3))
     assert t.stats.optimizer_state_bytes == 8 * t.stats.trainable_params + 4 * len(
         [n for n in t.trainable0 if n.endswith(".delta")])
+
+
+def test_ssf_folds_into_biased_plain_model_and_refuses_unfoldable_targets(trained, tmp_path):
+    """The export is W' = diag(scale) W, b' = scale * b + shift in a Llama with attention_bias/mlp_bias on (the
+    generic test checks its logits); a Qwen2 (q/k/v have biases, o_proj and the MLP cannot) is refused before
+    training unless those targets are dropped, and then exports a foldable Qwen2."""
+    from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
+
+    t = trained("ssf")
+    scale = t.model.model.layers[0].mlp.up_proj.ssf_scale
+    assert not torch.equal(scale, torch.ones_like(scale))  # it trained
+    t.method.export(t.model, tmp_path / "llama")
+    conf = AutoConfig.from_pretrained(tmp_path / "llama")
+    assert conf.attention_bias is True and conf.mlp_bias is True
+    assert not hasattr(t.model.config, "ssf") and t.model.config.mlp_bias is False  # the live model is untouched
+
+    qcfg = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)
+    ctx = MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=0)
+    with pytest.raises(ValueError, match=r"no bias on \['down_proj', 'gate_proj', 'o_proj', 'up_proj'\]"):
+        build_method(method_cfg("ssf")).prepare(Qwen2ForCausalLM(qcfg), ctx)
+    method = build_method(method_cfg("ssf", "method.target_modules=[q_proj,k_proj,v_proj]"))
+    qwen = method.prepare(Qwen2ForCausalLM(qcfg), ctx)
+    with torch.no_grad():
+        for n, p in qwen.named_parameters():
+            if "ssf_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    method.export(qwen, tmp_path / "qwen")
+    batch = probe_batch()
+    got = logits_of(Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen"), batch)
+    assert (got - logits_of(qwen, batch)).abs().max() <= RELOAD_ATOL
 
 
 def test_freeze_bottom_and_layerwise_lr_decay(tmp_path):

@@ -103,6 +103,7 @@ _REGISTRY: dict[str, str] = {
     "owlore": "ftlab.methods.owlore:OwLore",
     "lift": "ftlab.methods.lift:Lift",
     "s2ft": "ftlab.methods.s2ft:S2ft",
+    "ssf": "ftlab.methods.ssf:Ssf",
 }
 
 
