@@ -370,6 +370,42 @@ def test_hft_draw_is_seeded_and_redrawn_per_stage():
     assert len({json.dumps(d, sort_keys=True) for d in draws}) > 1
 
 
+def test_hft_redraws_its_half_on_each_later_stage(tmp_path):
+    """on_stage_start(model, 0) keeps prepare's draw; stage k > 0 re-draws with (seed, method.stage + k), the
+    draw a single run with method.stage=k makes; training in the new stage moves only the new half; a
+    checkpoint's method state brings a fresh method back to its stage's half."""
+    tok = make_tokenizer()
+    ctx = MethodContext(tokenizer=tok, train_rows=make_rows(), seed=0, max_length=32)
+
+    def fresh(stage=0):
+        m = build_method(method_cfg("hft", f"method.stage={stage}"))
+        return m, m.prepare(make_model(), ctx)
+
+    def trainable(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    method, model = fresh()
+    first = (json.dumps(method.selection, sort_keys=True), trainable(model))
+    method.on_stage_start(model, 0)
+    assert (json.dumps(method.selection, sort_keys=True), trainable(model)) == first
+    encoded = [encode_example(tok, r["prompt"], r["response"], 32) for r in make_rows()]
+    redrawn = False
+    for stage in (1, 2, 3):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        method.on_stage_start(model, stage)
+        ref, ref_model = fresh(stage)
+        assert method.selection == ref.selection and trainable(model) == trainable(ref_model)
+        redrawn |= trainable(model) != first[1]
+        train(model, method, Batches(encoded, 8, stage), run_cfg("hft", steps=2), device="cpu", pad_id=0,
+              run_dir=tmp_path, progress=False)
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+        assert moved and moved <= trainable(model), stage
+    assert redrawn
+    restored, rmodel = fresh()
+    restored.load_state_dict(method.state_dict(), rmodel)
+    assert restored.selection == method.selection and trainable(rmodel) == trainable(model)
+
+
 def test_lisa_resamples_every_k_steps_and_releases_optimizer_state(tmp_path):
     """gamma=1 of 2 blocks, K=2: requires_grad follows the draw at each step, draws happen exactly at multiples
     of K, the active set changes over the run, and inactive blocks hold no AdamW state."""

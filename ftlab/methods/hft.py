@@ -5,9 +5,10 @@ to keep earlier knowledge; the choice is made per block and per category ("categ
 Llama figure). Here, in every transformer block: half of the attention matrices (q/k/v/o: 2 of 4), half of the
 FFN matrices (gate/up/down) and half of the norms train. Odd counts alternate between rounding up and down
 from block to block (FFN: 2, 1, 2, 1, ...), so every pair of blocks trains exactly half of each category.
-Which ones is a seeded draw from (run seed, `stage`): a new stage re-draws. Embeddings and the head/final norm
-are frozen unless `train_embeddings` / `train_head`. The export (the whole model) also writes
-hft_selection.json.
+Which ones is a seeded draw from (run seed, `stage`): a new stage re-draws (`method.stage`, or
+`on_stage_start` of a continual run, data=[a,b,c]: stage k draws with method.stage + k). Embeddings and the
+head/final norm are frozen unless `train_embeddings` / `train_head`. The export (the whole model) also writes
+hft_selection.json (the current stage's half and every stage's draw).
 """
 
 from __future__ import annotations
@@ -52,8 +53,21 @@ class Hft(Method):
     name = "hft"
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        self.seed = ctx.seed
+        self.draws: dict[int, dict[int, dict[str, list[str]]]] = {}  # stage -> its selection (export record)
+        self._draw(model, self.cfg.stage)
+        return model
+
+    def on_stage_start(self, model: nn.Module, stage: int) -> None:
+        """Continual stages: stage 0 keeps the draw made in `prepare`; every later stage re-draws the half,
+        seeded by (run seed, method.stage + stage), so stage k of a continual run is the draw `method.stage=k`
+        gives a single run."""
+        if stage > 0:
+            self._draw(model, self.cfg.stage + stage)
+
+    def _draw(self, model: nn.Module, stage: int) -> None:
         prefix, layers = decoder_layers(model)
-        rng = random.Random(f"hft:{ctx.seed}:{self.cfg.stage}")
+        rng = random.Random(f"hft:{self.seed}:{stage}")
         ratio = self.cfg.ratio
         self.selection: dict[int, dict[str, list[str]]] = {}
         names: set[str] = set()
@@ -71,9 +85,22 @@ class Hft(Method):
         if self.cfg.train_head:
             names |= head_names(model)
         set_trainable(model, names)
-        return model
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.grad = None
+        self.stage = stage
+        self.draws[stage] = self.selection
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        """A checkpoint taken in a later stage restores that stage's half."""
+        if int(state.get("stage", self.stage)) != self.stage:
+            self._draw(model, int(state["stage"]))
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         super().export(model, out_dir)
-        sel = {"stage": self.cfg.stage, "ratio": self.cfg.ratio, "blocks": {str(i): s for i, s in self.selection.items()}}
+        sel = {"stage": self.stage, "ratio": self.cfg.ratio, "blocks": {str(i): s for i, s in self.selection.items()},
+               "stages": {str(st): {str(i): s for i, s in d.items()} for st, d in sorted(self.draws.items())}}
         (Path(out_dir) / "hft_selection.json").write_text(json.dumps(sel, indent=1) + "\n")
