@@ -33,7 +33,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 import torch
 
 __all__ = ["intruder_dimensions", "update_profile", "effective_rank", "energy_rank", "weight_report",
-           "effective_weights", "parse_name", "tuning_contribution", "DEFAULT_KS", "DEFAULT_EPSILONS"]
+           "effective_weights", "parse_name", "tuning_contribution", "tuco_prompts", "diagnose_run",
+           "DIAGNOSTICS", "DEFAULT_KS", "DEFAULT_EPSILONS"]
 
 DEFAULT_KS = (10, 50)
 DEFAULT_EPSILONS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -132,13 +133,15 @@ def _selected(name: str, t: torch.Tensor, include: Optional[Iterable[str]]) -> b
 
 def weight_report(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor],
                   ks: Sequence[int] = DEFAULT_KS, epsilons: Sequence[float] = DEFAULT_EPSILONS,
-                  include: Optional[Iterable[str]] = None, only_changed: bool = True, side: str = "left") -> dict:
+                  include: Optional[Iterable[str]] = None, only_changed: bool = True, side: str = "left",
+                  intruders: bool = True) -> dict:
     """Intruder dimensions and update profile of every 2-D weight present in both state dicts.
 
     Args:
         include: substrings of the names to analyse (default: every 2-D ``*weight`` except embeddings, the
             head and norms).
         only_changed: skip matrices the fine-tune left exactly unchanged (their SVDs cost time and say nothing).
+        intruders: False skips the intruder search (two full SVDs per matrix): the update profile only.
 
     Returns:
         ``{"matrices": [{name, layer, module, shape, rel_update, update_norm, base_norm, erank, rank90,
@@ -158,11 +161,16 @@ def weight_report(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Te
             continue
         layer, module = parse_name(name)
         prof = update_profile(wb, wt)
-        intr = intruder_dimensions(wb, wt, ks, epsilons, side=side)
-        rows.append({"name": name, "layer": layer, "module": module, "shape": list(wb.shape), **prof,
-                     "intruders": {_key(k, e): n for (k, e), n in intr["counts"].items()},
-                     "intruder_list": intr["intruders"]})
-    return {"matrices": rows, "summary": summarize_report(rows, ks, epsilons, n_seen=seen)}
+        row = {"name": name, "layer": layer, "module": module, "shape": list(wb.shape), **prof}
+        if intruders:
+            intr = intruder_dimensions(wb, wt, ks, epsilons, side=side)
+            row.update(intruders={_key(k, e): n for (k, e), n in intr["counts"].items()},
+                       intruder_list=intr["intruders"])
+        rows.append(row)
+    summary = summarize_report(rows, ks if intruders else (), epsilons, n_seen=seen)
+    if not intruders:
+        summary.pop("intruders")
+    return {"matrices": rows, "summary": summary}
 
 
 def _key(k: int, eps: float) -> str:
@@ -185,6 +193,9 @@ def summarize_report(rows: list[dict], ks: Sequence[int] = DEFAULT_KS,
             g["n"] += 1
             g["rel_update"].append(r["rel_update"])
             g["intruders"] += r["intruders"].get(main, 0) if main else 0
+        if main is None:
+            for g in group.values():
+                g.pop("intruders")
         for g in group.values():
             g["rel_update"] = mean(g["rel_update"])
     return {"n_matrices": n_seen if n_seen is not None else len(rows),
@@ -229,13 +240,16 @@ def _hidden(out):
 
 @torch.inference_mode()
 def tuning_contribution(tuned_model, tokenizer, prompts: Sequence[str], base_model=None,
-                        batch_size: int = 8, return_vectors: bool = False) -> list[dict]:
+                        batch_size: int = 8, return_vectors: bool = False,
+                        max_length: Optional[int] = None) -> list[dict]:
     """TuCo of each prompt (see the module doc), at its last token.
 
     Args:
         tuned_model: the fine-tuned model (a PEFT model is fine).
         base_model: the pre-trained model with the same architecture; None for a PEFT model, whose base is its
-            own layers with the adapters disabled.
+            own layers with the adapters disabled (right for LoRA; not for PiSSA-like inits, which change the
+            frozen weights: give the base then).
+        max_length: keep the first max_length tokens of each prompt (None: all).
 
     Returns:
         One dict per prompt: ``{"tuco", "ftc_norm", "ptc_norm"}`` (and with return_vectors the summed
@@ -265,6 +279,8 @@ def tuning_contribution(tuned_model, tokenizer, prompts: Sequence[str], base_mod
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
             enc = tokenizer(chunk, add_special_tokens=True)["input_ids"]
+            if max_length:
+                enc = [e[:max_length] for e in enc]
             width = max(map(len, enc))
             ids = torch.full((len(enc), width), pad, dtype=torch.long)
             mask = torch.zeros((len(enc), width), dtype=torch.long)
@@ -299,3 +315,105 @@ def tuning_contribution(tuned_model, tokenizer, prompts: Sequence[str], base_mod
             h.remove()
         tuned_model.train(was)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ in a run
+DIAGNOSTICS = ("intruder", "update", "tuco")  # eval.diagnostics; kept in sync with ftlab.schema (a test checks)
+
+# What the numbers mean (none of them is "better" on its own; they explain gain and forgetting).
+MEANING = {
+    "intruders": "count of top-k tuned singular vectors with max |cos| to every base singular vector < eps; "
+                 "more = more new directions in the weights (full fine-tuning: few; LoRA: some)",
+    "rel_update_mean": "mean over changed matrices of ||dW||_F / ||W||_F; larger = further from the base",
+    "erank_mean": "mean effective rank of dW (exp entropy of its normalised singular values)",
+    "rank90_mean": "mean number of singular values of dW holding 90% of its energy",
+    "tuco": "per prompt ||sum FTC|| / (||sum PTC|| + ||sum FTC||) at the last token, in [0, 1]; 0 = the base's "
+            "computation, higher = more of the hidden-state update comes from fine-tuning",
+}
+
+
+def tuco_prompts(task, tokenizer, n: int) -> list[tuple[str, str]]:
+    """Up to n (id, prompt) pairs of an ftlab.evaluate.Task: what the model reads before it answers
+    (generation: the prompt; multiple choice: the first context; perplexity: the context, else the text)."""
+    from ftlab.evaluate import apply_format
+
+    out = []
+    for r in task.rows[:n]:
+        if "prompt" in r:
+            text = r["prompt"]
+        elif "contexts" in r:
+            text = r["contexts"][0]
+        else:
+            text = r.get("context") or r.get("text") or ""
+        if text:
+            out.append((r["id"], apply_format(tokenizer, text, task.format) if task.format != "plain" else text))
+    return out
+
+
+def _stats(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0, "mean": None, "median": None, "p90": None}
+    s = sorted(xs)
+    return {"n": len(s), "mean": sum(s) / len(s), "median": s[len(s) // 2] if len(s) % 2 else
+            (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2, "p90": s[min(len(s) - 1, int(0.9 * len(s)))]}
+
+
+def diagnose_run(tuned, base, tokenizer, tasks, out_dir, which: Sequence[str] = DIAGNOSTICS, n_prompts: int = 64,
+                 batch_size: int = 16, max_length: Optional[int] = 256) -> dict:
+    """The diagnostics of one run, base vs tuned: `which` of intruder, update (ftlab weight report on the
+    merged weights) and tuco (on up to `n_prompts` target and `n_prompts` forgetting prompts, spread over the
+    tasks of each role). Full tables go to `out_dir` (weights.json, tuco.jsonl); returns the summary for
+    result.json's `diagnostics` section.
+
+    `base` is the pre-trained model itself (the runner reloads it), so every method is compared with the same
+    W: a PEFT model is merged for its ΔW, and TuCo's pre-training component runs the base's own layers (right
+    for PiSSA/OLoRA/CorDA too, whose frozen residual is not W)."""
+    import json
+    import time
+    from pathlib import Path
+
+    from ftlab.record import atomic_write_json, write_jsonl
+
+    unknown = [w for w in which if w not in DIAGNOSTICS]
+    if unknown:
+        raise ValueError(f"eval.diagnostics: unknown {unknown}; valid: {', '.join(DIAGNOSTICS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"which": list(which), "files": {}, "meaning": {}}
+    t0 = time.perf_counter()
+    if "intruder" in which or "update" in which:
+        report = weight_report(effective_weights(base), effective_weights(tuned), intruders="intruder" in which)
+        atomic_write_json(out_dir / "weights.json", report)
+        summary["weights"] = report["summary"]
+        summary["files"]["weights"] = str(Path(out_dir.name) / "weights.json")
+        summary["meaning"].update({k: MEANING[k] for k in MEANING if k in report["summary"]})
+        summary["weights_s"] = time.perf_counter() - t0
+    if "tuco" in which:
+        t1 = time.perf_counter()
+        cfg = getattr(tuned, "active_peft_config", None)
+        if getattr(cfg, "is_prompt_learning", False):
+            # virtual tokens change the input, not the layers: the per-layer decomposition does not apply
+            summary["tuco"] = {"skipped": "prompt-learning method: the layers are unchanged, TuCo is 0 by "
+                                          "construction; its effect is in the input"}
+        else:
+            rows = []
+            for role in ("target", "forget"):
+                role_tasks = [t for t in tasks if t.role == role]
+                per = -(-n_prompts // len(role_tasks)) if role_tasks else 0
+                picked = [(t, i, p) for t in role_tasks for i, p in tuco_prompts(t, tokenizer, per)][:n_prompts]
+                if not picked:
+                    continue
+                vals = tuning_contribution(tuned, tokenizer, [p for _, _, p in picked], base_model=base,
+                                           batch_size=batch_size, max_length=max_length)
+                rows += [{"role": role, "task": t.name, "id": i, **v} for (t, i, _), v in zip(picked, vals)]
+            write_jsonl(out_dir / "tuco.jsonl", rows)
+            tuco = {role: _stats([r["tuco"] for r in rows if r["role"] == role]) for role in ("target", "forget")}
+            tuco["by_task"] = {name: _stats([r["tuco"] for r in rows if r["task"] == name])["mean"]
+                               for name in dict.fromkeys(r["task"] for r in rows)}
+            summary["tuco"] = tuco
+            summary["files"]["tuco"] = str(Path(out_dir.name) / "tuco.jsonl")
+        summary["meaning"]["tuco"] = MEANING["tuco"]
+        summary["tuco_s"] = time.perf_counter() - t1
+    summary["wall_s"] = time.perf_counter() - t0
+    json.dumps(summary)  # fail here, not in result.json, on anything not JSON-able
+    return summary

@@ -13,6 +13,11 @@ puts all its mass on its top-k.
     probes = Probes(tokenizer, texts, max_length=128)
     probes.capture_base(model)          # before method.prepare / training
     row.update(probes(model))           # every N steps: {"probe_ppl", "probe_kl"}
+
+In a run (`ftlab.train.train(probes=...)`) the curve gets a step-0 row with the base's numbers and a probe every
+`eval.probe_every` steps and at the last step. The base reference travels in every training-state checkpoint
+(`state_dict` / `load_state_dict`, file ``probes.pt``), so a resumed run computes its KL against the very same
+numbers, whatever the machine it resumes on.
 """
 
 from __future__ import annotations
@@ -26,18 +31,37 @@ __all__ = ["Probes", "build_probes", "probe_texts"]
 
 
 class Probes:
-    def __init__(self, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 16,
+    """texts: plain strings (every token after the first counts) or (context, continuation) pairs: only the
+    continuation's tokens (and an eos) count, as in a perplexity task with a context. The tiny world's base was
+    trained on answers, never on prompts: its probe set is held-out (prompt, answer) pairs."""
+
+    def __init__(self, tokenizer, texts: list, max_length: int = 128, batch_size: int = 16,
                  topk: int = 256, full_vocab_max: int = 4096):
         if not texts:
             raise ValueError("probes: no probe texts")
         self.batch_size, self.topk, self.full_vocab_max = batch_size, topk, full_vocab_max
-        enc = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-        self.seqs = [e[:max_length] for e in enc if len(e) >= 2]
+        self.seqs, self.first = [], []  # token ids; index of the first token whose prediction counts
+        for t in texts:
+            if isinstance(t, str):
+                ids, first = tokenizer(t, add_special_tokens=True)["input_ids"], 1
+            else:
+                ctx, cont = t
+                c = tokenizer(ctx, add_special_tokens=True)["input_ids"]
+                ids = c + tokenizer(cont, add_special_tokens=False)["input_ids"]
+                if tokenizer.eos_token_id is not None:
+                    ids = ids + [tokenizer.eos_token_id]
+                first = max(len(c), 1)
+            ids = ids[:max_length]
+            if len(ids) > first:
+                self.seqs.append(ids)
+                self.first.append(first)
         if not self.seqs:
-            raise ValueError("probes: every probe text is shorter than 2 tokens")
+            raise ValueError("probes: no probe text has a token to predict (shorter than 2 tokens, or a context "
+                             "that fills probe_max_length)")
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.base: Optional[list[dict]] = None  # per batch: {"idx": [B,T,K] or None, "logp": [B,T,K(+1)]}
         self.base_ppl: Optional[float] = None
+        self.every = 0  # steps between probes in a run (ftlab.train); build_probes sets eval.probe_every
 
     def _batches(self, device):
         for s in range(0, len(self.seqs), self.batch_size):
@@ -45,10 +69,12 @@ class Probes:
             width = max(map(len, chunk))
             ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, e in enumerate(chunk):
+            scored = torch.zeros((len(chunk), width), dtype=torch.float32)  # tokens whose prediction counts
+            for i, (e, f) in enumerate(zip(chunk, self.first[s:s + self.batch_size])):
                 ids[i, :len(e)] = torch.tensor(e)
                 mask[i, :len(e)] = 1
-            yield ids.to(device), mask.to(device)
+                scored[i, f:len(e)] = 1
+            yield ids.to(device), mask.to(device), scored.to(device)
 
     @torch.inference_mode()
     def _logprobs(self, model):
@@ -57,9 +83,10 @@ class Probes:
         was = model.training
         model.eval()
         try:
-            for ids, mask in self._batches(device):
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-                yield logits.log_softmax(-1), ids[:, 1:], mask[:, 1:].float()
+            for ids, mask, scored in self._batches(device):
+                # prompt-learning PEFT models prepend virtual tokens to the logits: keep the text's positions
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:-1].float()
+                yield logits.log_softmax(-1), ids[:, 1:], scored[:, 1:]
         finally:
             model.train(was)
 
@@ -75,9 +102,39 @@ class Probes:
             else:
                 top, idx = logp.topk(self.topk, dim=-1)
                 rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6)).unsqueeze(-1)
-                self.base.append({"idx": idx.to("cpu"), "logp": torch.cat([top, rest], -1).to("cpu", torch.float16)})
+                # int32 indices: half the bytes in every checkpoint that carries the reference
+                self.base.append({"idx": idx.to("cpu", torch.int32),
+                                  "logp": torch.cat([top, rest], -1).to("cpu", torch.float16)})
         self.base_ppl = math.exp(nll / count)
         return {"probe_ppl": self.base_ppl, "probe_kl": 0.0}
+
+    def base_row(self) -> dict:
+        """The curve's step-0 numbers: the base model's perplexity, KL 0."""
+        if self.base_ppl is None:
+            raise RuntimeError("probes: call capture_base(base model) first")
+        return {"probe_ppl": self.base_ppl, "probe_kl": 0.0}
+
+    def state_dict(self) -> dict:
+        """The base reference (tensors and numbers only: read back with torch.load(weights_only=True))."""
+        if self.base is None:
+            return {}
+        return {"base_ppl": self.base_ppl, "n_seqs": len(self.seqs),
+                "idx": [b["idx"] if b["idx"] is not None else torch.empty(0, dtype=torch.int32) for b in self.base],
+                "logp": [b["logp"] for b in self.base]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Use a saved base reference (a checkpoint's) instead of the one captured in this process."""
+        if not state:
+            return
+        if state["n_seqs"] != len(self.seqs) or len(state["logp"]) != len(list(self._batch_starts())):
+            raise ValueError(f"probes: the checkpoint's base reference has {state['n_seqs']} probe texts, this "
+                             f"run's probe set has {len(self.seqs)}; the probe set must not change on resume")
+        self.base_ppl = float(state["base_ppl"])
+        self.base = [{"idx": None if i.numel() == 0 else i, "logp": lp}
+                     for i, lp in zip(state["idx"], state["logp"])]
+
+    def _batch_starts(self):
+        return range(0, len(self.seqs), self.batch_size)
 
     def __call__(self, model) -> dict:
         """{"probe_ppl", "probe_kl"} of `model` now (capture_base first)."""
@@ -91,7 +148,7 @@ class Probes:
             if b["idx"] is None:
                 per_tok = (base.exp() * (base - logp)).sum(-1)
             else:
-                idx = b["idx"].to(logp.device)
+                idx = b["idx"].to(logp.device, torch.long)
                 top = logp.gather(-1, idx)
                 rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6)).unsqueeze(-1)
                 cur = torch.cat([top, rest], -1)
@@ -100,14 +157,19 @@ class Probes:
         return {"probe_ppl": math.exp(nll / count), "probe_kl": kl / count}
 
 
-def probe_texts(cfg) -> list[str]:
-    """eval.probe_n held-out general texts: the tiny world's pretraining text (model=tiny), else WikiText
-    (eval.paths.wikitext when set, else the hub)."""
+def probe_texts(cfg) -> list:
+    """eval.probe_n held-out general texts: for model=tiny, (prompt, answer) pairs of held-out pretraining
+    examples, the skills interleaved (drawn apart from the synth_* eval items); else WikiText (eval.paths.wikitext
+    when set, else the hub)."""
     n = cfg.eval.probe_n
     if cfg.model.name_or_path == "tiny":
         from ftlab.world import skills
 
-        return skills.pretrain_text("test", n, seed=0, skills=list(cfg.model.world.skills))
+        names = [s for s in cfg.model.world.skills if skills.SKILLS[s].procedural] or list(cfg.model.world.skills)
+        per = -(-n // len(names))
+        pools = [skills.make_examples(s, "test", per, seed=7919) for s in names]
+        return [(ex["prompt"], ex["response"]) for ex in
+                [pool[j] for j in range(per) for pool in pools if j < len(pool)][:n]]
     from ftlab.evaluate import load_task
 
     path = (getattr(cfg.eval, "paths", {}) or {}).get("wikitext")
@@ -119,5 +181,7 @@ def build_probes(cfg, tokenizer) -> Optional["Probes"]:
     before the method touches the model, then call `probes(model)` every eval.probe_every steps."""
     if not getattr(cfg.eval, "probe_every", 0):
         return None
-    return Probes(tokenizer, probe_texts(cfg), max_length=cfg.eval.probe_max_length,
-                  batch_size=min(cfg.eval.batch_size, 32))
+    probes = Probes(tokenizer, probe_texts(cfg), max_length=cfg.eval.probe_max_length,
+                    batch_size=min(cfg.eval.batch_size, 32))
+    probes.every = cfg.eval.probe_every
+    return probes

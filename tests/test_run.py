@@ -62,7 +62,9 @@ def test_run_directory_holds_records_curve_config_and_adapter(lora_run):
         ppl = [json.loads(line) for line in (run_dir / "records" / stage / "synth_ppl.jsonl").open()]
         assert {"id", "nll", "n_tokens"} <= set(ppl[0])
     curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    assert [r["step"] for r in curve] == [10, 20] and all("loss" in r for r in curve)
+    # eval=synth probes every 10 steps: step 0 is the base (no loss yet), the last step is probed too
+    assert [r["step"] for r in curve] == [0, 10, 20] and all("loss" in r for r in curve)
+    assert curve[0]["loss"] is None and curve[0]["probe_kl"] == 0.0 and curve[-1]["probe_kl"] > 0
     final = run_dir / "checkpoints" / "final"
     assert (final / "COMPLETE").exists() and (final / "adapter_model.safetensors").exists()
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
