@@ -55,6 +55,8 @@ __all__ = [
     "HELDOUT_MAX",
     "SYNTH_N_TRAIN",
     "SYNTH_N_EVAL",
+    "general_rows",
+    "mix_count",
 ]
 
 SYNTH_N_TRAIN = 4000
@@ -290,7 +292,85 @@ def _subset(rows: list, n: Optional[int], seed: int) -> list:
 
 
 def load_train(cfg: DataConfig, seed: int) -> list[dict]:
-    """The training rows of `cfg` ({"id", "prompt", "response", "reference"}), `n_train` of them if set."""
+    """The training rows of `cfg` ({"id", "prompt", "response", "reference"}), `n_train` of them if set, followed
+    by the general rows of `data.mix` (`general_rows`; the trainer shuffles)."""
+    rows = _load_task_train(cfg, seed)
+    if cfg.mix > 0:
+        rows = rows + general_rows(cfg, mix_count(len(rows), cfg.mix), seed)
+    return rows
+
+
+def mix_count(n_task: int, mix: float) -> int:
+    """General rows to add to `n_task` task rows so that they are a share `mix` of the stream."""
+    return round(n_task * mix / (1 - mix))
+
+
+def general_rows(cfg: DataConfig, n: int, seed: int) -> list[dict]:
+    """`n` rows of general data for mixing, seeded, ids prefixed ``mix:``.
+
+    ``data.mix_source`` unset (synth data): replay of the pretraining skills ``data.mix_skills``, split evenly
+    over them in turn (the world's own generator, train split). Set: general text, a local .jsonl/.json file
+    or a hub dataset (``mix_name``, ``mix_split``), field ``data.mix_field``; a row is the whole text as the
+    response to an empty prompt (a language-modelling row). Texts are drawn without replacement while they last,
+    then the pool is reshuffled and drawn again."""
+    if n <= 0:
+        return []
+    if cfg.mix_source is None:
+        from ftlab.world.skills import make_examples
+
+        skills = list(cfg.mix_skills or [])
+        if not skills:
+            raise ValueError("data.mix_skills: replay needs at least one pretraining skill")
+        out = []
+        for k, skill in enumerate(skills):
+            count = n // len(skills) + (k < n % len(skills))
+            out += [{"id": f"mix:{ex['id']}", "prompt": ex["prompt"], "response": ex["response"],
+                     "reference": ex["response"]} for ex in make_examples(skill, "train", count, seed)]
+        return out
+    texts = _general_texts(cfg)
+    rng = random.Random(f"mix:{seed}")
+    picks: list[int] = []
+    while len(picks) < n:
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        picks += order[: n - len(picks)]
+    return [{"id": f"mix:{texts[i][0]}", "prompt": "", "response": texts[i][1], "reference": texts[i][1]}
+            for i in picks]
+
+
+def _general_texts(cfg: DataConfig) -> list[tuple[str, str]]:
+    """(id, text) of every non-empty text of the mix source."""
+    src = Path(cfg.mix_source).expanduser()
+    if src.is_file():
+        raws = read_jsonl(src, "data.mix_source")
+    else:
+        hub = DataConfig(name=f"mix:{cfg.mix_source}", source="hf", hf_path=cfg.mix_source, hf_name=cfg.mix_name,
+                         prompt_field=cfg.mix_field, response_field=cfg.mix_field)
+        from ftlab.models import HubUnavailable
+
+        try:
+            dd = _hub_dataset(hub)
+        except HubUnavailable as e:
+            raise HubUnavailable(f"data.mix_source: {e}. For mixing, a local file is data.mix_source=FILE.jsonl "
+                                 f"with the text in field data.mix_field={cfg.mix_field!r}") from e
+        if cfg.mix_split not in dd:
+            raise ValueError(f"data.mix_split: dataset {cfg.mix_source!r} has no split {cfg.mix_split!r}; "
+                             f"splits: {', '.join(dd)}")
+        raws = _hub_rows(hub, dd[cfg.mix_split], cfg.mix_split)
+    out = []
+    for r in raws:
+        if cfg.mix_field not in r.record:
+            raise MissingFieldError(f"data.mix_field: field {cfg.mix_field!r} is missing in {r.where}; fields "
+                                    f"there: {', '.join(map(repr, r.record)) or '(none)'}. Set data.mix_field=<one of them>")
+        text = r.record[cfg.mix_field]
+        if isinstance(text, str) and text.strip():
+            out.append((r.id, text))
+    if not out:
+        raise ValueError(f"data.mix_source: {cfg.mix_source!r} holds no non-empty text in field {cfg.mix_field!r}")
+    return out
+
+
+def _load_task_train(cfg: DataConfig, seed: int) -> list[dict]:
     if cfg.path:
         raws = read_jsonl(cfg.path, "data.path")
         if not cfg.eval_path:

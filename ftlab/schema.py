@@ -75,6 +75,16 @@ class DataConfig:
     answer: str = "exact"
     n_train: Optional[int] = None  # None: all rows
     max_new_tokens: int = 16
+    # Data mixing / replay (ftlab.data.general_rows): a share `mix` in [0, 1) of the training stream is general
+    # data; n task rows get round(n * mix / (1 - mix)) general rows beside them. 0: none.
+    mix: float = 0.0
+    # null: replay of the tiny world's pretraining skills `mix_skills` (synth data); else a local .jsonl/.json
+    # file or a hub dataset id of general text, read from field `mix_field` (hub: config `mix_name`, `mix_split`)
+    mix_source: Optional[str] = None
+    mix_name: Optional[str] = None
+    mix_split: str = "train"
+    mix_field: str = "text"
+    mix_skills: Optional[list[str]] = None  # synth YAMLs: ${model.world.skills}, the skills the base learnt
 
 
 # ==================================================================================================== methods
@@ -705,6 +715,7 @@ def _check_ranges(c: RunConfig) -> None:
             )
     if d.source == "jsonl" and not d.path:
         raise ConfigError("data.path: data.source=jsonl needs data.path=FILE.jsonl")
+    _check_mix(d, m)
     if d.source == "hf" and not (d.hf_path or d.path):
         raise ConfigError("data.hf_path: data.source=hf needs data.hf_path (a hub dataset id) or data.path=FILE.jsonl")
     for key in ("path", "eval_path"):
@@ -785,6 +796,31 @@ def _check_slurm(c: RunConfig) -> None:
     if h.device == "cuda" and s.gpus_per_node * s.nodes < h.nproc:
         raise ConfigError(f"hw.slurm.gpus_per_node: {s.gpus_per_node} GPU(s) per node x {s.nodes} node(s) is fewer "
                           f"than hw.nproc={h.nproc} processes; set hw.slurm.gpus_per_node={h.nproc // s.nodes}")
+
+
+def _check_mix(d: DataConfig, m: ModelConfig) -> None:
+    if not (isinstance(d.mix, (int, float)) and 0 <= d.mix < 1):
+        raise ConfigError(f"data.mix: must be in [0, 1) (the share of general rows in the training stream), got {d.mix!r}")
+    if d.mix == 0:
+        return
+    if d.mix_source is not None:
+        src = os.path.expanduser(d.mix_source)
+        if (_looks_like_path(d.mix_source) or d.mix_source.endswith((".jsonl", ".json"))) and not (
+                os.path.isfile(src) or os.path.isdir(src)):
+            raise ConfigError(f"data.mix_source: file {d.mix_source!r} does not exist; give a .jsonl of general "
+                              f"text (field data.mix_field={d.mix_field!r}) or a hub dataset id")
+        return
+    if d.source != "synth":
+        raise ConfigError("data.mix_source: data.mix > 0 needs a source of general text for non-synthetic data: "
+                          "data.mix_source=FILE.jsonl (one object per line, text in field data.mix_field) or a hub "
+                          "dataset id (e.g. data.mix_source=Salesforce/wikitext data.mix_name=wikitext-103-raw-v1)")
+    if not d.mix_skills:
+        raise ConfigError("data.mix_skills: replay needs at least one pretraining skill, e.g. data.mix_skills=[add,rev]")
+    learnt = m.world.skills if m.world is not None else WORLD_SKILLS
+    for s in d.mix_skills:
+        if s not in learnt:
+            raise ConfigError(f"data.mix_skills: {s!r} is not a pretraining skill of this world (model.world.skills="
+                              f"[{', '.join(learnt)}]); replay only what the base learnt")
 
 
 def _looks_like_path(s: str) -> bool:
