@@ -94,6 +94,7 @@ def make_rows(n: int = 16, seed: int = 0) -> list[dict]:
     return rows
 
 
+@functools.lru_cache(maxsize=None)  # composing is ~0.5 s; the configs are only read
 def method_cfg(name: str, *extra: str):
     (run,) = check([f"method={name}", *OVERRIDES.get(name, []), *extra])
     return run.method
@@ -794,3 +795,31 @@ def test_runner_end_to_end_new_method_with_reg(method, reg, tmp_path, local_mode
         assert (final / "hft_selection.json").is_file()
     else:
         assert json.loads((final / "adapter_config.json").read_text())["r"] == 2 * cfg.method.r
+
+
+@pytest.mark.parametrize("method", ["owlore", "lift", "s2ft", "ssf"])
+def test_runner_end_to_end_records_method_and_optimizer_state(method, tmp_path, local_model_dir, monkeypatch):
+    """A real run of each method added with the optimizer-state column: result.json's train section carries
+    trainable/total params, the optimizer-state peak and the method's own record; the final checkpoint is a
+    plain model that transformers reloads."""
+    from transformers import AutoModelForCausalLM
+
+    from ftlab.runner import prepare_run_dir, run_from_dir
+
+    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path / "cache"))
+    fixture = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"
+    (cfg,) = check([f"method={method}", f"model.name_or_path={local_model_dir}", "data=gsm8k",
+                    f"data.path={fixture}", "eval=target", "eval.limit=2", "data.max_new_tokens=2",
+                    "model.max_length=128", "train.max_steps=3", "train.batch_size=4", "train.warmup_steps=0",
+                    "hw.num_threads=1", *OVERRIDES.get(method, [])])
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, cfg)
+    result = run_from_dir(run_dir, progress=False)
+    assert result["status"] == "completed"
+    tr = json.loads((run_dir / "result.json").read_text())["train"]
+    assert 0 < tr["trainable_params"] < tr["total_params"]
+    assert 0 < tr["optimizer_state_bytes"] < 8 * tr["total_params"]
+    assert tr["method"]  # the method's record, e.g. {"galore": false, ...} for owlore
+    if method == "owlore":
+        assert isinstance(tr["method"]["galore"], bool) and tr["method"]["galore_note"]
+    AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "final")
