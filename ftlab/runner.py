@@ -100,6 +100,108 @@ def _diagnostics(cfg, model, tok, tasks, run_dir: Path, device: str) -> dict:
         del base_model
 
 
+def _train_stages(cfg, model, method, tok, tasks, resume, **kw) -> list[dict]:
+    """Continual protocol: train cfg.stages in order (method.on_stage_start before each; a fresh optimizer and
+    schedule per stage; one curve, steps continued), score every stage's target after each stage but the last
+    (whose row is the tuned evaluation), records in records/stage_<i>/. Returns the stage log (stages.json).
+
+    Resume: a finished stage is in stages.json and, when checkpoints are on (train.save_every > 0 or a SLURM
+    job), in checkpoints/stage_<i>/; a restarted run restores the last one and continues with the next stage,
+    from that stage's newest step checkpoint when it has one (exactly, as any run). Without a snapshot the run
+    starts over from stage 0."""
+    from ftlab import preempt
+    from ftlab.continual import load_stage_snapshot, read_stage_log, save_stage_snapshot, write_stage_log
+    from ftlab.data import load_train
+    from ftlab.evaluate import evaluate
+    from ftlab.train import Batches, encode_example, train
+
+    names = [s.name for s in cfg.stages]
+    stage_tasks = [t for t in tasks if t.role == "target" and t.name in names]
+    snapshots = cfg.train.save_every > 0 or preempt.installed()
+    log = read_stage_log(kw["run_dir"])
+    trained: set[str] = set()  # every weight some stage so far trained (HFT: a different half per stage)
+    if log:
+        got = load_stage_snapshot(kw["run_dir"], len(log) - 1, model, method, kw.get("probes"))
+        log, trained = ([], set()) if got is None else (log, got)
+    k = len(log)
+    if resume is not None and int(resume.state.get("stage", 0)) != k:
+        resume = None  # a step checkpoint of a finished stage: the snapshot after it is newer
+    for i in range(k, len(cfg.stages)):
+        method.on_stage_start(model, i)
+        trained |= {n for n, p in model.named_parameters() if p.requires_grad}
+        rows = load_train(cfg.stages[i], cfg.seed)
+        encoded = [encode_example(tok, r["prompt"], r["response"], cfg.model.max_length) for r in rows]
+        st = train(model, method, Batches(encoded, cfg.train.batch_size, cfg.seed), cfg,
+                   resume_from=resume if i == k else None, step_offset=i * cfg.train.max_steps, stage=i, **kw)
+        scores = None
+        if i < len(cfg.stages) - 1:
+            ev = evaluate(model, tok, stage_tasks, cfg.eval.batch_size, stage=f"stage_{i}", run_dir=kw["run_dir"],
+                          progress=kw["progress"])
+            scores = {n: ev[n]["score"] for n in names}
+        log.append({"stage": i, "name": names[i], "scores": scores, "train": dataclasses.asdict(st)})
+        if snapshots:
+            save_stage_snapshot(kw["run_dir"], i, model, trained, method, kw.get("probes"))
+        write_stage_log(kw["run_dir"], log)  # after the snapshot: a stage is finished once both exist
+    return log
+
+
+def _stage_totals(log: list[dict]):
+    """One TrainResult for all stages: sums of steps, tokens and time, peaks of memory, the last stage's rest."""
+    from ftlab.train import TrainResult
+
+    rows = [r["train"] for r in log]
+    total = {**rows[-1], "steps": sum(r["steps"] for r in rows), "tokens": sum(r["tokens"] for r in rows),
+             "wall_s": sum(r["wall_s"] for r in rows)}
+    total["tokens_per_s"] = total["tokens"] / max(total["wall_s"], 1e-9)
+    for k in ("peak_mem_bytes", "optimizer_state_bytes"):
+        if k in total:
+            total[k] = max(r.get(k) or 0 for r in rows)
+    return TrainResult(**total)
+
+
+def _continual_section(cfg, log: list[dict], base: dict, tuned: dict, tasks) -> dict:
+    """result.json `continual`: R[i][j] (stage j's target after stage i; the last row is the tuned evaluation),
+    base scores, and ftlab.continual.continual_metrics of them."""
+    from ftlab.continual import continual_metrics
+
+    names = [s.name for s in cfg.stages]
+    R = [[r["scores"][n] for n in names] for r in log[:-1]] + [[tuned[n]["score"] for n in names]]
+    out = continual_metrics(R, base=[base[n]["score"] for n in names], names=names)
+    by_name = {t.name: t for t in tasks}
+    out["metric"] = {n: by_name[n].metric for n in names}
+    out["unit"] = "points"
+    # every entry's direction: accuracy-type R, so higher is better except forgetting (a drop)
+    out["higher_is_better"] = {"R": True, "average_accuracy": True, "bwt": True, "bwt_trace": True,
+                               "forgetting": False, "forgetting_mean": False, "fwt": True, "learning": True}
+    out["records"] = [f"records/stage_{i}" for i in range(len(names) - 1)] + ["records/tuned"]  # row i's items
+    return out
+
+
+def out_of_memory_message(e: BaseException, cfg: RunConfig) -> str | None:
+    """An allocator failure (CUDA OOM, or the CPU allocator's), said with the hw knobs that lower memory; None for
+    anything else. Checkpoints are written whole or not at all, so nothing partial is left behind."""
+    import torch
+
+    text = str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or isinstance(e, MemoryError)
+            or (isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text))):
+        return None
+    hw, t = cfg.hw, cfg.train
+    procs = hw.nproc * hw.nnodes
+    share = t.batch_size // procs
+    knobs = [f"hw.micro_batch_size={max(1, (hw.micro_batch_size or share) // 2)} (now "
+             f"{hw.micro_batch_size or f'unset: {share} rows per forward'}; the global batch stays {t.batch_size})"]
+    if not hw.grad_checkpointing:
+        knobs.append("hw.grad_checkpointing=true")
+    if hw.precision == "fp32" and hw.device != "cpu":
+        knobs.append("hw.precision=bf16")
+    if hw.strategy != "fsdp" and procs > 1:
+        knobs.append("hw.strategy=fsdp")
+    knobs.append(f"model.max_length below {cfg.model.max_length}")
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+    return f"out of memory ({type(e).__name__}: {first}); lower memory with " + ", ".join(knobs)
+
+
 class _Quiet:
     """The logger of ranks other than 0."""
 
@@ -244,9 +346,15 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()  # frozen embeddings (adapters) still pass gradients on
         forward = dist.wrap(model, cfg.hw)  # DDP wrapper / FSDP2 shards in place; `model` itself otherwise
-        stats = train(model, method, batches, cfg, device=device, pad_id=pad_id, run_dir=run_dir,
-                      on_log=logger.log, progress=progress, reg=reg, resume_from=resume, probes=probes,
-                      forward=forward)
+        kw = dict(device=device, pad_id=pad_id, run_dir=run_dir, on_log=logger.log, progress=progress, reg=reg,
+                  probes=probes, forward=forward)
+        stage_log = None
+        if cfg.stages:  # continual: the stages in order, every stage's target scored after each (R[i][j])
+            stage_log = _train_stages(cfg, model, method, tok, tasks, resume, **kw)
+            stats = _stage_totals(stage_log)
+        else:
+            method.on_stage_start(model, 0)
+            stats = train(model, method, batches, cfg, resume_from=resume, **kw)
         if dist.is_sharded(model):  # FSDP2: rank 0 continues on a whole copy of the trained model
             model = _unsharded_copy(cfg, model, method, ctx, device)
         if not main:
@@ -261,8 +369,12 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
                           "metrics": {"base": base[t.name].get("metrics"), "tuned": tuned[t.name].get("metrics")},
                           "base_cached": base[t.name]["cached"], **t.meta}
                  for t in tasks}
+        if stage_log is not None:
+            record.update(continual=_continual_section(cfg, stage_log, base, tuned, tasks))
         record.update(summary=summarize(table), tasks=table,
-                      train={**dataclasses.asdict(stats), "run_wall_s": time.perf_counter() - t_start})
+                      train={**dataclasses.asdict(stats), "run_wall_s": time.perf_counter() - t_start,
+                             **({"stages": [{"stage": r["stage"], "name": r["name"], **r["train"]}
+                                            for r in stage_log]} if stage_log is not None else {})})
         record.complete()
     except BaseException as e:
         from ftlab.preempt import Preempted
@@ -272,7 +384,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
             if logger is not None and hasattr(logger, "abort"):
                 logger.abort()
             raise
-        msg = f"{type(e).__name__}: {e}"
+        msg = out_of_memory_message(e, cfg) or f"{type(e).__name__}: {e}"
         record.fail(msg)
         (record.run_dir / "error.txt").write_text(traceback.format_exc())
         if logger is not None and hasattr(logger, "abort"):

@@ -169,3 +169,28 @@ def test_batch_that_does_not_split_over_processes_is_refused():
     with pytest.raises(ConfigError, match="method=lisa"):
         check(["hw=cpu2_ddp", "method=lisa"])
     assert torch.distributed.is_available()
+
+
+def test_out_of_memory_is_reported_with_the_knobs_that_help(assets, tmp_path, ftlab_cache, monkeypatch):
+    """A real allocator failure (the CPU allocator's; CUDA's OutOfMemoryError takes the same path) in the middle
+    of training: the record says out of memory and names the hw knobs; no final checkpoint, no hang."""
+    import ftlab.train
+    from ftlab.runner import RunFailed, run_from_dir
+
+    real = ftlab.train.collate
+    calls = []
+
+    def collate_then_exhaust(rows, pad_id):
+        calls.append(1)
+        if len(calls) == 3:
+            torch.empty(2**62, dtype=torch.uint8)  # raises at once: 4 EiB cannot be had
+        return real(rows, pad_id)
+
+    monkeypatch.setattr(ftlab.train, "collate", collate_then_exhaust)
+    run_dir = make_run(tmp_path, "oom", overrides(assets, "train.max_steps=5", "train.save_every=0"))
+    with pytest.raises(RunFailed, match="out of memory") as e:
+        run_from_dir(run_dir, progress=False)
+    assert "hw.micro_batch_size=2" in str(e.value) and "hw.grad_checkpointing=true" in str(e.value)
+    record = json.loads((run_dir / "result.json").read_text())
+    assert record["status"] == "failed" and "out of memory" in record["error"]
+    assert not (run_dir / "checkpoints" / "final").exists()
