@@ -75,10 +75,32 @@ class WandbLogger(ConsoleLogger):
                               resume="allow", reinit="finish_previous")
 
     def log(self, row: dict) -> None:
-        self.run.log({f"train/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+        try:
+            if self.run is not None:
+                self.run.log({f"train/{k}": v for k, v in row.items() if k != "step" and v is not None},
+                             step=row["step"])
+        except Exception as e:
+            self._lost(e)
+
+    def _lost(self, e: Exception) -> None:
+        """wandb mirrors the run directory and never stops a run: in a SLURM job its service process gets the
+        scheduler's SIGTERM too and dies while the run still finishes its step and checkpoints."""
+        import sys
+
+        print(f"ftlab: wandb failed ({type(e).__name__}: {e}); no more wandb logging in this process, the run "
+              f"directory keeps everything", file=sys.stderr)
+        self.run = None
 
     def finish(self, result: dict) -> None:
         super().finish(result)
+        if self.run is None:
+            return
+        try:
+            self._finish(result)
+        except Exception as e:
+            self._lost(e)
+
+    def _finish(self, result: dict) -> None:
         for k, v in result["summary"].items():
             self.run.summary[k] = v
         for name, t in result["tasks"].items():
@@ -91,7 +113,11 @@ class WandbLogger(ConsoleLogger):
         self.run.finish()
 
     def abort(self) -> None:
-        self.run.finish(exit_code=1)
+        try:
+            if self.run is not None:
+                self.run.finish(exit_code=1)
+        except Exception as e:
+            self._lost(e)
 
 
 def _wandb_id(run_id: str) -> str:
