@@ -35,6 +35,7 @@ import random
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,6 @@ def config_sha256(run_dir: Path) -> str | None:
 def save_state(path: Path, *, model: nn.Module, optimizer, scheduler, method, batches, run_dir: Path,
                progress: dict, reg=None, probes=None) -> None:
     """Write one training-state checkpoint atomically: temp dir, fsync, COMPLETE last, rename."""
-    from safetensors.torch import save_file
-
     from ftlab import dist
 
     # Several processes: every rank takes part in gathering (sharded weights and optimizer state, each rank's
@@ -176,10 +175,14 @@ def save_state(path: Path, *, model: nn.Module, optimizer, scheduler, method, ba
         from ftlab.train import NonFiniteLoss
 
         raise NonFiniteLoss(f"non-finite weights in {bad[:3]}; checkpoint not written")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_dir(path) as tmp:
+        _write_state(tmp, named, opt_state, rngs, scheduler, method, reg, probes, batches, run_dir, progress)
+
+
+def _write_state(tmp: Path, named, opt_state, rngs, scheduler, method, reg, probes, batches, run_dir: Path,
+                 progress: dict) -> None:
+    from safetensors.torch import save_file
+
     save_file({n: p.detach().to("cpu").contiguous().clone() for n, p in named.items()},
               str(tmp / "weights.safetensors"))
     torch.save(opt_state, tmp / "optimizer.pt")
@@ -196,8 +199,21 @@ def save_state(path: Path, *, model: nn.Module, optimizer, scheduler, method, ba
     state = {"format": FORMAT, **progress, "data": batches.position, "world_size": len(rngs),
              "config_sha256": config_sha256(run_dir), "files": files}
     (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
-    for f in tmp.iterdir():
-        _fsync_file(f)
+
+
+@contextmanager
+def atomic_dir(path: Path):
+    """Yield `<path>.tmp` to fill; then fsync every file, write COMPLETE last and rename it to `path`. A kill at
+    any point leaves either the old `path` or the new one whole, never a directory with COMPLETE and missing
+    files. Used by training-state checkpoints and by the final export."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync_file(f)
     (tmp / COMPLETE).write_text("ok\n")  # written last: a checkpoint without it is never used
     _fsync_file(tmp / COMPLETE)
     _fsync_dir(tmp)

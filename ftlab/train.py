@@ -262,7 +262,7 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
 
                 save_state(run_dir / "checkpoints" / f"step_{step_offset + step:06d}", model=model, optimizer=opt,
                            scheduler=sched, method=method, batches=batches, run_dir=run_dir, reg=reg, probes=probes,
-                           progress={"step": step, "tokens": tokens, "window_loss": window_loss,
+                           progress={"step": step, "stage": stage or 0, "tokens": tokens, "window_loss": window_loss,
                                      "window_n": window_n, "window_reg": window_reg, "loss_value": loss_value,
                                      "elapsed_s": time.perf_counter() - t0})
                 if main:
@@ -330,18 +330,11 @@ def _response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def save_checkpoint(model: nn.Module, method: Method, path: Path) -> None:
-    """Export the method's weights atomically (temp dir + rename); never a checkpoint with NaN weights."""
-    import shutil
+    """Export the method's weights atomically (ftlab.checkpoint.atomic_dir); never a checkpoint with NaN weights."""
+    from ftlab.checkpoint import atomic_dir
 
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:
         raise NonFiniteLoss(f"non-finite weights in {bad[:3]}; checkpoint not written")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    method.export(model, tmp)
-    (tmp / "COMPLETE").write_text("ok\n")  # written last: a checkpoint without it is ignored
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_dir(path) as tmp:
+        method.export(model, tmp)
