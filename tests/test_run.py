@@ -139,6 +139,12 @@ def test_multirun_makes_one_run_directory_per_job(tmp_path, ftlab_cache):
     assert sorted(r["method"] for r in runs) == ["full", "lora"]
     assert all(r["status"] == "completed" for r in runs)
     assert len({r["run_id"] for r in runs}) == 2
+    # the same sweep again: both jobs find their directories completed and are returned, not re-trained
+    before = [r.read_text() for r in results]
+    again = _cli(["run", "-m", "method=full,lora", *FAST, "train.max_steps=4", "train.log_every=2"],
+                 {"FTLAB_OUTPUTS": str(out), "FTLAB_CACHE": str(ftlab_cache)}, tmp_path)
+    assert again.returncode == 0 and again.stderr.count("already completed") == 2, again.stderr[-2000:]
+    assert sorted(out.glob("runs/*/result.json")) == results and [r.read_text() for r in results] == before
 
 
 def test_run_directory_is_named_by_the_config(tmp_path, ftlab_cache):
