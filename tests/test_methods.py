@@ -673,6 +673,12 @@ def test_prompt_tuning_cached_decoding_matches_full_forward():
             step_logits.append(out.logits[:, -1])
     got = torch.stack(step_logits, 1)
     assert (got - full[:, 2:6]).abs().max() <= RELOAD_ATOL
+    with torch.no_grad():  # ftlab.generate's prefill asks for the last position's logits only
+        last = model(input_ids=seq, attention_mask=torch.ones_like(seq), logits_to_keep=1).logits
+    assert last.shape[1] == 1 and (last[:, 0] - full[:, -1]).abs().max() <= RELOAD_ATOL
+    from ftlab.generate import greedy_decode
+
+    assert len(greedy_decode(model, tok, ["ab=", "c="], 3, batch_size=2)) == 2
 
 
 def test_unknown_method_knobs_are_refused():

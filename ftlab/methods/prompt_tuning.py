@@ -57,8 +57,9 @@ class PromptTunedLM(nn.Module):
                 position_ids = torch.cat((prefix, position_ids), dim=1)
         out = pm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=past_key_values, **kwargs)
-        if first:
-            out.logits = out.logits[:, n:]
+        # logits of the real tokens only: the last input_ids.shape[1] positions (with `logits_to_keep`, as
+        # ftlab.generate asks at prefill, the model returns fewer, all of them real tokens)
+        out.logits = out.logits[:, -input_ids.shape[1]:]
         return out
 
     def save_pretrained(self, out_dir, **kwargs) -> None:
