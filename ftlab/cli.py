@@ -78,6 +78,23 @@ def _register_schemas() -> None:
         cs.store(group="schema/method", name=name, node=schema)
 
 
+_DATA_LIST = re.compile(r"^data=\[([^\[\]]*)\]$")
+
+
+def stage_args(args: list[str]) -> list[str]:
+    """`data=[a,b,c]` (continual stages) -> `data=a stages=[a,b,c]`: Hydra would merge the options of a list into
+    one `data` node; ftlab expands each stage at validation (ftlab.schema) instead."""
+    out = []
+    for a in args:
+        m = _DATA_LIST.match(a)
+        if m:
+            names = [n.strip() for n in m.group(1).split(",") if n.strip()]
+            out += [f"data={names[0]}" if names else "data", f"stages=[{','.join(names)}]"]
+        else:
+            out.append(a)
+    return out
+
+
 def _split(args: list[str]) -> tuple[list[str], bool]:
     multirun = any(a in ("-m", "--multirun") for a in args)
     overrides = [a for a in args if not a.startswith("-")]
@@ -107,7 +124,7 @@ def check(overrides: list[str], multirun: bool = False) -> list:
     _register_schemas()
     out = []
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3", job_name="ftlab"):
-        for job in _job_overrides(overrides, multirun):
+        for job in _job_overrides(stage_args(overrides), multirun):
             cfg = compose(config_name="config", overrides=job)
             out.append(validate(cfg))
     return out
@@ -204,6 +221,7 @@ def run_command(args: list[str]) -> int:
 
     from ftlab.schema import ConfigError
 
+    args = stage_args(args)
     if not any(a in _INFO_FLAGS or a.split("=")[0] in _INFO_FLAGS for a in args):
         overrides, multirun = _split(args)
         try:

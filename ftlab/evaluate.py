@@ -109,13 +109,14 @@ def build_tasks(cfg: Any) -> list[Task]:
     e, limit = cfg.eval, cfg.eval.limit
     tasks: list[Task] = []
     for name in e.target:
-        if name == "data":
-            rows = load_eval(cfg.data, limit, EVAL_SEED)
-            tasks.append(Task(cfg.data.name, "target", "generation",
-                              [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"]} for r in rows],
-                              answer=cfg.data.answer, max_new_tokens=cfg.data.max_new_tokens,
-                              # the prompt as training sees it (train.encode_example applies no chat template)
-                              meta={"source": cfg.data.source, "few_shot": 0, "format": "plain"}))
+        if name == "data":  # the held-out split of the training data; of every stage's data in a continual run
+            for d in getattr(cfg, "stages", None) or [cfg.data]:
+                rows = load_eval(d, limit, EVAL_SEED)
+                tasks.append(Task(d.name, "target", "generation",
+                                  [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"]} for r in rows],
+                                  answer=d.answer, max_new_tokens=d.max_new_tokens,
+                                  # the prompt as training sees it (train.encode_example applies no chat template)
+                                  meta={"source": d.source, "few_shot": 0, "format": "plain"}))
         else:
             tasks.append(_named_task(name, "target", cfg))
     for name in e.forget:

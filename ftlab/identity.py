@@ -35,7 +35,7 @@ def _slug(x: Any) -> str:
 
 def run_name(config: dict) -> str:
     """`<method>_<data>_s<seed>_<digest>`: readable first, unique by the digest."""
-    data = config.get("data", {})
+    data = config.get("stages") or config.get("data", {})  # a continual run: every stage's name
     data_name = [s.get("name", "data") for s in data] if isinstance(data, list) else data.get("name", "data")
     return (f"{_slug(config['method']['name'])}_{_slug(data_name)}_s{config.get('seed', 0)}_"
             f"{config_digest(config)[:DIGEST_CHARS]}")

@@ -565,6 +565,10 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reg: RegConfig = field(default_factory=RegConfig)
+    # Continual protocol: the data of each training stage, in order (`data=[a,b]` on the command line, or
+    # stages=[a,b]: data option names, expanded at compose time to full data configs; `data` is stage 0).
+    # Empty: one stage, `data`.
+    stages: list[Any] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ registries
@@ -632,6 +636,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         raise ConfigError("method: missing; pick one with method=<name>; valid choices: " + ", ".join(METHODS))
     _choice("method.name", method_node.name, METHODS)
     method = _typed("method", METHODS[method_node.name], method_node)
+    _expand_stages(cfg)
     rest = {k: v for k, v in cfg.items() if k != "method"}
     try:
         OmegaConf.resolve(cfg)
@@ -648,11 +653,84 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         logger=_typed("logger", LoggerConfig, rest.get("logger", {})),
         train=_typed("train", TrainConfig, rest.get("train", {})),
         reg=_typed("reg", RegConfig, rest.get("reg", {})),
+        stages=[_typed(f"stages[{i}]", DataConfig, s) for i, s in enumerate(rest.get("stages") or [])],
     )
     if not isinstance(run.seed, int) or isinstance(run.seed, bool):
         raise ConfigError(f"seed: must be an integer, got {run.seed!r}")
     _check_ranges(run)
+    _check_stages(run)
     return run
+
+
+# ------------------------------------------------------------------------------------------ continual stages
+def data_options() -> list[str]:
+    """The `data` group's options (conf/data/*.yaml)."""
+    from pathlib import Path
+
+    from ftlab.cli import conf_dir
+
+    return sorted(p.stem for p in (Path(conf_dir()) / "data").glob("*.yaml"))
+
+
+def _expand_stages(cfg: DictConfig) -> None:
+    """`stages` given as data option names become full data configs, in place: option i's YAML over the schema
+    defaults plus the user's `data.*` overrides (the keys where the composed `data` differs from its own
+    option), so `data=[a,b] data.n_train=256` trains 256 rows in every stage, as `data=a` and `data=b` would.
+    `data` becomes stage 0. Stages that are already data configs (a run directory's config.yaml) stay."""
+    from pathlib import Path
+
+    from ftlab.cli import conf_dir
+
+    stages = cfg.get("stages")
+    if not stages or all(isinstance(s, (dict, DictConfig)) for s in stages):
+        return
+    if not all(isinstance(s, str) for s in stages):
+        raise ConfigError(f"stages: give data option names, e.g. stages=[synth_sub,synth_rot1] (or "
+                          f"data=[synth_sub,synth_rot1]), got {OmegaConf.to_container(stages)}")
+    valid = data_options()
+    for i, name in enumerate(stages):
+        _choice(f"stages[{i}]", name, valid)
+    root = Path(conf_dir()) / "data"
+
+    def option(name: str) -> DictConfig:
+        return OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(root / f"{name}.yaml"))
+
+    data = cfg.get("data")
+    composed = OmegaConf.to_container(data, resolve=False) if data is not None else {}
+    own = OmegaConf.to_container(option(composed["name"]), resolve=False) if composed.get("name") in valid else {}
+    overrides = {k: v for k, v in composed.items() if k not in own or own[k] != v}
+    expanded = [data if data is not None and name == composed.get("name") else OmegaConf.merge(option(name), overrides)
+                for name in stages]
+    cfg.stages = expanded
+    cfg.data = expanded[0]
+
+
+def _check_stages(c: RunConfig) -> None:
+    """A continual run: at least two distinct stages, `data` is stage 0, every stage passes the data checks, the
+    eval scores every stage's target; one process (stage evaluations run between stages on rank 0 only)."""
+    if not c.stages:
+        return
+    names = [s.name for s in c.stages]
+    if len(names) < 2:
+        raise ConfigError(f"stages: a continual run needs at least two stages, got {names}; for one, use data={names[0]}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"stages: {dup} appear more than once in {names}; each stage's target is scored under its "
+                          "data name, so stage names must differ")
+    if c.data != c.stages[0]:
+        raise ConfigError(f"data: a continual run's data is its first stage ({names[0]}), got data.name={c.data.name}; "
+                          f"set the stages with data=[{','.join(names)}]")
+    if "data" not in c.eval.target:
+        raise ConfigError(f"eval.target: a continual run scores every stage's held-out split after each stage; "
+                          f"include data, e.g. eval.target=[data], got {c.eval.target}")
+    if c.hw.nproc * c.hw.nnodes > 1:
+        raise ConfigError(f"stages: continual runs use one process for now (stage evaluations run between "
+                          f"stages); got hw.nproc={c.hw.nproc} x hw.nnodes={c.hw.nnodes}")
+    for i, stage in enumerate(c.stages[1:], 1):
+        try:
+            _check_ranges(dataclasses.replace(c, data=stage, stages=[]))
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i}] ({stage.name}): {e}") from None
 
 
 def _check_ranges(c: RunConfig) -> None:

@@ -137,3 +137,137 @@ def test_diagnostics_config_is_checked_at_compose_time():
         check(["eval.diagnostics=[intruders]"])
     with pytest.raises(ConfigError, match="eval.diagnostics_n: must be >= 1"):
         check(["eval.diagnostics_n=0"])
+
+
+# ------------------------------------------------------------------------------------------------ continual
+# rot1 then sub with full fine-tuning on the small world: 200 steps at lr 1e-2 learn rot1 (>= 90 points for
+# seeds 0 and 1, measured); 200 steps of sub then wipe it out.
+CONTINUAL = ["data=[synth_rot1,synth_sub]", "method=full", "train.max_steps=200", "train.lr=1e-2",
+             "data.n_train=2000", "eval.probe_every=50", "eval.diagnostics=[]"]
+
+
+@pytest.fixture(scope="module")
+def continual_run(tmp_path_factory, ftlab_cache):
+    return _run(tmp_path_factory.mktemp("continual"), "ref", CONTINUAL)
+
+
+def _mean_score(path):
+    rows = [json.loads(line) for line in path.open()]
+    return sum(r["score"] for r in rows) / len(rows)
+
+
+def test_continual_r_matrix_bookkeeping(continual_run):
+    from ftlab.continual import continual_metrics
+
+    run_dir, result = continual_run
+    c = result["continual"]
+    names = ["synth_rot1", "synth_sub"]
+    assert c["stages"] == names and len(c["R"]) == 2 and all(len(row) == 2 for row in c["R"])
+    # R[0][j]: every stage's target scored after stage 0, from its own records; R[1][j]: the tuned evaluation
+    assert c["R"][0] == [_mean_score(run_dir / "records" / "stage_0" / f"{n}.jsonl") for n in names]
+    assert c["R"][1] == [result["tasks"][n]["tuned"] for n in names]
+    assert c["base"] == [result["tasks"][n]["base"] for n in names]
+    assert all(result["tasks"][n]["role"] == "target" for n in names)
+    want = continual_metrics(c["R"], base=c["base"], names=names)
+    assert {k: c[k] for k in want} == want
+    assert c["higher_is_better"]["forgetting"] is False and c["records"] == ["records/stage_0", "records/tuned"]
+    # one curve over both stages: steps continue, rows carry their stage, stage 1 starts from stage 0's end
+    rows = curve(run_dir)
+    assert [r["step"] for r in rows if "probe_kl" in r] == [0, 50, 100, 150, 200, 250, 300, 350, 400]
+    assert {r["stage"] for r in rows if r["step"] <= 200 and r["step"]} == {0}
+    assert {r["stage"] for r in rows if r["step"] > 200} == {1}
+    assert rows[-1]["step"] == 400 and all(r["probe_kl"] > 0 for r in rows if r["step"] and "probe_kl" in r)
+    tr = result["train"]
+    assert tr["steps"] == 400 and [s["name"] for s in tr["stages"]] == names
+    assert tr["tokens"] == sum(s["tokens"] for s in tr["stages"])
+    log = json.loads((run_dir / "stages.json").read_text())
+    assert [r["stage"] for r in log] == [0, 1] and log[0]["scores"] == dict(zip(names, c["R"][0]))
+
+
+def test_stage_two_forgets_stage_one_with_full_fine_tuning(continual_run):
+    _, result = continual_run
+    c = result["continual"]
+    learnt, after = c["R"][0][0], c["R"][1][0]
+    assert c["learning"]["synth_rot1"] >= 50, c["R"]  # stage 0 learnt rot1 ...
+    assert after <= learnt - 40 and c["forgetting"]["synth_rot1"] == learnt - after  # ... and stage 1 undid it
+    assert c["bwt"] == after - learnt and c["bwt"] <= -40
+
+
+# Short stages for the resume cases (no learning needed): HFT re-draws its trained half in stage 1, so a resume
+# after a stage must restore what every earlier stage trained; LoRA with dropout makes the RNG state matter.
+RESUMABLE = {"hft": ["method=hft"], "lora": ["method=lora", "method.dropout=0.1"]}
+SHORT = ["data=[synth_rot1,synth_sub]", "train.max_steps=20", "train.save_every=5", "train.keep_checkpoints=100",
+         "train.log_every=1", "eval.probe_every=5", "eval.diagnostics=[]"]
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory, ftlab_cache):
+    root = tmp_path_factory.mktemp("continual_short")
+    return {m: _run(root, m, SHORT + extra) for m, extra in RESUMABLE.items()}
+
+
+@pytest.mark.parametrize("method,where", [("hft", "mid_stage"), ("hft", "stage_boundary"),
+                                          ("hft", "after_last_stage"), ("lora", "mid_stage")])
+def test_continual_run_resumes_exactly(method, where, short_runs, tmp_path, monkeypatch):
+    """Interrupted inside stage 1 (after its step-30 checkpoint), right after stage 0 was logged (stage 1 then
+    starts from the stage-0 snapshot), or after the last stage (the tuned evaluation then runs on the restored
+    stage-1 snapshot), then resumed: the same R, curve and final weights as the uninterrupted run."""
+    import ftlab.checkpoint
+    import ftlab.continual
+    from ftlab.runner import RunFailed
+
+    class Interrupted(Exception):
+        pass
+
+    if where == "mid_stage":
+        real = ftlab.checkpoint.save_state
+
+        def save_then_stop(path, **kw):
+            real(path, **kw)
+            if path.name == "step_000030":
+                raise Interrupted
+
+        monkeypatch.setattr(ftlab.checkpoint, "save_state", save_then_stop)
+    else:
+        real_log, stop_after = ftlab.continual.write_stage_log, 1 if where == "stage_boundary" else 2
+
+        def log_then_stop(run_dir, rows):
+            real_log(run_dir, rows)
+            if len(rows) == stop_after:
+                raise Interrupted
+
+        monkeypatch.setattr(ftlab.continual, "write_stage_log", log_then_stop)
+    with pytest.raises(RunFailed, match="Interrupted"):
+        _run(tmp_path, "cut", SHORT + RESUMABLE[method])
+    monkeypatch.undo()
+    run_dir = tmp_path / "cut"
+    result = run_from_dir(run_dir, progress=False)
+    ref_dir, ref = short_runs[method]
+    assert result["status"] == "completed"
+    assert result["resumed_from"] == {"mid_stage": "step_000030", "stage_boundary": "step_000020",
+                                      "after_last_stage": "step_000040"}[where]
+    assert result["continual"]["R"] == ref["continual"]["R"]
+    assert curve(run_dir) == curve(ref_dir)
+    a, b = final_weights(run_dir), final_weights(ref_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if method == "hft":  # stage 1 trained another half than stage 0: both halves moved away from the base
+        sel = json.loads((run_dir / "checkpoints" / "final" / "hft_selection.json").read_text())
+        assert sel["stages"]["0"] != sel["stages"]["1"]
+
+
+def test_continual_stages_are_checked_at_compose_time():
+    from ftlab.schema import ConfigError
+
+    (cfg,) = check(["data=[synth_sub,synth_rot1]", "data.n_train=256"])
+    assert [s.name for s in cfg.stages] == ["synth_sub", "synth_rot1"] and cfg.data == cfg.stages[0]
+    assert [s.n_train for s in cfg.stages] == [256, 256]  # data.* overrides apply to every stage
+    assert [s.skill for s in cfg.stages] == ["sub", "rot1"]
+    (same,) = check(["stages=[synth_sub,synth_rot1]", "data.n_train=256"])
+    assert same == cfg
+    for bad, msg in [(["data=[synth_sub,synth_rot2]"], r"stages\[1\]: unknown value 'synth_rot2'; valid choices: "),
+                     (["data=[synth_sub,synth_sub]"], "stages: .* appear more than once"),
+                     (["data=[synth_sub]"], "at least two stages"),
+                     (["data=[synth_sub,synth_rot1]", "eval.target=[gsm8k]"], "eval.target: a continual run"),
+                     (["data=[synth_sub,synth_rot1]", "hw.nproc=2"], "stages: continual runs use one process")]:
+        with pytest.raises(ConfigError, match=msg):
+            check(bad)
