@@ -94,6 +94,9 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     name: str = MISSING
+    # The method trains at train.lr * lr_scale: methods that update few parameters or only scale features (IA3,
+    # SSF, prompt tuning, LIFT, S2FT) set a scale > 1 in their YAML, so a train.lr sweep moves every method.
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -290,6 +293,9 @@ PROMPT_INITS = ("vocab", "random", "text")
 
 def _check_method(meth: "MethodConfig") -> None:
     """Range checks of the method knobs (types and unknown keys are refused by the schema itself)."""
+    if not meth.lr_scale > 0:
+        raise ConfigError(f"method.lr_scale: must be > 0 (the method trains at train.lr * lr_scale), got "
+                          f"{meth.lr_scale!r}")
     if isinstance(meth, LoraConfig):
         _at_least("method.r", meth.r, 1)
         if not meth.alpha > 0:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,9 +150,13 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
     micro = cfg.hw.micro_batch_size
     fwd = forward if forward is not None else model
     groups = method.param_groups(model, t.weight_decay)
+    lr = method_lr(method.cfg, t.lr)
+    if lr != t.lr and main:
+        print(f"ftlab: method={method.name} trains at lr {lr:g} = train.lr {t.lr:g} x method.lr_scale "
+              f"{lr / t.lr:g}", file=sys.stderr)
     for g in groups:
-        g["lr"] = t.lr * g.pop("lr_scale", 1.0)
-    opt = method.build_optimizer(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2))
+        g["lr"] = lr * g.pop("lr_scale", 1.0)
+    opt = method.build_optimizer(groups, lr=lr, betas=(t.adam_beta1, t.adam_beta2))
     if not any(p.requires_grad for g in opt.param_groups for p in g["params"]):
         raise ValueError(f"method {method.name}: no trainable parameters")
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
@@ -275,6 +280,12 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
                        peak_mem_bytes=_peak_mem(device), trainable_params=trainable, total_params=total,
                        wall_s=wall, final_loss=loss_value, optimizer_state_bytes=opt_state_peak,
                        method=method.report())
+
+
+def method_lr(method_cfg: Any, train_lr: float) -> float:
+    """The base learning rate: train.lr times the method's `lr_scale` (> 1 for methods that train few
+    parameters or only scale features, e.g. prompt tuning; 1 for the rest)."""
+    return train_lr * float(getattr(method_cfg, "lr_scale", 1.0))
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

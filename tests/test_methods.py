@@ -40,17 +40,20 @@ LAYER_SAMPLING = ("lisa", "owlore")
 SPARSE = ("lift", "s2ft")  # trained delta vectors on chosen entries (ftlab.methods.sparse), folded on export
 WHOLE_MODEL = ("full", "freeze", "hft", "ssf") + LAYER_SAMPLING + SPARSE  # export a plain model directory
 
-# per-method knobs that fit the tiny model (everything else: the YAML defaults)
+# per-method knobs that fit the tiny model (everything else: the YAML defaults). The YAML's lr_scale is tuned
+# for the tiny world's train.lr; here the test model's own LR (below) applies as is.
+UNSCALED = ["method.lr_scale=1.0"]
 OVERRIDES = {
     **{m: ["method.r=4"] for m in LORA_FAMILY},
     "corda": ["method.r=4", "method.calib_samples=8"],
     "lora_ga": ["method.r=4", "method.calib_samples=8", "method.calib_batch_size=4"],
-    "prompt_tuning": ["method.num_virtual_tokens=4"],
+    "prompt_tuning": ["method.num_virtual_tokens=4", *UNSCALED],
+    "ia3": UNSCALED, "lift": UNSCALED, "ssf": UNSCALED,
     "freeze": ["method.train_top=1"],
     "lisa": ["method.gamma=1", "method.interval=2"],
     "owlore": ["method.gamma=1", "method.interval=2"],
     "s2ft": ["method.heads=1", "method.channels=8", "method.attn_modules=[q_proj,k_proj,v_proj,o_proj]",
-             "method.ffn_modules=[gate_proj,up_proj,down_proj]"],
+             "method.ffn_modules=[gate_proj,up_proj,down_proj]", *UNSCALED],
 }
 LR = {"prompt_tuning": 0.1, "ia3": 0.05}
 STEPS = 8
@@ -624,6 +627,20 @@ def test_ssf_folds_into_biased_plain_model_and_refuses_unfoldable_targets(traine
     batch = probe_batch()
     got = logits_of(Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen"), batch)
     assert (got - logits_of(qwen, batch)).abs().max() <= RELOAD_ATOL
+
+
+def test_method_lr_scale_multiplies_train_lr(tmp_path, capfd):
+    """A method YAML's lr_scale (ssf: 10) sets the optimizer's lr to train.lr x lr_scale, logged in the curve and
+    said on stderr; lr_scale=1 leaves train.lr."""
+    (run,) = check(["method=ssf"])
+    assert run.method.lr_scale == 10.0
+    t = train_method("ssf", tmp_path / "scaled", "method.lr_scale=10", steps=2, lr=1e-3)
+    assert [r["lr"] for r in t.curve] == pytest.approx([1e-2, 1e-2])
+    assert "train.lr 0.001 x method.lr_scale 10" in capfd.readouterr().err
+    t = train_method("ssf", tmp_path / "plain", steps=2, lr=1e-3)
+    assert [r["lr"] for r in t.curve] == pytest.approx([1e-3, 1e-3])
+    with pytest.raises(ConfigError, match="method.lr_scale"):
+        check(["method=lora", "method.lr_scale=0"])
 
 
 def test_freeze_bottom_and_layerwise_lr_decay(tmp_path):
