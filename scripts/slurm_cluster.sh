@@ -46,16 +46,26 @@ do_install() {
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing slurm-wlm munge (missing: ${missing[*]})"
     command -v apt-get >/dev/null || die "apt-get not found; install SLURM (slurmctld, slurmd, slurm-client) and munge by hand"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2
+    local sudo=()
+    if [ "$(id -u)" != 0 ]; then
+      command -v sudo >/dev/null || die "apt-get needs root (no sudo here)"
+      sudo=(sudo)
+    fi
     # without recommends: 8 packages, 3.5 MB (with them, 43, none needed here)
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >&2
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >&2
+    for b in slurmctld slurmd sbatch munged mungekey; do need "$b"; done
   else
     say "slurm and munge already installed ($(slurmctld -V))"
   fi
+  # the launcher is an ftlab dependency; this only mends a virtualenv that lacks it (never a system python)
   if ! python3 -c 'import hydra_plugins.hydra_submitit_launcher' 2>/dev/null; then
-    say "installing hydra-submitit-launcher into $(command -v python3)"
-    python3 -m pip install -q hydra-submitit-launcher >&2
+    if python3 -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+      say "installing hydra-submitit-launcher into $(python3 -c 'import sys; print(sys.prefix)')"
+      python3 -m pip install -q hydra-submitit-launcher >&2
+    else
+      say "no virtualenv active: not installing hydra-submitit-launcher (pip install -e . in ftlab's venv brings it)"
+    fi
   fi
 }
 
