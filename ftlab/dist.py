@@ -183,4 +183,8 @@ def launch(run_dir: Path, hw) -> int:
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     env.pop("LOCAL_RANK", None)
-    return subprocess.run(torchrun_command(run_dir, hw), env=env).returncode
+    from ftlab.preempt import child_preexec
+
+    # in a SLURM job: torchrun's agent ignores USR2 (SLURM signals every process of the step; the workers
+    # checkpoint at their step end and exit 3, the agent must not die first)
+    return subprocess.run(torchrun_command(run_dir, hw), env=env, preexec_fn=child_preexec).returncode

@@ -497,8 +497,8 @@ class SlurmConfig:
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    nodes: int = 1
-    gpus_per_node: int = 0  # GPUs per node; a job runs hw.nproc processes (torchrun) on them
+    # nodes: hw.nnodes; processes per node: hw.nproc (torchrun inside the job when their product is > 1)
+    gpus_per_node: int = 0
     cpus_per_task: Optional[int] = None
     mem_gb: Optional[int] = None
     time_min: int = 60  # the job's time limit
@@ -852,7 +852,6 @@ SIGNAL_EARLY_S = 60
 
 def _check_slurm(c: RunConfig) -> None:
     s, h = c.hw.slurm, c.hw
-    _at_least("hw.slurm.nodes", s.nodes, 1)
     _at_least("hw.slurm.gpus_per_node", s.gpus_per_node, 0)
     _at_least("hw.slurm.cpus_per_task", s.cpus_per_task, 1, allow_none=True)
     _at_least("hw.slurm.mem_gb", s.mem_gb, 1, allow_none=True)
@@ -877,9 +876,9 @@ def _check_slurm(c: RunConfig) -> None:
     if not s.save_on_signal and c.train.save_every == 0:
         raise ConfigError("train.save_every: 0 with hw.slurm.save_on_signal=false: a preempted or timed-out job "
                           "would restart from step 0; set train.save_every=N or hw.slurm.save_on_signal=true")
-    if h.device == "cuda" and s.gpus_per_node * s.nodes < h.nproc:
-        raise ConfigError(f"hw.slurm.gpus_per_node: {s.gpus_per_node} GPU(s) per node x {s.nodes} node(s) is fewer "
-                          f"than hw.nproc={h.nproc} processes; set hw.slurm.gpus_per_node={h.nproc // s.nodes}")
+    if h.device == "cuda" and s.gpus_per_node < h.nproc:
+        raise ConfigError(f"hw.slurm.gpus_per_node: {s.gpus_per_node} GPU(s) per node for hw.nproc={h.nproc} "
+                          f"processes per node; set hw.slurm.gpus_per_node={h.nproc}")
 
 
 def _check_mix(d: DataConfig, m: ModelConfig) -> None:

@@ -12,12 +12,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m ftlab.worker RUN_DIR", file=sys.stderr)
         return 2
-    from ftlab import dist
+    from ftlab import dist, preempt
     from ftlab.checkpoint import ResumeRefused
     from ftlab.runner import RunDirBusy, RunFailed, run_from_dir
 
+    preempt.install_from_env()  # in a SLURM job (ftlab.slurm): a stop signal checkpoints at a step end
     try:
         run_from_dir(Path(argv[0]))
+    except preempt.Preempted:
+        return 3
     except RunFailed as e:
         if dist.is_main():
             print(f"ftlab: run failed: {e}\n  record: {Path(argv[0]) / 'result.json'}", file=sys.stderr)
