@@ -509,6 +509,8 @@ def _mc_shared(model, requests, batch_size, max_length, keep, device, pad, out) 
                     rest.append((b, j))
         if not rest:
             continue
+        # continuations of similar length share a batch: padding of the second pass is wasted compute
+        rest.sort(key=lambda bj: -len(requests[bj[1]][1]))
         cache = res.past_key_values
         if not _can_share(model, cache):
             return False
