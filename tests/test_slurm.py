@@ -241,6 +241,37 @@ def test_resubmitted_sweep_skips_completed_runs(sweep):
     assert submit_s < 30
 
 
+@needs_slurm
+def test_requeues_are_bounded(sweep):
+    """hw.slurm.max_requeues=0: the first stop signal checkpoints, then the run fails with a clear record (no
+    requeue loop); the checkpoint stays for a resubmission."""
+    env = sweep["env"]
+    out, _ = submit(env, "seed=2", "hw.slurm.max_requeues=0")
+    ((job, run),) = submitted_jobs(out).items()
+    wait_for("the job training past step 5", lambda: events(run) and last_step(run) >= 5, env)
+    assert sh(env, "scancel", "--signal=USR2", job).returncode == 0
+    wait_for("the job to end", lambda: [e for e in events(run) if e["event"] == "stop"]
+             and sh(env, "squeue", "-h", "-j", job).stdout.strip() == "", env)
+    (stop,) = [e for e in events(run) if e["event"] == "stop"]
+    assert stop["action"] == "fail" and stop["restart"] == 0
+    rec = json.loads((run / "result.json").read_text())
+    assert rec["status"] == "failed"
+    assert "hw.slurm.max_requeues=0 reached" in rec["error"] and stop["checkpoint"] in rec["error"]
+    assert (run / "checkpoints" / stop["checkpoint"] / "COMPLETE").is_file()
+    state = sh(env, "scontrol", "show", "job", job).stdout
+    assert "JobState=FAILED" in state and "Restarts=0" in state, state
+
+
+@pytest.mark.parametrize("signals,restarts,action", [
+    (["USR2"], 0, "requeue"), (["USR2"], 2, "requeue"), (["USR2"], 3, "fail"),
+    (["TERM"], 0, "exit"), (["USR2", "TERM"], 5, "exit"),
+])
+def test_stop_decision(signals, restarts, action):
+    from ftlab.slurm import decide
+
+    assert decide(signals, restarts, max_requeues=3) == action
+
+
 # ------------------------------------------------------------------------------ no cluster needed
 @pytest.mark.parametrize("extra,key", [
     (["hw.slurm.signal_lead_s=600"], "hw.slurm.signal_lead_s: 600 s is not shorter than the time limit"),
