@@ -20,6 +20,22 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def continual_table(c: dict):
+    """R[i][j] of a continual run (rows: after stage i; columns: stage j's target) with its summary."""
+    from rich.table import Table
+
+    fm = c.get("forgetting_mean")
+    table = Table(title=f"continual: average accuracy {_fmt(c['average_accuracy'])}, backward transfer "
+                        f"{_fmt(c['bwt'])}, forgetting {_fmt(fm)} (points)")
+    table.add_column("after stage")
+    for name in c["stages"]:
+        table.add_column(name, justify="right")
+    table.add_row("base", *(_fmt(x) for x in c.get("base") or [None] * len(c["stages"])))
+    for i, row in enumerate(c["R"]):
+        table.add_row(f"{i} {c['stages'][i]}", *(_fmt(x) for x in row))
+    return table
+
+
 def results_table(result: dict):
     """The run's task table (task, role, metric, base, tuned, delta) and its summary, as rich renderables."""
     from rich.table import Table
@@ -54,6 +70,8 @@ class ConsoleLogger:
         console = Console()
         for r in results_table(result):
             console.print(r)
+        if result.get("continual"):
+            console.print(continual_table(result["continual"]))
         tr = result["train"]
         console.print(f"trained {tr['trainable_params']:,} of {tr['total_params']:,} parameters, "
                       f"{tr['steps']} steps in {tr['wall_s']:.1f} s ({tr['tokens_per_s']:,.0f} tok/s); "
@@ -103,6 +121,19 @@ class WandbLogger(ConsoleLogger):
     def _finish(self, result: dict) -> None:
         for k, v in result["summary"].items():
             self.run.summary[k] = v
+        c = result.get("continual") or {}
+        for k in ("average_accuracy", "bwt", "forgetting_mean", "fwt"):
+            if c.get(k) is not None:
+                self.run.summary[f"continual/{k}"] = c[k]
+        d = result.get("diagnostics") or {}
+        for role in ("target", "forget"):
+            if (d.get("tuco") or {}).get(role, {}).get("mean") is not None:
+                self.run.summary[f"diagnostics/tuco_{role}"] = d["tuco"][role]["mean"]
+        w = d.get("weights") or {}
+        if w.get("main_key") and w.get("intruders"):
+            self.run.summary[f"diagnostics/intruders_{w['main_key']}"] = w["intruders"][w["main_key"]]
+        if w.get("rel_update_mean") is not None:
+            self.run.summary["diagnostics/rel_update_mean"] = w["rel_update_mean"]
         for name, t in result["tasks"].items():
             self.run.summary[f"tasks/{name}/base"] = t["base"]
             self.run.summary[f"tasks/{name}/tuned"] = t["tuned"]
