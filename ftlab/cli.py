@@ -177,7 +177,7 @@ GROUPS = {
     "data": "training data (and the target task's held-out split); a local jsonl via data.path=",
     "method": "how parameters are tuned",
     "eval": "target task(s) and forgetting suite; eval.limit caps examples per task",
-    "hw": "device, precision, processes",
+    "hw": "device, precision, processes; slurm_cpu / slurm_gpu submit to SLURM (hw.slurm.*)",
     "logger": "where metrics go besides the run directory",
     "reg": "a regulariser added to the training loss, with any method (reg.weight scales it)",
 }
