@@ -122,6 +122,9 @@ def _agree(got: list[str]) -> list[str]:
     return got or (["TERM"] if int(flag[1]) else ["USR2"])
 
 
-def reset() -> None:
-    """Forget received signals (tests; a new run in the same process)."""
-    _state.update(got=[], raised=False)
+def uninstall() -> None:
+    """Python's default handlers back, nothing recorded (tests; a process that runs on after a job)."""
+    for name in _state["installed"]:
+        signal.signal(getattr(signal, "SIG" + name), signal.SIG_DFL)
+    _state.update(installed=(), save=True, got=[], raised=False)
+    os.environ.pop(ENV, None)

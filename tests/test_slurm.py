@@ -273,6 +273,32 @@ def test_stop_decision(signals, restarts, action):
 
 
 # ------------------------------------------------------------------------------ no cluster needed
+def test_stop_signal_waits_for_the_step_boundary_inside_the_loop_only():
+    """Real signals to this process: inside the training loop (deferred) a stop signal is only recorded, for the
+    loop's next step-end check; outside it stops at once; a second signal while stopping never raises again."""
+    import signal
+
+    from ftlab import preempt
+
+    preempt.install(("USR2", "TERM"))
+    try:
+        assert os.environ[preempt.ENV] == "USR2,TERM"
+        with preempt.deferred():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert preempt.requested() == ["USR2"]
+        preempt.uninstall()
+        preempt.install(("USR2", "TERM"))
+        with pytest.raises(preempt.Preempted) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode
+        assert e.value.signals == ["TERM"] and e.value.step is None
+        os.kill(os.getpid(), signal.SIGUSR2)  # already stopping: recorded, not raised
+        assert preempt.requested() == ["TERM", "USR2"]
+    finally:
+        preempt.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and preempt.ENV not in os.environ
+
+
 @pytest.mark.parametrize("extra,key", [
     (["hw.slurm.signal_lead_s=600"], "hw.slurm.signal_lead_s: 600 s is not shorter than the time limit"),
     (["hw.slurm.signal_lead_s=10"], "hw.slurm.signal_lead_s: 10 s leaves no time to finish the current step"),
