@@ -134,6 +134,9 @@ def write_markdown(rows: dict[str, dict], failed: list[str], out: Path, command:
         command,
         "```",
         "",
+        "`OMP_NUM_THREADS=1 python scripts/compare_methods.py` runs exactly that and writes this page from the runs' "
+        "result.json (`--runs-dir outputs/compare_methods/runs` re-reads them without running).",
+        "",
         "| method | lr | gain | forgetting | forgetting_max | retention | trained params | optimizer state | vs full | "
         "train s | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
