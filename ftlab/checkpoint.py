@@ -43,16 +43,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftlab.identity import ResumeRefused, config_changes, config_sha256  # noqa: F401 - re-exported
+
 FORMAT = 1
 COMPLETE = "COMPLETE"
 STATE = "state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPONENTS = ("weights", "optimizer", "scheduler", "rng", "data", "method", "reg")
 _DROP_ENV = "FTLAB_RESUME_DROP"  # test-only, see the module docstring
-
-
-class ResumeRefused(RuntimeError):
-    """The run directory's checkpoint cannot be continued with the current config."""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -146,16 +144,6 @@ def _reshard_optimizer_state(optimizer) -> None:
                 if hasattr(p, "device_mesh") and torch.is_tensor(v) and not hasattr(v, "full_tensor") \
                         and tuple(v.shape) == tuple(p.shape):
                     st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
-
-
-def config_sha256(run_dir: Path) -> str | None:
-    """The run's identity digest (ftlab.identity): config.yaml's values without out_dir and logger."""
-    import yaml
-
-    from ftlab.identity import config_digest
-
-    p = Path(run_dir) / "config.yaml"
-    return config_digest(yaml.safe_load(p.read_text()) or {}) if p.is_file() else None
 
 
 def save_state(path: Path, *, model: nn.Module, optimizer, scheduler, method, batches, run_dir: Path,
@@ -319,30 +307,6 @@ def latest(run_dir: Path) -> Loaded | None:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def config_changes(old_yaml: str, new_yaml: str) -> list[str]:
-    """`key: old -> new` for every leaf that differs between two config.yaml texts."""
-    import yaml
-
-    a, b = _flatten(yaml.safe_load(old_yaml) or {}), _flatten(yaml.safe_load(new_yaml) or {})
-
-    def show(d: dict, k: str) -> str:
-        return repr(d[k]) if k in d else "(absent)"
-
-    from ftlab.identity import EXCLUDED
-
-    return [f"{k}: {show(a, k)} -> {show(b, k)}" for k in sorted(set(a) | set(b))
-            if (k not in a or k not in b or a[k] != b[k]) and k.split(".")[0] not in EXCLUDED]
-
-
 def check_same_config(ck: Loaded, run_dir: Path) -> None:
     """Refuse to resume when config.yaml differs from the one the checkpoint was taken under."""
     current = config_sha256(run_dir)

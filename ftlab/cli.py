@@ -275,7 +275,7 @@ def _task(cfg) -> float | None:
             return None
         raise SystemExit(2)
 
-    from ftlab.checkpoint import ResumeRefused
+    from ftlab.identity import ResumeRefused
     from ftlab.runner import RunFailed, completed_record, prepare_run_dir, run_from_dir
 
     try:

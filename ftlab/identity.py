@@ -11,15 +11,27 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
-# top-level keys outside the identity: they move or mirror results, never change them
-EXCLUDED = ("out_dir", "logger")
+# keys outside the identity: they move, schedule or mirror results, never change them (hw.slurm: a resubmission
+# with a longer time limit or another partition continues the same runs)
+EXCLUDED = ("out_dir", "logger", "hw.slurm")
 DIGEST_CHARS = 10  # 40 bits: a collision among a million runs has odds ~5e-7
+CONFIG = "config.yaml"
 
 
-def identity_payload(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in EXCLUDED}
+class ResumeRefused(RuntimeError):
+    """The run directory's record or checkpoint cannot be continued with the current config."""
+
+
+def _excluded(key: str) -> bool:
+    return any(key == e or key.startswith(e + ".") for e in EXCLUDED)
+
+
+def identity_payload(config: dict, prefix: str = "") -> dict:
+    return {k: identity_payload(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+            for k, v in config.items() if not _excluded(prefix + k)}
 
 
 def config_digest(config: dict) -> str:
@@ -39,3 +51,33 @@ def run_name(config: dict) -> str:
     data_name = [s.get("name", "data") for s in data] if isinstance(data, list) else data.get("name", "data")
     return (f"{_slug(config['method']['name'])}_{_slug(data_name)}_s{config.get('seed', 0)}_"
             f"{config_digest(config)[:DIGEST_CHARS]}")
+
+
+def config_sha256(run_dir: Path) -> str | None:
+    """The identity digest of run_dir/config.yaml (None when there is none). No torch import: submitting stays fast."""
+    import yaml
+
+    p = Path(run_dir) / CONFIG
+    return config_digest(yaml.safe_load(p.read_text()) or {}) if p.is_file() else None
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_changes(old_yaml: str, new_yaml: str) -> list[str]:
+    """`key: old -> new` for every leaf inside the identity that differs between two config.yaml texts."""
+    import yaml
+
+    a, b = _flatten(yaml.safe_load(old_yaml) or {}), _flatten(yaml.safe_load(new_yaml) or {})
+
+    def show(d: dict, k: str) -> str:
+        return repr(d[k]) if k in d else "(absent)"
+
+    return [f"{k}: {show(a, k)} -> {show(b, k)}" for k in sorted(set(a) | set(b))
+            if (k not in a or k not in b or a[k] != b[k]) and not _excluded(k)]

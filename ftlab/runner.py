@@ -27,8 +27,7 @@ class RunFailed(RuntimeError):
 def prepare_run_dir(run_dir: Path, run: RunConfig) -> None:
     """Write run_dir/config.yaml. A directory already holding a different config (out_dir and logger aside) is
     refused, untouched: its record and checkpoints belong to that config."""
-    from ftlab.checkpoint import ResumeRefused, config_changes, config_sha256
-    from ftlab.identity import config_digest
+    from ftlab.identity import ResumeRefused, config_changes, config_digest, config_sha256
 
     run_dir = Path(run_dir)
     text = yaml.safe_dump(to_container(run), sort_keys=False)
@@ -69,7 +68,7 @@ def completed_record(run_dir: Path) -> dict | None:
     """result.json of a run that already completed (None otherwise); refused if the config changed since."""
     import json
 
-    from ftlab.checkpoint import ResumeRefused, config_sha256
+    from ftlab.identity import ResumeRefused, config_sha256
 
     path = run_dir / "result.json"
     try:

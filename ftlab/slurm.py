@@ -160,7 +160,7 @@ class SlurmLauncherBase(_HydraSlurmLauncher):
         from hydra.core.hydra_config import HydraConfig
         from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 
-        from ftlab.checkpoint import ResumeRefused
+        from ftlab.identity import ResumeRefused
         from ftlab.runner import completed_record, prepare_run_dir
         from ftlab.schema import validate
 

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ftlab.worker RUN_DIR", file=sys.stderr)
         return 2
     from ftlab import dist, preempt
-    from ftlab.checkpoint import ResumeRefused
+    from ftlab.identity import ResumeRefused
     from ftlab.runner import RunDirBusy, RunFailed, run_from_dir
 
     preempt.install_from_env()  # in a SLURM job (ftlab.slurm): a stop signal checkpoints at a step end

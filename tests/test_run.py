@@ -186,6 +186,10 @@ def test_identity_ignores_where_results_go_but_not_what_they_are():
     ca, cb, cc = (to_container(x) for x in (a, b, c))
     assert config_digest(ca) == config_digest(cb) and run_name(ca) == run_name(cb)
     assert config_digest(ca) != config_digest(cc)
+    # scheduling knobs neither: a resubmission with a longer time limit continues the same runs
+    (d,) = check(FAST + ["hw=slurm_cpu", "train.save_every=5"])
+    (e,) = check(FAST + ["hw=slurm_cpu", "train.save_every=5", "hw.slurm.time_min=240"])
+    assert config_digest(to_container(d)) == config_digest(to_container(e))
 
 
 def test_wandb_logger_writes_offline_files(tmp_path):
