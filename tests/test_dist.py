@@ -194,3 +194,40 @@ def test_out_of_memory_is_reported_with_the_knobs_that_help(assets, tmp_path, ft
     record = json.loads((run_dir / "result.json").read_text())
     assert record["status"] == "failed" and "out of memory" in record["error"]
     assert not (run_dir / "checkpoints" / "final").exists()
+
+
+@pytest.mark.parametrize("knob", ["hw.micro_batch_size=1", "hw.grad_checkpointing=true"])
+def test_memory_knobs_do_not_change_the_run(assets, tmp_path, ftlab_cache, knob, monkeypatch):
+    """hw.micro_batch_size (forwards of fewer rows, the same global batch) and hw.grad_checkpointing (recompute
+    in backward) trade speed for memory only: same curve and weights within TOL; and they do act: block forwards
+    are counted through their MLPs (checkpointing recomputes each of the 2 blocks once per step; micro-batches of
+    1 row run 4 per step instead of 1). The MLP, not the block, is patched: the block's forward is what
+    transformers wraps for checkpointing."""
+    from transformers.models.llama import modeling_llama
+
+    from ftlab.runner import run_from_dir
+
+    calls = []
+    real = modeling_llama.LlamaMLP.forward
+
+    def counted(self, *a, **k):
+        if self.training:  # training forwards only: evaluation's generation length may differ by a token
+            calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
+    ovr = overrides(assets, "train.max_steps=4", "train.save_every=0", "method.dropout=0")
+    plain, changed = make_run(tmp_path, "plain", ovr), make_run(tmp_path, "changed", ovr + [knob])
+    counts = []
+    for d in (plain, changed):
+        calls.clear()
+        assert run_from_dir(d, progress=False)["status"] == "completed"
+        counts.append(len(calls))
+    # 4 steps x 2 blocks: 8 training forwards; checkpointing recomputes each once more in backward (16); 1-row
+    # micro-batches of the 4-row batch run 4 forwards per block and step (32)
+    assert counts == [8, 16 if knob.startswith("hw.grad") else 32], counts
+    ca, cb = curve(plain), curve(changed)
+    assert len(ca) == len(cb) == 4
+    assert all(abs(a["loss"] - b["loss"]) <= TOL * a["loss"] for a, b in zip(ca, cb))
+    wa, wb = final_weights(plain), final_weights(changed)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= TOL
