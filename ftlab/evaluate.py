@@ -476,6 +476,26 @@ def _left_pad(seqs, pad, device):
     return ids.to(device), mask.to(device)
 
 
+_LOGITS_BUDGET = 1 << 25  # logits kept by the context pass of multiple choice: 32 M floats (128 MB in fp32)
+
+
+def _vocab_size(model) -> int:
+    n = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(n) if n else 1 << 18  # unknown: assume large (the masked path is always safe)
+
+
+def _right_pad(seqs, pad, device):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _trim_context(ctx: list[int], longest: int, max_length: int) -> list[int]:
     """The context cut from the left so that it and its longest continuation fit: every continuation of a
     context sees the same (cut) context, whichever path scores it."""
@@ -492,11 +512,25 @@ def _mc_shared(model, requests, batch_size, max_length, keep, device, pad, out) 
     for start in range(0, len(order), batch_size):
         ctxs = order[start:start + batch_size]
         trimmed = [_trim_context(list(c), max(len(requests[j][1]) for j in groups[c]), max_length) for c in ctxs]
-        ids, mask = _left_pad(trimmed, pad, device)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        kw = {"logits_to_keep": 1} if keep else {}
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-        last = res.logits[:, -1].float()
+        # Right padding and no attention mask: causal attention never lets a real token see a later pad, and
+        # without a padding mask the attention runs its plain causal kernel (what lm-eval's HF backend does),
+        # ~8% faster on CPU than with a materialised mask. The continuation pass masks the pads in the cache.
+        # The last real tokens then sit in different columns: logits are kept from the shortest context's last
+        # token on, unless that is too much memory (large vocabularies, contexts of very different lengths):
+        # then left padding with a mask, where every context ends in the last column.
+        lengths = [len(c) for c in trimmed]
+        spread = max(lengths) - min(lengths) + 1
+        if not keep or spread * len(ctxs) * _vocab_size(model) <= _LOGITS_BUDGET:
+            ids, mask = _right_pad(trimmed, pad, device)
+            lens = mask.sum(-1)
+            res = model(input_ids=ids, use_cache=True, **({"logits_to_keep": spread} if keep else {}))
+            rows = torch.arange(len(ctxs), device=device)
+            last = res.logits[rows, lens - 1 - (ids.shape[1] - res.logits.shape[1])].float()
+        else:
+            ids, mask = _left_pad(trimmed, pad, device)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            last = res.logits[:, -1].float()
         last = last - last.logsumexp(-1, keepdim=True)
         rest = []  # (batch row, request) for continuations longer than one token
         for b, c in enumerate(ctxs):

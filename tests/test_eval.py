@@ -194,17 +194,19 @@ def reference_accuracy(task, lls):
 
 
 @pytest.mark.parametrize("name", MC_TASKS)
-def test_multiple_choice_equals_per_choice_reference(model, tok, name):
+def test_multiple_choice_equals_per_choice_reference(model, tok, name, monkeypatch):
     task = load_task(name, path=str(fixture_path(name)), few_shot=1, **fewshot_kw(name))
     ref = reference_loglikelihoods(model, tok, task)
     ref_acc, ref_norm = reference_accuracy(task, ref)
-    for share in (True, False):
+    # shared context: right-padded unmasked context pass (budget large), or left-padded masked (budget 0)
+    for share, budget in ((True, ev._LOGITS_BUDGET), (True, 0), (False, ev._LOGITS_BUDGET)):
+        monkeypatch.setattr(ev, "_LOGITS_BUDGET", budget)
         for bs in (1, 3):
             preds = ev.predict_multiple_choice(model, tok, task, bs, share_context=share)
             for p, r in zip(preds, ref):
                 assert p["loglikelihoods"] == pytest.approx(r, abs=2e-4)
             got = score_predictions(task, preds)
-            assert got["metrics"] == {"acc": ref_acc, "acc_norm": ref_norm}, (share, bs)
+            assert got["metrics"] == {"acc": ref_acc, "acc_norm": ref_norm}, (share, budget, bs)
 
 
 def test_multiple_choice_chat_format_and_truncation(model, tok):
