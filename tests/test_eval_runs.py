@@ -3,6 +3,7 @@ diagnostics in result.json, and the continual protocol (data as a list of stages
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from conftest import FAST
 from ftlab.cli import check
 from ftlab.runner import prepare_run_dir, run_from_dir
+from test_resume import assets  # noqa: F401 - fixture: a tiny local Llama and a jsonl (the multi-process test)
 
 ONE = ["hw.num_threads=1"]
 WALL = ("elapsed_s", "tokens_per_s", "probe_s")  # wall-clock fields: everything else must match exactly
@@ -271,3 +273,29 @@ def test_continual_stages_are_checked_at_compose_time():
                      (["data=[synth_sub,synth_rot1]", "hw.nproc=2"], "stages: continual runs use one process")]:
         with pytest.raises(ConfigError, match=msg):
             check(bad)
+
+
+# ------------------------------------------------------------------------------------ probes, several processes
+@pytest.mark.parametrize("strategy,method", [("fsdp", "full")])  # ddp + lora passes too (measured; 12 s more)
+def test_probes_with_two_processes_match_one(strategy, method, assets, tmp_path, ftlab_cache):
+    """Every rank probes at the same steps (FSDP's forward gathers shards, a collective: a probe on rank 0 alone
+    would hang); rank 0 writes: the probe curve of 2 gloo processes equals one process's within the distributed
+    tolerance. A local model: WikiText probes, from the fixture."""
+    from test_dist import TOL, full_ft, launch, one_process, two_procs
+    from test_resume import make_run, overrides
+
+    wikitext = Path(__file__).parent / "fixtures" / "eval" / "wikitext.jsonl"
+    ovr = overrides(assets, *two_procs(f"hw.strategy={strategy}", f"method={method}", "train.save_every=0",
+                                       "eval.probe_every=4", f"eval.paths.wikitext={wikitext}"))
+    ovr = full_ft(ovr) if method == "full" else ovr
+    one = one_process(tmp_path, ovr)
+    run_dir = make_run(tmp_path, "two", ovr)
+    log = open(tmp_path / "torchrun.log", "wb")
+    assert launch(run_dir, stdout=log, stderr=log).wait(timeout=300) == 0, \
+        (tmp_path / "torchrun.log").read_text()[-3000:]
+    pa, pb = ([r for r in curve(d) if "probe_kl" in r] for d in (one, run_dir))
+    assert [r["step"] for r in pa] == [r["step"] for r in pb] == [0, 4, 8, 12]
+    for ra, rb in zip(pa, pb):
+        assert abs(ra["probe_ppl"] - rb["probe_ppl"]) <= TOL * ra["probe_ppl"]
+        assert abs(ra["probe_kl"] - rb["probe_kl"]) <= TOL * max(ra["probe_kl"], 1e-3)
+    assert pa[-1]["probe_kl"] > 0
