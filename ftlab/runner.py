@@ -316,6 +316,9 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
         seed_everything(cfg.seed)
         model, tok = load_model_and_tokenizer(cfg.model, device=device)
         tasks = build_tasks(cfg)
+        from ftlab.probes import build_probes
+
+        probes = build_probes(cfg, tok)  # None unless eval.probe_every > 0; loaded early: a missing file fails fast
         train_rows = load_train(cfg.data, cfg.seed)
         encoded = [encode_example(tok, r["prompt"], r["response"], cfg.model.max_length) for r in train_rows]
 
@@ -331,9 +334,6 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
         reg = build_regulariser(cfg.reg)
         if reg is not None:
             reg.capture_base(model)  # before prepare: the original base, whatever the method does to it
-        from ftlab.probes import build_probes
-
-        probes = build_probes(cfg, tok)  # None unless eval.probe_every > 0
         if probes is not None:
             probes.capture_base(model)  # the base, before prepare (a resume takes the checkpoint's copy)
         model = method.prepare(model, ctx)
