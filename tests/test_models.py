@@ -249,7 +249,11 @@ def test_probe_refused_and_hanging(monkeypatch):
     assert not online and "unreachable" in why
 
     # a connect that never returns (e.g. a DNS lookup that hangs) is cut off at the timeout
-    monkeypatch.setattr(fm.socket, "create_connection", lambda *a, **kw: time.sleep(10))
+    def hang(*a, **kw):  # then fail as a real timeout would, so the abandoned probe thread ends quietly
+        time.sleep(10)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(fm.socket, "create_connection", hang)
     t0 = time.monotonic()
     online, why = hub_status(use_cache=False, timeout=0.5)
     assert not online and "no answer within 0.5 s" in why
