@@ -288,6 +288,10 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
     if progress is None:
         progress = os.environ.get("FTLAB_PROGRESS", "1") != "0"
     progress = progress and main
+    if not progress:  # transformers' own bars (loading weights, writing shards) go quiet with ftlab's
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     import torch
 
