@@ -543,12 +543,14 @@ def _mc_shared(model, requests, batch_size, max_length, keep, device, pad, out) 
                     rest.append((b, j))
         if not rest:
             continue
-        # continuations of similar length share a batch: padding of the second pass is wasted compute
-        rest.sort(key=lambda bj: -len(requests[bj[1]][1]))
         cache = res.past_key_values
         if not _can_share(model, cache):
             return False
         ctx_len = mask.sum(-1)
+        if _packed_rest(model, requests, rest, len(ctxs), cache, mask, ctx_len, pad, device, out):
+            continue
+        # continuations of similar length share a batch: padding of the second pass is wasted compute
+        rest.sort(key=lambda bj: -len(requests[bj[1]][1]))
         for s in range(0, len(rest), batch_size):
             part = rest[s:s + batch_size]
             idx = torch.tensor([b for b, _ in part], dtype=torch.long, device=device)
@@ -569,6 +571,52 @@ def _mc_shared(model, requests, batch_size, max_length, keep, device, pad, out) 
             lls = _gather_ll(r2.logits, tgt, cmask).tolist()
             for (_, j), v in zip(part, lls):
                 out[j] += v
+    return True
+
+
+# Packing every choice of a context into one row pays when the packed rows stay short: the cost of a row is its
+# length times (context + row length), so one row of all k choices replaces k cache copies only while the choices
+# are short. Above this many packed tokens per context the per-choice pass runs instead.
+_PACK_MAX_TOKENS = 64
+
+
+def _packed_rest(model, requests, rest, n_ctx, cache, mask, ctx_len, pad, device, out) -> bool:
+    """The second pass with every choice of a context in ONE row on top of that context's cache: each choice's
+    tokens restart at the context's length and see the context and their own earlier tokens only (a block-diagonal
+    causal 4D mask). The cache is used once, as it is: no copy of it per choice. False (nothing done) when a
+    packed row would be long, or the model takes no 4D mask."""
+    import torch
+
+    rows: list[list[tuple[int, list[int]]]] = [[] for _ in range(n_ctx)]  # per context: (request, its tokens)
+    for b, j in rest:
+        rows[b].append((j, requests[j][1]))
+    width = max(sum(len(c) - 1 for _, c in r) for r in rows)
+    if width > _PACK_MAX_TOKENS or getattr(model.config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
+        return False
+    S = mask.shape[1]
+    inp = torch.full((n_ctx, width), pad, dtype=torch.long)
+    tgt = torch.zeros((n_ctx, width), dtype=torch.long)
+    pos = torch.zeros((n_ctx, width), dtype=torch.long)
+    allow = torch.zeros((n_ctx, width, S + width), dtype=torch.bool)
+    allow[:, :, :S] = mask.bool().cpu()[:, None, :]  # every continuation token sees its context's real tokens
+    spans: list[tuple[int, int, int, int]] = []  # (row, start, length, request)
+    for b, r in enumerate(rows):
+        at = 0
+        for j, c in r:
+            m = len(c) - 1
+            inp[b, at:at + m] = torch.tensor(c[:-1])
+            tgt[b, at:at + m] = torch.tensor(c[1:])
+            pos[b, at:at + m] = int(ctx_len[b]) + torch.arange(m)
+            allow[b, at:at + m, S + at:S + at + m] = torch.ones(m, m, dtype=torch.bool).tril()
+            spans.append((b, at, m, j))
+            at += m
+    dtype = next(model.parameters()).dtype
+    bias = torch.zeros(allow.shape, dtype=dtype).masked_fill_(~allow, torch.finfo(dtype).min)
+    logits = model(input_ids=inp.to(device), attention_mask=bias[:, None].to(device), position_ids=pos.to(device),
+                   past_key_values=cache, use_cache=True).logits.float()
+    ll = logits.gather(-1, tgt.to(device).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    for b, at, m, j in spans:
+        out[j] += float(ll[b, at:at + m].sum())
     return True
 
 

@@ -38,8 +38,11 @@ def synthetic_task(n: int, ctx_words: int, cont_words: int, seed: int = 0) -> ev
     rows = []
     for i in range(n):
         ctx = " ".join(rng.choice(WORDS) for _ in range(ctx_words)).capitalize() + "."
-        choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(cont_words // 2, cont_words))) + "."
-                   for _ in range(4)]
+        choices: list[str] = []
+        while len(choices) < 4:  # distinct: equal choices tie, and float noise would pick between them
+            c = " ".join(rng.choice(WORDS) for _ in range(rng.randint(max(1, cont_words // 2), cont_words))) + "."
+            if c not in choices:
+                choices.append(c)
         rows.append({"id": f"synth/{i}", "context": ctx, "choices": choices, "label": rng.randrange(4)})
     return ev.Task("synthetic_mc", "forget", "multiple_choice", rows, metric="acc_norm")
 

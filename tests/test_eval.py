@@ -528,3 +528,34 @@ def test_a_run_on_a_local_model_with_the_biderman_suite(model, tok, tmp_path, ft
     assert len(recs) == 3 and {"loglikelihoods", "acc", "acc_norm", "score"} <= set(recs[0])
     assert all(t["base_cached"] for t in second["tasks"].values())
     assert {k: t["base"] for k, t in second["tasks"].items()} == {k: t["base"] for k, t in tasks.items()}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_choices_score_like_one_choice_at_a_time(attn, monkeypatch):
+    """The packed second pass (every choice of a context in one row on its cache, block-diagonal causal mask) gives
+    each choice the log-likelihood of scoring it alone with its context (ftlab's unshared path), within 1e-5."""
+    import random
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import ftlab.evaluate as ev
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         attn_implementation=attn)).eval()
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    r = random.Random(0)
+    requests = []
+    for _ in range(7):  # contexts of different lengths (right padding), choices of 1..6 tokens
+        ctx = [1] + [r.randrange(4, 50) for _ in range(r.randint(3, 20))]
+        requests += [(ctx, [r.randrange(4, 50) for _ in range(r.randint(1, 6))]) for _ in range(4)]
+    packed = []
+    real = ev._packed_rest
+    monkeypatch.setattr(ev, "_packed_rest", lambda *a, **k: packed.append(real(*a, **k)) or packed[-1])
+    with torch.no_grad():
+        shared = ev.mc_loglikelihoods(model, tok, requests, 4, 512, share_context=True)
+        alone = ev.mc_loglikelihoods(model, tok, requests, 4, 512, share_context=False)
+    assert packed and all(packed)  # the packed pass ran for every batch of contexts
+    assert max(abs(a - b) for a, b in zip(shared, alone)) <= 1e-5
