@@ -278,6 +278,14 @@ def _task(cfg) -> float | None:
     from ftlab.identity import ResumeRefused
     from ftlab.runner import RunFailed, completed_record, prepare_run_dir, run_from_dir
 
+    from ftlab import dist
+
+    problem = dist.missing_gpus(run.hw) if dist.world()[1] == 1 else None
+    if problem:  # before the run directory exists, and before torchrun starts N processes that would all fail
+        print(f"ftlab: run refused: {problem}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:
+            return None
+        raise SystemExit(2)
     try:
         prepare_run_dir(run_dir, run)
         done = completed_record(run_dir)
@@ -290,8 +298,6 @@ def _task(cfg) -> float | None:
         print(f"ftlab: {run_dir.name} already completed with this config (gain {done['summary'].get('gain')}); "
               f"record: {run_dir / 'result.json'}. Delete that directory to run it again.", file=sys.stderr)
         return done["summary"].get("gain")
-    from ftlab import dist
-
     if run.hw.nproc * run.hw.nnodes > 1 and dist.world()[1] == 1:
         # several processes: torchrun starts them; each reads run_dir/config.yaml (ftlab.worker)
         code = dist.launch(run_dir, run.hw)

@@ -172,6 +172,21 @@ def torchrun_command(run_dir: Path, hw) -> list[str]:
     return cmd + ["-m", "ftlab.worker", str(run_dir)]
 
 
+def missing_gpus(hw) -> str | None:
+    """Why this node cannot start hw.nproc CUDA ranks (None when it can, or the profile is not CUDA): said before
+    torchrun starts N processes that would each fail the same way."""
+    if hw.device != "cuda":
+        return None
+    import torch
+
+    have = torch.cuda.device_count()
+    if have >= hw.nproc:
+        return None
+    return (f"hw={hw.name} starts hw.nproc={hw.nproc} CUDA processes on this node, but {have} GPU(s) are visible; "
+            f"set hw.nproc={have}" if have else f"hw={hw.name} (hw.device=cuda) needs a CUDA GPU and none is visible; "
+            "use hw=cpu (or hw=cpu2_ddp for two CPU processes)")
+
+
 def launch(run_dir: Path, hw) -> int:
     """Run the experiment in run_dir on hw.nproc processes (per node) through torchrun; returns its exit code.
     The workers' result.json says what happened."""

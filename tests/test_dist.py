@@ -231,3 +231,12 @@ def test_memory_knobs_do_not_change_the_run(assets, tmp_path, ftlab_cache, knob,
     assert all(abs(a["loss"] - b["loss"]) <= TOL * a["loss"] for a, b in zip(ca, cb))
     wa, wb = final_weights(plain), final_weights(changed)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= TOL
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_profile_without_gpus_is_refused_before_anything_starts(tmp_path, ftlab_cache):
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "ftlab", "run", "hw=gpu8_ddp"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path, env={**os.environ, "FTLAB_OUTPUTS": str(out)})
+    assert p.returncode == 2 and "hw.device=cuda" in p.stderr and "hw=cpu" in p.stderr, p.stderr[-2000:]
+    assert not list(out.rglob("result.json")) and not list(out.glob("runs/*/config.yaml"))
