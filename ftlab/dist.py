@@ -9,19 +9,16 @@ Semantics (what makes N processes equal one process with the same global batch):
 - the loss on a rank is its response tokens' summed cross-entropy divided by the GLOBAL count of response tokens,
   times the world size (DDP and FSDP2 average gradients over ranks), so the averaged gradient is the one-process
   gradient up to float summation order;
-- rank 0 alone writes: result.json, records, the curve, checkpoints (the other ranks' RNG states are gathered
-  into it), loggers. Evaluation runs on every rank with the same inputs (FSDP2 forward passes are collectives);
-  the other ranks' evaluation files go to a scratch directory that is removed.
+- rank 0 alone evaluates and writes: result.json, records, the curve, checkpoints (the other ranks' RNG states
+  are gathered into it), loggers. Under FSDP2 the trained state is first gathered whole to rank 0; the other
+  ranks stop after training.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +61,6 @@ def shutdown() -> None:
 
     if initialized():
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if initialized():
-        dist.barrier()
 
 
 def all_sum(x: float) -> float:
@@ -134,27 +124,6 @@ def full_tensor(t):
 
 def is_sharded(model) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
-
-
-@contextmanager
-def writes_to(run_dir: Path):
-    """Rank 0 writes into run_dir; other ranks into a scratch directory removed afterwards."""
-    if is_main():
-        yield Path(run_dir)
-        return
-    scratch = Path(run_dir) / f".rank{world()[0]}"
-    scratch.mkdir(parents=True, exist_ok=True)
-    try:
-        yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------- launch
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_command(run_dir: Path, hw) -> list[str]:

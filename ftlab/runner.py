@@ -249,7 +249,9 @@ def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
 
     run_dir = Path(run_dir)
     if not dist.is_main():  # rank 0 of a torchrun launch holds the lock for the whole group
-        return _run_from_dir(run_dir, progress)
+        # and writes everything; this rank's own record goes to a scratch directory, removed at the end
+        with tempfile.TemporaryDirectory(prefix=f"ftlab-rank{dist.world()[0]}-") as scratch:
+            return _run_from_dir(run_dir, progress, record_dir=Path(scratch))
     with open(run_dir / ".lock", "a+") as lock:
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -259,7 +261,7 @@ def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
         return _run_from_dir(run_dir, progress)
 
 
-def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
+def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None = None) -> dict:
     cfg = load_run_config(run_dir)
     config = to_container(cfg)
     run_id = run_dir.name
@@ -283,8 +285,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None) -> dict:
         raise ResumeRefused(f"{resume.path}: written by {resume.state.get('world_size', 1)} process(es), now "
                             f"{world}: a run resumes on the world size it started with")
     main = rank == 0
-    # other ranks train only: their record goes to a scratch directory, nothing of theirs into run_dir
-    record = RunRecord(run_dir if main else Path(tempfile.mkdtemp(prefix=f"ftlab-rank{rank}-")))
+    record = RunRecord(record_dir or run_dir)  # other ranks train only: nothing of theirs goes into run_dir
     if progress is None:
         progress = os.environ.get("FTLAB_PROGRESS", "1") != "0"
     progress = progress and main

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -97,6 +97,9 @@ class MethodConfig:
     # The method trains at train.lr * lr_scale: methods that update few parameters or only scale features (IA3,
     # SSF, prompt tuning, LIFT, S2FT) set a scale > 1 in their YAML, so a train.lr sweep moves every method.
     lr_scale: float = 1.0
+    # Whether the set of trainable parameters stays fixed while training: DDP's reducer and FSDP's shards are
+    # built once, for a fixed set, so a method that re-samples it (LISA, OwLore) runs on one process.
+    fixed_trainable_set: ClassVar[bool] = True
 
 
 @dataclass
@@ -222,6 +225,7 @@ class LisaConfig(MethodConfig):
     name: str = "lisa"
     gamma: int = 1  # active blocks at a time
     interval: int = 20  # steps between re-samplings (K)
+    fixed_trainable_set: ClassVar[bool] = False
 
 
 @dataclass
@@ -510,11 +514,6 @@ class SlurmConfig:
     array_parallelism: int = 256  # jobs of the sweep running at once
     setup: list[str] = field(default_factory=list)  # shell lines before the job starts (module load, ...)
     additional: dict[str, Any] = field(default_factory=dict)  # more sbatch flags, e.g. {exclusive: true}
-
-
-# Methods whose set of trainable parameters changes during training (DDP's reducer and FSDP's shards are built
-# once, for a fixed set).
-_CHANGING_TRAINABLE_SET = ("lisa", "owlore")
 
 
 @dataclass
@@ -827,7 +826,7 @@ def _check_ranges(c: RunConfig) -> None:
     if procs > 1 and c.train.batch_size % procs:
         raise ConfigError(f"train.batch_size: {c.train.batch_size} does not split over {procs} processes "
                           f"(hw.nproc={h.nproc} x hw.nnodes={h.nnodes}); use a multiple of {procs}")
-    if procs > 1 and c.method.name in _CHANGING_TRAINABLE_SET:
+    if procs > 1 and not c.method.fixed_trainable_set:
         raise ConfigError(f"method={c.method.name}: changes its trainable parameters during training, which "
                           f"DDP/FSDP cannot follow yet; run it with hw.nproc=1 (hw=cpu or hw=gpu)")
     _at_least("hw.num_threads", h.num_threads, 1, allow_none=True)

@@ -47,9 +47,9 @@ import json
 import random
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 __all__ = ["BUILTINS", "Builtin", "TaskSource", "load_builtin", "render_fewshot", "file_sha256"]
 

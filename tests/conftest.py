@@ -29,6 +29,18 @@ def ftlab_cache(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: with two on a shared, loaded 2-core machine each small
+    parallel region waits for a descheduled thread (~100x slower measured); one is fastest for these sizes anyway."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def outputs(tmp_path, monkeypatch, ftlab_cache):
     out = tmp_path / "outputs"

@@ -9,13 +9,7 @@ from ftlab.diagnostics import (effective_rank, effective_weights, energy_rank, i
                                update_profile, weight_report)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread is fastest (and a shared 2-core machine does not thrash)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices (conftest.py)
 
 
 def spectrum_matrix(m, n, sigma, seed=0):

@@ -145,13 +145,7 @@ def train_method(name: str, tmp: Path, *extra: str, reg=None, steps: int = STEPS
                            curve=curve, stats=stats, dir=tmp)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is ~100x faster than two on a shared, loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (conftest.py)
 
 
 _TRAINED: dict[str, SimpleNamespace] = {}

@@ -10,7 +10,6 @@ the adapter to apply to the original W (stack notes G5).
 from __future__ import annotations
 
 import peft
-import torch
 from torch import nn
 
 from ftlab.methods.base import MethodContext
