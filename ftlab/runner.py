@@ -320,7 +320,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None 
         logger = build_logger(cfg, run_dir, config, run_id) if main else _Quiet()
         seed_everything(cfg.seed)
         model, tok = load_model_and_tokenizer(cfg.model, device=device)
-        tasks = build_tasks(cfg)
+        tasks = build_tasks(cfg) if main else []  # rank 0 alone evaluates (continual runs are one process)
         from ftlab.probes import build_probes
 
         probes = build_probes(cfg, tok)  # None unless eval.probe_every > 0; loaded early: a missing file fails fast

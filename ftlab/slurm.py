@@ -137,10 +137,7 @@ def _job_run_dir(hydra_context, master_config, overrides: Sequence[str], job_num
 
 
 def _status(run_dir: Path) -> Optional[str]:
-    try:
-        return json.loads((run_dir / "result.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
+    return _record(run_dir).get("status")
 
 
 # -------------------------------------------------------------------------------------------------- launcher

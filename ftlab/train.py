@@ -258,9 +258,7 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
             # A stop signal (ftlab.preempt: SLURM preemption, time limit, requeue) is acted on here, at the step
             # boundary: checkpoint, then stop. In a SLURM job the last step is always saved, so a signal during
             # the tuned evaluation costs no training.
-            stop = preempt.requested()
-            if world > 1:  # every rank stops at the same step, or the collectives would hang
-                stop = stop or ("signal" if dist.all_sum(1.0 if stop else 0.0) > 0 else None)
+            stop = preempt.requested()  # the ranks agree on it (one collective), so they stop at the same step
             if (save_every and (step % save_every == 0 or step == t.max_steps)) or stop \
                     or (step == t.max_steps and preempt.installed()):
                 from ftlab.checkpoint import prune, save_state
