@@ -14,6 +14,7 @@ pure Python), and what a continual run keeps on disk between stages (the stage l
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 __all__ = ["continual_metrics", "read_stage_log", "write_stage_log", "save_stage_snapshot",
@@ -49,7 +50,7 @@ def continual_metrics(R: Sequence[Sequence[float]], base: Optional[Sequence[floa
 
 
 # ------------------------------------------------------------------------------------- a run's stage record
-# What a continual run keeps so that a resume can continue after the last finished stage (ftlab.runner):
+# What a continual run keeps so that a resume can continue after the last finished stage (ftlab.pipeline):
 # run_dir/stages.json lists the finished stages (their row of R and train stats); checkpoints/stage_<i>/ holds,
 # after stage i, every weight any stage so far trained (HFT trains a different half in each stage, so the step
 # checkpoints of stage i+1 do not hold what stage i changed), the method's state and the probes' base reference.
@@ -71,7 +72,7 @@ def read_stage_log(run_dir) -> list[dict]:
 def write_stage_log(run_dir, rows: list[dict]) -> None:
     from pathlib import Path
 
-    from ftlab.record import atomic_write_json
+    from ftlab.rundir.record import atomic_write_json
 
     atomic_write_json(Path(run_dir) / STAGE_LOG, rows)
 
@@ -129,3 +130,86 @@ def load_stage_snapshot(run_dir, stage: int, model, method, probes=None) -> set[
     if probes is not None:
         probes.load_state_dict(torch.load(path / "probes.pt", map_location="cpu", weights_only=True))
     return set(weights)
+
+
+def _train_stages(cfg, model, method, tok, tasks, resume, **kw) -> list[dict]:
+    """Continual protocol: train cfg.stages in order (method.on_stage_start before each; a fresh optimizer and
+    schedule per stage; one curve, steps continued), score every stage's target after each stage but the last
+    (whose row is the tuned evaluation), records in records/stage_<i>/. Returns the stage log (stages.json).
+
+    Resume: a finished stage is in stages.json and, when checkpoints are on (train.save_every > 0 or a SLURM
+    job), in checkpoints/stage_<i>/; a restarted run restores the last one and continues with the next stage,
+    from that stage's newest step checkpoint when it has one (exactly, as any run). Without a snapshot the run
+    starts over from stage 0."""
+    from ftlab.continual import (
+        load_stage_snapshot,
+        read_stage_log,
+        save_stage_snapshot,
+        write_stage_log,
+    )
+    from ftlab.data.sources import load_train
+    from ftlab.eval.evaluate import evaluate
+    from ftlab.train import preempt
+    from ftlab.train.batches import Batches, encode_example
+    from ftlab.train.loop import train
+
+    names = [s.name for s in cfg.stages]
+    stage_tasks = [t for t in tasks if t.role == "target" and t.name in names]
+    snapshots = cfg.train.save_every > 0 or preempt.installed()
+    log = read_stage_log(kw["run_dir"])
+    trained: set[str] = set()  # every weight some stage so far trained (HFT: a different half per stage)
+    if log:
+        got = load_stage_snapshot(kw["run_dir"], len(log) - 1, model, method, kw.get("probes"))
+        log, trained = ([], set()) if got is None else (log, got)
+    k = len(log)
+    if resume is not None and int(resume.state.get("stage", 0)) != k:
+        resume = None  # a step checkpoint of a finished stage: the snapshot after it is newer
+    for i in range(k, len(cfg.stages)):
+        method.on_stage_start(model, i)
+        trained |= {n for n, p in model.named_parameters() if p.requires_grad}
+        rows = load_train(cfg.stages[i], cfg.seed)
+        encoded = [encode_example(tok, r["prompt"], r["response"], cfg.model.max_length) for r in rows]
+        st = train(model, method, Batches(encoded, cfg.train.batch_size, cfg.seed), cfg,
+                   resume_from=resume if i == k else None, step_offset=i * cfg.train.max_steps, stage=i, **kw)
+        scores = None
+        if i < len(cfg.stages) - 1:
+            ev = evaluate(model, tok, stage_tasks, cfg.eval.batch_size, stage=f"stage_{i}", run_dir=kw["run_dir"],
+                          progress=kw["progress"])
+            scores = {n: ev[n]["score"] for n in names}
+        log.append({"stage": i, "name": names[i], "scores": scores, "train": dataclasses.asdict(st)})
+        if snapshots:
+            save_stage_snapshot(kw["run_dir"], i, model, trained, method, kw.get("probes"))
+        write_stage_log(kw["run_dir"], log)  # after the snapshot: a stage is finished once both exist
+    return log
+
+
+def _stage_totals(log: list[dict]):
+    """One TrainResult for all stages: sums of steps, tokens and time, peaks of memory, the last stage's rest."""
+    from ftlab.train.loop import TrainResult
+
+    rows = [r["train"] for r in log]
+    total = {**rows[-1], "steps": sum(r["steps"] for r in rows), "tokens": sum(r["tokens"] for r in rows),
+             "wall_s": sum(r["wall_s"] for r in rows)}
+    total["tokens_per_s"] = total["tokens"] / max(total["wall_s"], 1e-9)
+    for k in ("peak_mem_bytes", "optimizer_state_bytes"):
+        if k in total:
+            total[k] = max(r.get(k) or 0 for r in rows)
+    return TrainResult(**total)
+
+
+def _continual_section(cfg, log: list[dict], base: dict, tuned: dict, tasks) -> dict:
+    """result.json `continual`: R[i][j] (stage j's target after stage i; the last row is the tuned evaluation),
+    base scores, and ftlab.continual.continual_metrics of them."""
+    from ftlab.continual import continual_metrics
+
+    names = [s.name for s in cfg.stages]
+    R = [[r["scores"][n] for n in names] for r in log[:-1]] + [[tuned[n]["score"] for n in names]]
+    out = continual_metrics(R, base=[base[n]["score"] for n in names], names=names)
+    by_name = {t.name: t for t in tasks}
+    out["metric"] = {n: by_name[n].metric for n in names}
+    out["unit"] = "points"
+    # every entry's direction: accuracy-type R, so higher is better except forgetting (a drop)
+    out["higher_is_better"] = {"R": True, "average_accuracy": True, "bwt": True, "bwt_trace": True,
+                               "forgetting": False, "forgetting_mean": False, "fwt": True, "learning": True}
+    out["records"] = [f"records/stage_{i}" for i in range(len(names) - 1)] + ["records/tuned"]  # row i's items
+    return out

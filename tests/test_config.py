@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from ftlab.cli import _hydra_message, check, run_command
-from ftlab.schema import ConfigError, validate
+from ftlab.cli.run import _hydra_message, check, run_command
+from ftlab.config.schema import ConfigError, validate
 
 BAD = [
     # (overrides, words the message must contain)
@@ -75,7 +75,7 @@ def test_every_job_of_a_sweep_is_validated():
 
 
 def test_validate_round_trips_a_resolved_config():
-    from ftlab.schema import to_container
+    from ftlab.config.schema import to_container
 
     (run,) = check(["method=full", "train.lr=3e-4"])
     assert validate(to_container(run)) == run

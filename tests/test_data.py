@@ -1,4 +1,4 @@
-"""ftlab.answers and ftlab.data: answer extraction, local jsonl data, held-out split, hub failure speed.
+"""ftlab.data.answers and ftlab.data.sources: answer extraction, local jsonl data, held-out split, hub failure speed.
 
 No test touches the network (hub tests run offline, or against a closed network and skip where the hub is
 reachable); the embedded world's synth path is tested with the world itself.
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-import ftlab.models as fm
-from ftlab.answers import extract_number, normalize_exact, score
-from ftlab.data import MissingFieldError, heldout_split, load_eval, load_train
-from ftlab.models import HubUnavailable, hub_status
-from ftlab.schema import DataConfig
+import ftlab.models.hub as fm
+from ftlab.config.schema import DataConfig
+from ftlab.data.answers import extract_number, normalize_exact, score
+from ftlab.data.sources import MissingFieldError, heldout_split, load_eval, load_train
+from ftlab.models.hub import HubUnavailable, hub_status
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"
 

@@ -4,8 +4,9 @@ measurably (>= 5 points mean drop). This builds the real default world once (~1 
 
 import pytest
 
-from ftlab.cli import check
-from ftlab.runner import prepare_run_dir, run_from_dir
+from ftlab.cli.run import check
+from ftlab.pipeline import run_from_dir
+from ftlab.rundir.layout import prepare_run_dir
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,15 @@ import math
 import pytest
 import torch
 
-from ftlab.diagnostics import (effective_rank, effective_weights, energy_rank, intruder_dimensions, parse_name,
-                               update_profile, weight_report)
-
+from ftlab.eval.diagnostics import (
+    effective_rank,
+    effective_weights,
+    energy_rank,
+    intruder_dimensions,
+    parse_name,
+    update_profile,
+    weight_report,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices (conftest.py)
 
@@ -158,7 +164,7 @@ class _Tok:
 def test_tuco_is_zero_without_tuning_and_grows_with_the_update():
     import copy
 
-    from ftlab.diagnostics import tuning_contribution
+    from ftlab.eval.diagnostics import tuning_contribution
 
     base = _tiny_llama()
     prompts = ["hello there", "a much longer prompt about nothing", "x"]
@@ -181,7 +187,7 @@ def test_tuco_is_zero_without_tuning_and_grows_with_the_update():
 def test_tuco_decomposition_is_exact_and_peft_needs_no_base_copy():
     from peft import LoraConfig, get_peft_model
 
-    from ftlab.diagnostics import tuning_contribution
+    from ftlab.eval.diagnostics import tuning_contribution
 
     peft = get_peft_model(_tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"]))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Several processes, for real: torchrun with 2 gloo ranks on the CPU (ftlab.dist, ftlab.worker).
+"""Several processes, for real: torchrun with 2 gloo ranks on the CPU (ftlab.train.distributed, ftlab.launch.worker).
 
 - 2 processes (DDP, and FSDP2) give the one-process run's loss curve, final weights and scores with the same global
   batch, within TOL (only the float summation order differs: the gradient is averaged over ranks);
@@ -18,9 +18,9 @@ import time
 
 import pytest
 import torch
-
-from ftlab.checkpoint import complete_checkpoints
 from test_resume import assets, curve, final_weights, make_run, overrides, same_weights  # noqa: F401
+
+from ftlab.train.checkpoint import complete_checkpoints
 
 TOL = 1e-5  # |2 ranks - 1 process| on losses (relative), weights and scores (absolute); measured ~1e-7
 STEPS = 12
@@ -36,17 +36,17 @@ def full_ft(ovr):
 
 
 def launch(run_dir, **popen):
-    """What `ftlab run` does for hw.nproc > 1: torchrun ... -m ftlab.worker RUN_DIR."""
-    from ftlab import dist
-    from ftlab.runner import load_run_config
+    """What `ftlab run` does for hw.nproc > 1: torchrun ... -m ftlab.launch.worker RUN_DIR."""
+    from ftlab.config.files import load_run_config
+    from ftlab.launch import torchrun
 
     env = {**os.environ, "FTLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     env.pop("FTLAB_RESUME_DROP", None)
-    return subprocess.Popen(dist.torchrun_command(run_dir, load_run_config(run_dir).hw), env=env, **popen)
+    return subprocess.Popen(torchrun.torchrun_command(run_dir, load_run_config(run_dir).hw), env=env, **popen)
 
 
 def one_process(tmp_path, ovr):
-    from ftlab.runner import run_from_dir
+    from ftlab.pipeline import run_from_dir
 
     run_dir = make_run(tmp_path, "one", [o for o in ovr if not o.startswith("hw=")] + ["hw.num_threads=1"])
     assert run_from_dir(run_dir, progress=False)["status"] == "completed"
@@ -138,15 +138,15 @@ def test_another_world_size_is_refused(assets, tmp_path, ftlab_cache):
     """A 2-process run directory started as one process is refused before anything in it changes."""
     run_dir = make_run(tmp_path, "two", overrides(assets, *two_procs("train.max_steps=2")))
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    p = subprocess.run([sys.executable, "-m", "ftlab.worker", str(run_dir)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "ftlab.launch.worker", str(run_dir)], capture_output=True, text=True,
                        timeout=120, env={**os.environ, "FTLAB_PROGRESS": "0"})
     assert p.returncode == 2 and "configured for 2 process(es)" in p.stderr and "started on 1" in p.stderr, p.stderr
     assert {q: q.read_bytes() for q in run_dir.rglob("*") if q.is_file() and q.name != ".lock"} == before
 
 
 def test_a_checkpoint_of_another_world_size_is_refused(assets, tmp_path, ftlab_cache):
-    from ftlab.checkpoint import ResumeRefused, latest
-    from ftlab.runner import run_from_dir
+    from ftlab.pipeline import run_from_dir
+    from ftlab.train.checkpoint import ResumeRefused, latest
 
     run_dir = make_run(tmp_path, "one", overrides(assets, "train.max_steps=2", "train.save_every=1"))
     assert run_from_dir(run_dir, progress=False)["status"] == "completed"
@@ -161,8 +161,8 @@ def test_a_checkpoint_of_another_world_size_is_refused(assets, tmp_path, ftlab_c
 
 
 def test_batch_that_does_not_split_over_processes_is_refused():
-    from ftlab.cli import check
-    from ftlab.schema import ConfigError
+    from ftlab.cli.run import check
+    from ftlab.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="train.batch_size: 5 does not split over 2"):
         check(["hw=cpu2_ddp", "train.batch_size=5"])
@@ -174,10 +174,10 @@ def test_batch_that_does_not_split_over_processes_is_refused():
 def test_out_of_memory_is_reported_with_the_knobs_that_help(assets, tmp_path, ftlab_cache, monkeypatch):
     """A real allocator failure (the CPU allocator's; CUDA's OutOfMemoryError takes the same path) in the middle
     of training: the record says out of memory and names the hw knobs; no final checkpoint, no hang."""
-    import ftlab.train
-    from ftlab.runner import RunFailed, run_from_dir
+    import ftlab.train.loop
+    from ftlab.pipeline import RunFailed, run_from_dir
 
-    real = ftlab.train.collate
+    real = ftlab.train.batches.collate
     calls = []
 
     def collate_then_exhaust(rows, pad_id):
@@ -186,7 +186,7 @@ def test_out_of_memory_is_reported_with_the_knobs_that_help(assets, tmp_path, ft
             torch.empty(2**62, dtype=torch.uint8)  # raises at once: 4 EiB cannot be had
         return real(rows, pad_id)
 
-    monkeypatch.setattr(ftlab.train, "collate", collate_then_exhaust)
+    monkeypatch.setattr(ftlab.train.loop, "collate", collate_then_exhaust)
     run_dir = make_run(tmp_path, "oom", overrides(assets, "train.max_steps=5", "train.save_every=0"))
     with pytest.raises(RunFailed, match="out of memory") as e:
         run_from_dir(run_dir, progress=False)
@@ -205,7 +205,7 @@ def test_memory_knobs_do_not_change_the_run(assets, tmp_path, ftlab_cache, knob,
     transformers wraps for checkpointing."""
     from transformers.models.llama import modeling_llama
 
-    from ftlab.runner import run_from_dir
+    from ftlab.pipeline import run_from_dir
 
     calls = []
     real = modeling_llama.LlamaMLP.forward

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftlab import evaluate as ev
-from ftlab.evaluate import Task, evaluate, load_task, score_predictions
-from ftlab.tasks import BUILTINS, load_builtin
+from ftlab.eval import evaluate as ev
+from ftlab.eval.builtin import BUILTINS, load_builtin
+from ftlab.eval.evaluate import Task, evaluate, load_task, score_predictions
 
 FIX = Path(__file__).parent / "fixtures"
 EVAL_FIX = FIX / "eval"
@@ -36,7 +36,14 @@ def tok():
 
 def make_tokenizer():
     """A byte-level BPE tokenizer trained here on the fixtures (merges across word boundaries included)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     lines = [line for p in sorted(FIX.rglob("*.jsonl")) for line in p.read_text().splitlines()]
@@ -73,7 +80,7 @@ def model(tok):
 
 # --------------------------------------------------------------------------------------- built-in tasks
 def test_schema_names_agree_with_the_task_registry():
-    from ftlab.schema import EVAL_BUILTIN_TASKS, EVAL_KIND_METRICS
+    from ftlab.config.schema import EVAL_BUILTIN_TASKS, EVAL_KIND_METRICS
 
     assert {k: b.kind for k, b in BUILTINS.items()} == EVAL_BUILTIN_TASKS
     assert {k: v.metrics for k, v in ev.KINDS.items()} == EVAL_KIND_METRICS
@@ -152,7 +159,7 @@ def test_mmlu_subset_interleaving_and_same_subject_examples():
 
 def test_offline_hub_failure_names_the_local_file_override(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    from ftlab.models import HubUnavailable
+    from ftlab.models.hub import HubUnavailable
 
     with pytest.raises((HubUnavailable, Exception), match="eval.paths.boolq=FILE.jsonl"):
         load_builtin("boolq")
@@ -287,7 +294,7 @@ def test_lm_eval_task_kind_runs_the_in_memory_model(model, tok, tmp_path):
     """lm_eval:<task> through build_tasks and evaluate: lm-eval's acc on the in-memory model, cached like any task,
     equal to ftlab's own multiple-choice scoring of the same task."""
     pytest.importorskip("lm_eval")
-    from ftlab.cli import check
+    from ftlab.cli.run import check
 
     inc = _lm_eval_tasks(tmp_path / "tasks", ["arc_easy"])
     (cfg,) = check(["eval.target=[data]", "eval.forget=[lm_eval:ftlab_arc_easy]", f"eval.lm_eval.include_path={inc}",
@@ -423,7 +430,7 @@ def test_score_cli_applies_the_task_metric(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------- suites
 def test_suites_build_their_tasks_from_local_files():
-    from ftlab.cli import check
+    from ftlab.cli.run import check
 
     paths = [f"eval.paths.{n}={fixture_path(n)}" for n in ("gsm8k", "hellaswag", "arc_challenge", "winogrande")]
     (cfg,) = check(["eval=biderman", "eval.limit=3", *paths])
@@ -455,8 +462,8 @@ def test_suites_build_their_tasks_from_local_files():
     ("eval.tasks.gsm8k.few_shot=-1", "eval.tasks.gsm8k.few_shot: must be >= 0"),
 ])
 def test_eval_config_refusals(override, message):
-    from ftlab.cli import check
-    from ftlab.schema import ConfigError
+    from ftlab.cli.run import check
+    from ftlab.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         check([override])
@@ -464,7 +471,7 @@ def test_eval_config_refusals(override, message):
 
 # ------------------------------------------------------------------------------------------------ probes
 def test_in_training_probes_ppl_and_kl_to_base(model, tok):
-    from ftlab.probes import Probes
+    from ftlab.eval.probes import Probes
 
     texts = [r["text"] for r in load_task("wikitext", path=str(fixture_path("wikitext"))).rows]
     probes = Probes(tok, texts, max_length=24, batch_size=2)
@@ -493,8 +500,9 @@ def test_in_training_probes_ppl_and_kl_to_base(model, tok):
 # ------------------------------------------------------------------------------------------ end to end
 def test_a_run_on_a_local_model_with_the_biderman_suite(model, tok, tmp_path, ftlab_cache):
     """`ftlab run` (runner, base cache, records, result.json) with built-in tasks from local files, no world."""
-    from ftlab.cli import check
-    from ftlab.runner import prepare_run_dir, run_from_dir
+    from ftlab.cli.run import check
+    from ftlab.pipeline import run_from_dir
+    from ftlab.rundir.layout import prepare_run_dir
 
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
@@ -533,7 +541,7 @@ def test_packed_choices_score_like_one_choice_at_a_time(attn, monkeypatch):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import ftlab.evaluate as ev
+    import ftlab.eval.evaluate as ev
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import FAST
-from ftlab.cli import check
-from ftlab.runner import prepare_run_dir, run_from_dir
+from safetensors.torch import load_file
 from test_resume import assets  # noqa: F401 - fixture: a tiny local Llama and a jsonl (the multi-process test)
+
+from ftlab.cli.run import check
+from ftlab.pipeline import run_from_dir
+from ftlab.rundir.layout import prepare_run_dir
 
 ONE = ["hw.num_threads=1"]
 WALL = ("elapsed_s", "tokens_per_s", "probe_s")  # wall-clock fields: everything else must match exactly
@@ -68,7 +69,7 @@ def test_probe_curve_resumes_exactly_with_the_checkpointed_base_reference(tmp_pa
             shutil.rmtree(d)
     (run_dir / "result.json").unlink()
 
-    from ftlab.probes import Probes
+    from ftlab.eval.probes import Probes
 
     original = Probes.capture_base
 
@@ -113,12 +114,12 @@ def test_diagnostics_land_in_result_json_and_the_run_dir(method, tmp_path, ftlab
 
 
 def test_diagnostics_agree_with_a_direct_computation_on_the_saved_weights(tmp_path, ftlab_cache):
-    """update profile from result.json == ftlab.diagnostics on the base (a fresh load) and the saved final model."""
+    """update profile from result.json == ftlab.eval.diagnostics on the base (a fresh load) and the saved final model."""
     from transformers import AutoModelForCausalLM
 
-    from ftlab.diagnostics import effective_weights, update_profile
-    from ftlab.models import load_model_and_tokenizer
-    from ftlab.runner import load_run_config
+    from ftlab.config.files import load_run_config
+    from ftlab.eval.diagnostics import effective_weights, update_profile
+    from ftlab.models.loading import load_model_and_tokenizer
 
     run_dir, result = _run(tmp_path, "full", ["method=full", "eval.probe_every=0", "eval.diagnostics=[update]"])
     assert "tuco" not in result["diagnostics"] and "intruders" not in result["diagnostics"]["weights"]
@@ -131,8 +132,9 @@ def test_diagnostics_agree_with_a_direct_computation_on_the_saved_weights(tmp_pa
 
 
 def test_diagnostics_config_is_checked_at_compose_time():
-    from ftlab.diagnostics import DIAGNOSTICS
-    from ftlab.schema import DIAGNOSTICS as SCHEMA_DIAGNOSTICS, ConfigError
+    from ftlab.config.schema import DIAGNOSTICS as SCHEMA_DIAGNOSTICS
+    from ftlab.config.schema import ConfigError
+    from ftlab.eval.diagnostics import DIAGNOSTICS
 
     assert DIAGNOSTICS == SCHEMA_DIAGNOSTICS
     with pytest.raises(ConfigError, match="eval.diagnostics: unknown value 'intruders'"):
@@ -214,22 +216,22 @@ def test_continual_run_resumes_exactly(method, where, short_runs, tmp_path, monk
     """Interrupted inside stage 1 (after its step-30 checkpoint), right after stage 0 was logged (stage 1 then
     starts from the stage-0 snapshot), or after the last stage (the tuned evaluation then runs on the restored
     stage-1 snapshot), then resumed: the same R, curve and final weights as the uninterrupted run."""
-    import ftlab.checkpoint
     import ftlab.continual
-    from ftlab.runner import RunFailed
+    import ftlab.train.checkpoint
+    from ftlab.pipeline import RunFailed
 
     class Interrupted(Exception):
         pass
 
     if where == "mid_stage":
-        real = ftlab.checkpoint.save_state
+        real = ftlab.train.checkpoint.save_state
 
         def save_then_stop(path, **kw):
             real(path, **kw)
             if path.name == "step_000030":
                 raise Interrupted
 
-        monkeypatch.setattr(ftlab.checkpoint, "save_state", save_then_stop)
+        monkeypatch.setattr(ftlab.train.checkpoint, "save_state", save_then_stop)
     else:
         real_log, stop_after = ftlab.continual.write_stage_log, 1 if where == "stage_boundary" else 2
 
@@ -258,7 +260,7 @@ def test_continual_run_resumes_exactly(method, where, short_runs, tmp_path, monk
 
 
 def test_continual_stages_are_checked_at_compose_time():
-    from ftlab.schema import ConfigError
+    from ftlab.config.schema import ConfigError
 
     (cfg,) = check(["data=[synth_sub,synth_rot1]", "data.n_train=256"])
     assert [s.name for s in cfg.stages] == ["synth_sub", "synth_rot1"] and cfg.data == cfg.stages[0]

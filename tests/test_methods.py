@@ -1,7 +1,7 @@
 """The shared method test matrix: one row per `method=` option, on a tiny Llama (hidden 32, 2 blocks, vocab 64).
 
 Each row checks, through the real config (Hydra compose + schema), `Method.prepare` and the one training loop
-(`ftlab.train.train`):
+(`ftlab.train.loop.train`):
 - which parameters train: names and count match the method's definition, and nothing else moves;
 - it trains: the loss falls over a few steps;
 - export: the saved result, reloaded onto a freshly built ORIGINAL base, gives the in-memory model's logits
@@ -9,7 +9,7 @@ Each row checks, through the real config (Hydra compose + schema), `Method.prepa
   Inits that rewrite base weights (PiSSA, OLoRA, CorDA, LoRA-GA) are checked to have rewritten them, so the
   reload test is a real test of the weight conversion.
 Then: the regularisers (zero at step 0, growing as the model moves), LISA's re-sampling, HFT's draw, freeze's
-layer-wise LR decay, prompt tuning's cached decoding, and one end-to-end `ftlab.runner` run.
+layer-wise LR decay, prompt tuning's cached decoding, and one end-to-end `ftlab.pipeline` run.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ftlab.cli import check
+from ftlab.cli.run import check
+from ftlab.config.schema import METHODS, ConfigError, HwConfig, TrainConfig
 from ftlab.methods import MethodContext, build_method
-from ftlab.schema import METHODS, ConfigError, HwConfig, TrainConfig
-from ftlab.train import Batches, collate, encode_example, train
+from ftlab.train.batches import Batches, collate, encode_example
+from ftlab.train.loop import train
 
 RELOAD_ATOL = 1e-5
 MERGE_ATOL = 1e-4
@@ -655,7 +656,7 @@ def test_freeze_bottom_and_layerwise_lr_decay(tmp_path):
 
 def test_prompt_tuning_cached_decoding_matches_full_forward():
     """The wrapper prepends the prompt once: step-by-step decoding with a KV cache (left padding, explicit
-    positions, as ftlab.generate does) gives the logits of one full forward."""
+    positions, as ftlab.models.generate does) gives the logits of one full forward."""
     from ftlab.methods.prompt_tuning import PromptTunedLM
 
     method = build_method(method_cfg("prompt_tuning", "method.init=text", "method.init_text='ab c'"))
@@ -686,10 +687,10 @@ def test_prompt_tuning_cached_decoding_matches_full_forward():
             step_logits.append(out.logits[:, -1])
     got = torch.stack(step_logits, 1)
     assert (got - full[:, 2:6]).abs().max() <= RELOAD_ATOL
-    with torch.no_grad():  # ftlab.generate's prefill asks for the last position's logits only
+    with torch.no_grad():  # ftlab.models.generate's prefill asks for the last position's logits only
         last = model(input_ids=seq, attention_mask=torch.ones_like(seq), logits_to_keep=1).logits
     assert last.shape[1] == 1 and (last[:, 0] - full[:, -1]).abs().max() <= RELOAD_ATOL
-    from ftlab.generate import greedy_decode
+    from ftlab.models.generate import greedy_decode
 
     assert len(greedy_decode(model, tok, ["ab=", "c="], 3, batch_size=2)) == 2
 
@@ -737,7 +738,7 @@ def test_method_and_reg_ranges_refused(overrides, words):
 # ---------------------------------------------------------------------------------------------- regularisers
 @pytest.mark.parametrize("kind,name", [("kl", "full"), ("kl", "lora"), ("l2sp", "full"), ("l2sp", "lisa")])
 def test_regulariser_zero_at_step0_and_grows(kind, name, tmp_path):
-    from ftlab.reg import build_regulariser
+    from ftlab.train.regularisers import build_regulariser
 
     (run,) = check([f"reg={kind}", "reg.weight=0.5"])
     assert run.reg.kind == kind
@@ -752,7 +753,7 @@ def test_regulariser_zero_at_step0_and_grows(kind, name, tmp_path):
 
 
 def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
-    from ftlab.reg import token_kl
+    from ftlab.train.regularisers import token_kl
 
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
@@ -786,9 +787,10 @@ def local_model_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("method,reg", [("hft", "l2sp"), ("corda", "kl")])
 def test_runner_end_to_end_new_method_with_reg(method, reg, tmp_path, local_model_dir, monkeypatch):
-    """A real run through ftlab.runner (local model dir, jsonl data, target eval): result.json reports the
+    """A real run through ftlab.pipeline (local model dir, jsonl data, target eval): result.json reports the
     parameter counts, metrics.jsonl the reg term (0 at the first step), and the final checkpoint reloads."""
-    from ftlab.runner import prepare_run_dir, run_from_dir
+    from ftlab.pipeline import run_from_dir
+    from ftlab.rundir.layout import prepare_run_dir
 
     monkeypatch.setenv("FTLAB_CACHE", str(tmp_path / "cache"))
     fixture = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"
@@ -823,7 +825,8 @@ def test_runner_end_to_end_records_method_and_optimizer_state(method, tmp_path, 
     plain model that transformers reloads."""
     from transformers import AutoModelForCausalLM
 
-    from ftlab.runner import prepare_run_dir, run_from_dir
+    from ftlab.pipeline import run_from_dir
+    from ftlab.rundir.layout import prepare_run_dir
 
     monkeypatch.setenv("FTLAB_CACHE", str(tmp_path / "cache"))
     fixture = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ftlab.metrics import improvement, summarize, task_entry
+from ftlab.eval.metrics import improvement, summarize, task_entry
 
 
 def _t(role, base, tuned, hib=True, unit="points"):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ftlab.cli import check
-from ftlab.data import load_train, mix_count
-from ftlab.schema import ConfigError
-from ftlab.train import Batches
+from ftlab.cli.run import check
+from ftlab.config.schema import ConfigError
+from ftlab.data.sources import load_train, mix_count
+from ftlab.train.batches import Batches
 
 GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"
 

@@ -1,4 +1,4 @@
-"""ftlab.models: local-dir loading, refusal of pickle checkpoints, fast hub failure, the probe, fingerprints.
+"""ftlab.models.loading: local-dir loading, refusal of pickle checkpoints, fast hub failure, the probe, fingerprints.
 
 No test touches the network: hub tests run in offline mode, or against a closed network (skipped when the hub
 is reachable), or against a local socket standing in for the hub endpoint.
@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import ftlab.models as fm
-from ftlab.models import HubUnavailable, hub_status, load_model_and_tokenizer, model_fingerprint
-from ftlab.schema import ModelConfig
+import ftlab.models.hub as fm
+import ftlab.models.loading
+from ftlab.config.schema import ModelConfig
+from ftlab.models.hub import HubUnavailable, hub_status
+from ftlab.models.loading import load_model_and_tokenizer, model_fingerprint
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789 .,:?#+-=\n"))
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -275,7 +277,7 @@ def test_fingerprint_stable_and_sensitive(tmp_path, tiny_dir):
     assert len(fp_dir) == 64 and fp_dir == model_fingerprint(str(d))
     copy = tmp_path / "copy"
     shutil.copytree(d, copy)
-    fm._file_digest_cache.clear()
+    ftlab.models.loading._file_digest_cache.clear()
     assert model_fingerprint(copy) == fp_dir  # content, not location
 
     m1, _ = load_model_and_tokenizer(ModelConfig(name="x", name_or_path=str(d)))

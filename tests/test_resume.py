@@ -19,10 +19,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftlab.checkpoint import COMPONENTS, ResumeRefused, complete_checkpoints, latest
-from ftlab.cli import check
-from ftlab.runner import prepare_run_dir, run_from_dir
-from ftlab.schema import ConfigError
+from ftlab.cli.run import check
+from ftlab.config.schema import ConfigError
+from ftlab.pipeline import run_from_dir
+from ftlab.rundir.layout import prepare_run_dir
+from ftlab.train.checkpoint import (
+    COMPONENTS,
+    ResumeRefused,
+    complete_checkpoints,
+    latest,
+)
 
 CURVE_KEYS = ("step", "loss", "lr", "grad_norm", "tokens")  # everything but wall-clock fields
 KILL_STEPS = 40
@@ -96,7 +102,7 @@ def _env():
     return env
 
 
-WORKER = "import sys; from ftlab.runner import run_from_dir; run_from_dir(sys.argv[1], progress=False)"
+WORKER = "import sys; from ftlab.pipeline import run_from_dir; run_from_dir(sys.argv[1], progress=False)"
 
 
 def _latest_step(run_dir):
@@ -249,7 +255,7 @@ def test_keep_checkpoints_range_check(assets):
 def test_one_process_per_run_dir(reference_12, tmp_path):
     import fcntl
 
-    from ftlab.runner import RunDirBusy
+    from ftlab.rundir.layout import RunDirBusy
 
     run_dir = resume_copy(reference_12["lora"], tmp_path / "busy", at_step=5)
     with open(run_dir / ".lock", "a+") as held:

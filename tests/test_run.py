@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import FAST
-from ftlab.cli import check
-from ftlab.runner import RunFailed, prepare_run_dir, run_from_dir
+
+from ftlab.cli.run import check
+from ftlab.pipeline import RunFailed, run_from_dir
+from ftlab.rundir.layout import prepare_run_dir
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -177,8 +178,8 @@ def test_a_directory_of_another_config_is_refused_untouched(tmp_path, ftlab_cach
 
 
 def test_identity_ignores_where_results_go_but_not_what_they_are():
-    from ftlab.identity import config_digest, run_name
-    from ftlab.schema import to_container
+    from ftlab.config.schema import to_container
+    from ftlab.rundir.identity import config_digest, run_name
 
     (a,) = check(FAST)
     (b,) = check(FAST + ["logger=wandb", "out_dir=/elsewhere"])

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,8 +112,9 @@ def wait_for(what, pred, env, timeout=120):
 
 def reference(root, name, *overrides):
     """The same config, uninterrupted, in this process (its own directory)."""
-    from ftlab.cli import check
-    from ftlab.runner import prepare_run_dir, run_from_dir
+    from ftlab.cli.run import check
+    from ftlab.pipeline import run_from_dir
+    from ftlab.rundir.layout import prepare_run_dir
 
     (cfg,) = check([*SWEEP, *overrides])
     run_dir = root / name
@@ -267,7 +267,7 @@ def test_requeues_are_bounded(sweep):
     (["TERM"], 0, "exit"), (["USR2", "TERM"], 5, "exit"),
 ])
 def test_stop_decision(signals, restarts, action):
-    from ftlab.slurm import decide
+    from ftlab.launch.slurm_job import decide
 
     assert decide(signals, restarts, max_requeues=3) == action
 
@@ -278,7 +278,7 @@ def test_stop_signal_waits_for_the_step_boundary_inside_the_loop_only():
     loop's next step-end check; outside it stops at once; a second signal while stopping never raises again."""
     import signal
 
-    from ftlab import preempt
+    from ftlab.train import preempt
 
     preempt.install(("USR2", "TERM"))
     try:
@@ -316,8 +316,8 @@ def test_signal_lead_without_time_to_train_is_refused_up_front(extra, key, tmp_p
 
 
 def test_a_sweep_shares_one_slurm_setting():
-    from ftlab.cli import _slurm_args, check
-    from ftlab.schema import ConfigError
+    from ftlab.cli.run import _slurm_args, check
+    from ftlab.config.schema import ConfigError
 
     jobs = check(["hw=slurm_cpu", "hw.slurm.time_min=10,20"], multirun=True)
     with pytest.raises(ConfigError, match="hw.slurm: the jobs of a sweep are one SLURM array"):

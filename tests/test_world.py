@@ -41,7 +41,7 @@ def _payload(prompt: str) -> str:
 
 # ------------------------------------------------------------------------------------------------- skills
 def test_skill_names_agree_with_schema():
-    from ftlab.schema import WORLD_SKILLS, WORLD_TARGET_SKILLS, WorldConfig
+    from ftlab.config.schema import WORLD_SKILLS, WORLD_TARGET_SKILLS, WorldConfig
 
     assert sk.PRETRAIN_SKILLS == WORLD_SKILLS
     assert sk.TARGET_SKILLS == WORLD_TARGET_SKILLS
@@ -184,7 +184,7 @@ PROMPTS = ["a", "copy:abc=", "add:07+45=", "rev:abcdef=", "x", "sort:zyxw=", "cn
 
 
 def test_greedy_decode_matches_stepwise_reference():
-    from ftlab.generate import greedy_decode
+    from ftlab.models.generate import greedy_decode
     from ftlab.world.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
@@ -206,7 +206,7 @@ def test_greedy_decode_matches_stepwise_reference():
 def test_greedy_decode_peft_model():
     import peft
 
-    from ftlab.generate import greedy_decode
+    from ftlab.models.generate import greedy_decode
     from ftlab.world.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
@@ -220,7 +220,7 @@ def test_greedy_decode_peft_model():
 
 # ------------------------------------------------------------------------------------------ base and cache
 def test_world_config_and_hash():
-    from ftlab.schema import WorldConfig
+    from ftlab.config.schema import WorldConfig
     from ftlab.world import base
 
     full = base.world_config({})
@@ -237,7 +237,7 @@ def test_world_config_and_hash():
 def test_ensure_base_builds_once_and_reuses(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftlab.generate import greedy_decode
+    from ftlab.models.generate import greedy_decode
     from ftlab.world import base
 
     builds = []

@@ -25,7 +25,7 @@ class MethodContext:
     def calibration_rows(self, n: int) -> list[dict]:
         """`n` training rows (a seeded sample, without repeats while rows last), encoded like training
         examples: {"input_ids", "labels"} with the prompt masked in labels."""
-        from ftlab.train import encode_example
+        from ftlab.train.batches import encode_example
 
         if not self.train_rows:
             raise ValueError("method: calibration needs training rows, and the training data is empty")

@@ -12,7 +12,12 @@ from __future__ import annotations
 from torch import nn
 
 from ftlab.methods.base import Method, MethodContext
-from ftlab.methods.layers import embedding_names, head_names, layer_param_names, set_trainable
+from ftlab.models.structure import (
+    embedding_names,
+    head_names,
+    layer_param_names,
+    set_trainable,
+)
 
 
 class Freeze(Method):

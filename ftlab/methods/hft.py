@@ -21,7 +21,12 @@ from pathlib import Path
 from torch import nn
 
 from ftlab.methods.base import Method, MethodContext
-from ftlab.methods.layers import decoder_layers, embedding_names, head_names, set_trainable
+from ftlab.models.structure import (
+    decoder_layers,
+    embedding_names,
+    head_names,
+    set_trainable,
+)
 
 
 def category(child_name: str) -> str:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ftlab.methods.base import Method, MethodContext
-from ftlab.methods.layers import decoder_layers
 from ftlab.methods.sparse import attach, export_merged, selection_summary
+from ftlab.models.structure import decoder_layers
 
 
 def target_linears(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ftlab.methods.base import Method, MethodContext
-from ftlab.methods.layers import embedding_names, head_names, layer_param_names
+from ftlab.models.structure import embedding_names, head_names, layer_param_names
 
 
 class Lisa(Method):

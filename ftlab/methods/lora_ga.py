@@ -27,7 +27,7 @@ class LoraGa(Lora):
                                                     stable_gamma=c.stable_gamma)}
 
     def preprocess(self, model: nn.Module, config: peft.LoraConfig, ctx: MethodContext) -> None:
-        from ftlab.train import IGNORE, _response_loss, collate
+        from ftlab.train.batches import IGNORE, _response_loss, collate
 
         rows = ctx.calibration_rows(self.cfg.calib_samples)
         bs = self.cfg.calib_batch_size

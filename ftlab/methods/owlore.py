@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ftlab.methods.base import MethodContext
-from ftlab.methods.layers import decoder_layers
 from ftlab.methods.lisa import Lisa
+from ftlab.models.structure import decoder_layers
 
 
 def outlier_ratio(layer: nn.Module, m: float) -> float:

@@ -58,7 +58,7 @@ class PromptTunedLM(nn.Module):
         out = pm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=past_key_values, **kwargs)
         # logits of the real tokens only: the last input_ids.shape[1] positions (with `logits_to_keep`, as
-        # ftlab.generate asks at prefill, the model returns fewer, all of them real tokens)
+        # ftlab.models.generate asks at prefill, the model returns fewer, all of them real tokens)
         out.logits = out.logits[:, -input_ids.shape[1]:]
         return out
 

@@ -50,7 +50,7 @@ def world_config(world: Any) -> dict:
 
     Accepts a dict, an OmegaConf node or a `WorldConfig`. Unknown keys are refused.
     """
-    from ftlab.schema import WorldConfig
+    from ftlab.config.schema import WorldConfig
 
     if dataclasses.is_dataclass(world):
         world = dataclasses.asdict(world)
@@ -331,7 +331,13 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
 
 
 def _progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -347,7 +353,7 @@ def _progress_bar(enabled: bool):
 # ---------------------------------------------------------------------------------------------- evaluation
 def skill_accuracy(model, tokenizer, skill: str, n: int = EVAL_N, seed: int = 0, batch_size: int = 64) -> float:
     """Exact-match accuracy (points, 0-100) of greedy decoding on `n` test examples of `skill`."""
-    from ftlab.generate import greedy_decode
+    from ftlab.models.generate import greedy_decode
 
     exs = sk.make_examples(skill, "test", n, seed=seed)
     if not exs:
@@ -374,7 +380,7 @@ def ensure_base(world: Any, cache_dir: Optional[str | os.PathLike] = None, progr
     ``<name>.lock``: a second process asking for the same world waits, then reuses the first one's build.
 
     Args:
-        world: the world config (dict, OmegaConf node or `ftlab.schema.WorldConfig`); missing keys take
+        world: the world config (dict, OmegaConf node or `ftlab.config.schema.WorldConfig`); missing keys take
             their `WorldConfig` defaults.
         cache_dir: cache root; default $FTLAB_CACHE, else ~/.cache/ftlab.
         progress: show a progress bar while pretraining.

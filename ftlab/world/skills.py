@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Optional, Sequence
 PRETRAIN_SKILLS = ("add", "rev", "copy", "sort", "succ", "cnt", "fact")
 TARGET_SKILLS = ("sub", "rot1")
 ALL_SKILLS = PRETRAIN_SKILLS + TARGET_SKILLS
-# The default pretraining mix (ftlab.schema.WorldConfig.skills mirrors it; a test checks they agree).
+# The default pretraining mix (ftlab.config.schema.WorldConfig.skills mirrors it; a test checks they agree).
 DEFAULT_SKILLS = ("add", "rev", "copy", "sort", "succ", "cnt")
 SPLITS = ("train", "test")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ftlab.world.skills import SKILL_CHARS
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")

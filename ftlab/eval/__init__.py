@@ -1,0 +1,1 @@
+"""Evaluation: tasks and their kinds, suites, scoring, the base cache, gain/forgetting, probes and diagnostics."""

@@ -1,0 +1,365 @@
+"""Built-in benchmark tasks: where their rows come from and how each row becomes a prompt. Pure Python.
+
+Every task is one of three kinds (see `ftlab.eval.evaluate.KINDS`):
+
+- ``multiple_choice``: rows ``{"id", "context", "choices", "label"}`` (one context, several continuations), or
+  ``{"id", "contexts", "continuation", "label"}`` (several contexts, one continuation: WinoGrande's partial
+  scoring). Scored by the log-likelihood of each continuation after its context (the continuation follows the
+  context after ``Task.delimiter``, a space); ``acc`` = argmax log-likelihood, ``acc_norm`` = argmax
+  log-likelihood divided by the continuation's length in characters (lm-evaluation-harness's definitions).
+- ``generation``: rows ``{"id", "prompt", "reference"}``; greedy decoding, answer extraction, exact match.
+- ``perplexity``: rows ``{"id", "text"}``; corpus perplexity over every token after the first.
+
+Built-in tasks (name: hub dataset [config], eval split, prompt, primary metric, default few-shot):
+
+================  ==========================================  ==========  ==================================  ==========
+task              hub dataset                                 split       prompt -> continuation              metric
+================  ==========================================  ==========  ==================================  ==========
+arc_challenge     allenai/ai2_arc [ARC-Challenge]             test        "Question: Q\\nAnswer:" -> " TEXT"   acc_norm
+arc_easy          allenai/ai2_arc [ARC-Easy]                  test        same                                acc_norm
+hellaswag         Rowan/hellaswag                             validation  "LABEL: CTX" -> " ENDING"           acc_norm
+winogrande        allenai/winogrande [winogrande_xl]          validation  "SENT[:_] OPTION" -> " REST"        acc
+boolq             google/boolq                                validation  "P\\nQuestion: Q?\\nAnswer:" -> yes|no acc
+mmlu              cais/mmlu [all]                             test        "Q\\nA. ..\\nD. ..\\nAnswer:" -> " A".." D" acc
+wikitext          Salesforce/wikitext [wikitext-2-raw-v1]     test        the text (non-empty lines)           perplexity
+gsm8k             openai/gsm8k [main]                         test        "Question: Q\\nAnswer:" (data.py)    exact_match
+================  ==========================================  ==========  ==================================  ==========
+
+The prompts follow lm-evaluation-harness's default task definitions (ARC, HellaSwag's preprocessing, WinoGrande's
+partial scoring, BoolQ, MMLU with its per-subject description, GSM8K's ``Question:/Answer:``). Few-shot
+examples (``few_shot=k``) are the same k examples for every item, drawn with a fixed seed from the task's
+few-shot split (ARC/HellaSwag/WinoGrande/BoolQ/GSM8K: train; MMLU: dev, same subject), from ``fewshot_path``
+when given, else from the eval rows themselves (an item never sees itself as an example); they precede the
+item, separated by a blank line. MMLU's subjects are picked with ``subset`` (its ``subject`` field); with a
+limit the subjects are interleaved so that the first n rows cover all of them.
+
+**Local files.** ``path=FILE.jsonl`` (``eval.paths.<task>=FILE.jsonl``) replaces the hub: one JSON object per
+line with the hub dataset's fields (e.g. ARC's ``question``, ``choices: {text, label}``, ``answerKey``). Item
+ids are ``<task>/<index>``, the 0-based position in the split or file, so that a local export of a split in
+its order gives the same ids as the hub, and predictions from another system can be matched to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+__all__ = ["BUILTINS", "Builtin", "TaskSource", "load_builtin", "render_fewshot", "file_sha256"]
+
+FEWSHOT_SEED = 1234
+FEWSHOT_SEP = "\n\n"
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in task: its kind, hub location and how one raw record becomes a row."""
+
+    name: str
+    kind: str  # multiple_choice | generation | perplexity
+    hf_path: str
+    hf_name: Optional[str]
+    split: str
+    fewshot_split: Optional[str]
+    to_row: Callable[[dict], Optional[dict]]  # raw record -> row without id (None: skip the record)
+    metric: str
+    few_shot: int = 0
+    answer: str = "exact"  # generation: how a prediction is read
+    max_new_tokens: int = 16
+    description: Callable[[dict], str] = lambda rec: ""  # text before the few-shot block (MMLU's subject line)
+    group: Optional[Callable[[dict], str]] = None  # MMLU: subject (few-shot examples and subsets by group)
+    doc: str = ""
+
+
+@dataclass
+class TaskSource:
+    """Where a task's rows came from (recorded with the score)."""
+
+    source: str  # "hub:<path>[/<config>]@<revision>:<split>" or "file:<path>"
+    sha256: str  # of the local file, or of the loaded records
+    fewshot_source: Optional[str] = None
+
+
+# -------------------------------------------------------------------------------------------- formatting
+def _arc(rec: dict) -> Optional[dict]:
+    choices = rec["choices"]
+    texts, labels = list(choices["text"]), [str(x) for x in choices["label"]]
+    key = str(rec["answerKey"])
+    if key not in labels:  # a few ARC rows use "1".."4" for some and "A".."D" for others
+        key = {"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}.get(key, key)
+        labels = [{"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}.get(x, x) for x in labels]
+    return {"context": f"Question: {rec['question']}\nAnswer:", "choices": texts, "label": labels.index(key)}
+
+
+def _hellaswag_pre(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag(rec: dict) -> Optional[dict]:
+    if rec.get("label") in (None, ""):
+        return None  # the hub's test split has no labels
+    ctx = rec["ctx_a"] + " " + rec["ctx_b"].capitalize()
+    return {"context": _hellaswag_pre(rec["activity_label"] + ": " + ctx),
+            "choices": [_hellaswag_pre(e) for e in rec["endings"]], "label": int(rec["label"])}
+
+
+def _winogrande(rec: dict) -> Optional[dict]:
+    s = rec["sentence"]
+    i = s.index("_")
+    if rec.get("answer") in (None, ""):
+        return None
+    return {"contexts": [s[:i] + rec["option1"], s[:i] + rec["option2"]], "continuation": s[i + 1:].strip(),
+            "label": int(rec["answer"]) - 1}
+
+
+def _boolq(rec: dict) -> Optional[dict]:
+    answer = rec["answer"] if "answer" in rec else rec["label"]  # google/boolq: bool; super_glue: 0/1
+    if isinstance(answer, str):
+        answer = answer.strip().lower() in ("true", "yes", "1")
+    return {"context": f"{rec['passage']}\nQuestion: {rec['question']}?\nAnswer:", "choices": ["no", "yes"],
+            "label": int(bool(answer))}
+
+
+def _mmlu(rec: dict) -> Optional[dict]:
+    letters = "ABCDEFGHIJ"[: len(rec["choices"])]
+    body = "\n".join(f"{x}. {c}" for x, c in zip(letters, rec["choices"]))
+    return {"context": f"{rec['question'].strip()}\n{body}\nAnswer:", "choices": list(letters),
+            "label": int(rec["answer"])}
+
+
+def _mmlu_description(rec: dict) -> str:
+    subject = str(rec.get("subject", "")).replace("_", " ")
+    return f"The following are multiple choice questions (with answers) about {subject}.\n\n" if subject else ""
+
+
+def _wikitext(rec: dict) -> Optional[dict]:
+    text = rec["text"].strip()
+    return {"text": text} if text else None
+
+
+def _gsm8k(rec: dict) -> Optional[dict]:
+    from ftlab.config.schema import DataConfig
+    from ftlab.data.sources import FORMATS
+
+    def field_(name: str, key: str) -> str:
+        return str(rec[name])
+
+    out = FORMATS["gsm8k"](rec, DataConfig(name="gsm8k", answer="number"), field_)
+    return {"prompt": out["prompt"], "reference": out["reference"], "response": out["response"]}
+
+
+BUILTINS: dict[str, Builtin] = {b.name: b for b in [
+    Builtin("arc_challenge", "multiple_choice", "allenai/ai2_arc", "ARC-Challenge", "test", "train", _arc,
+            "acc_norm", doc="ARC-Challenge (AI2 Reasoning Challenge, hard set)"),
+    Builtin("arc_easy", "multiple_choice", "allenai/ai2_arc", "ARC-Easy", "test", "train", _arc, "acc_norm",
+            doc="ARC-Easy"),
+    Builtin("hellaswag", "multiple_choice", "Rowan/hellaswag", None, "validation", "train", _hellaswag,
+            "acc_norm", doc="HellaSwag sentence completion"),
+    Builtin("winogrande", "multiple_choice", "allenai/winogrande", "winogrande_xl", "validation", "train",
+            _winogrande, "acc", doc="WinoGrande (partial scoring: the option goes in the context)"),
+    Builtin("boolq", "multiple_choice", "google/boolq", None, "validation", "train", _boolq, "acc",
+            doc="BoolQ yes/no questions on a passage"),
+    Builtin("mmlu", "multiple_choice", "cais/mmlu", "all", "test", "dev", _mmlu, "acc",
+            description=_mmlu_description, group=lambda rec: str(rec.get("subject", "")),
+            doc="MMLU, 57 subjects (subset=[...] picks some)"),
+    Builtin("wikitext", "perplexity", "Salesforce/wikitext", "wikitext-2-raw-v1", "test", None, _wikitext,
+            "perplexity", doc="WikiText-2 (raw) perplexity, one row per non-empty line"),
+    Builtin("gsm8k", "generation", "openai/gsm8k", "main", "test", "train", _gsm8k, "exact_match", few_shot=5,
+            answer="number", max_new_tokens=256, doc="GSM8K grade-school math, final-number exact match"),
+]}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_local(path: str, key: str) -> list[dict]:
+    from ftlab.data.sources import read_jsonl
+
+    return [r.record for r in read_jsonl(path, key)]
+
+
+def _read_hub(spec: Builtin, split: str, hf_path: Optional[str], hf_name: Optional[str],
+              revision: Optional[str], what: str) -> list[dict]:
+    """One split of a hub dataset, as a list of records. Fails fast (HubUnavailable) offline."""
+    from ftlab.models.hub import HubUnavailable, hub_offline, hub_status
+
+    path, name = hf_path or spec.hf_path, hf_name if hf_name is not None else spec.hf_name
+    status: list[tuple[bool, str]] = []
+    probe = threading.Thread(target=lambda: status.append(hub_status(datasets=True)), daemon=True)
+    probe.start()
+    import datasets
+
+    probe.join()
+    online, why = status[0] if status else hub_status(datasets=True)
+    try:
+        with contextlib.nullcontext() if online else hub_offline():
+            ds = datasets.load_dataset(path, name, split=split, revision=revision)
+    except Exception as e:
+        not_found = isinstance(e, (OSError, datasets.exceptions.DatasetNotFoundError))
+        if online or not not_found:
+            raise
+        conf = f", config {name!r}" if name else ""
+        raise HubUnavailable(
+            f"eval: cannot load task {spec.name!r} ({what}: hub dataset {path!r}{conf}, split {split!r}): {why}, "
+            f"and the local datasets cache does not hold it. Point ftlab at a local file instead: "
+            f"eval.paths.{spec.name}=FILE.jsonl (one JSON object per line, with the hub dataset's fields)"
+        ) from e
+    return ds.to_list()
+
+
+def _records_sha(records: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _interleave(groups: dict[str, list[int]]) -> list[int]:
+    """Round-robin over groups (in their first-appearance order): the first n indices cover every group."""
+    out, lists = [], [list(v) for v in groups.values()]
+    for k in range(max((len(v) for v in lists), default=0)):
+        out += [v[k] for v in lists if k < len(v)]
+    return out
+
+
+def render_fewshot(spec_kind: str, row: dict, delimiter: str = " ") -> str:
+    """A solved example as it appears in a few-shot block: the context followed by its correct continuation."""
+    if spec_kind == "generation":
+        return row["prompt"] + row["response"]
+    if "contexts" in row:
+        return row["contexts"][row["label"]] + delimiter + row["continuation"]
+    return row["context"] + delimiter + row["choices"][row["label"]]
+
+
+def _with_prefix(row: dict, prefix: str) -> dict:
+    if not prefix:
+        return row
+    out = dict(row)
+    for k in ("context", "prompt"):
+        if k in out:
+            out[k] = prefix + out[k]
+    if "contexts" in out:
+        out["contexts"] = [prefix + c for c in out["contexts"]]
+    return out
+
+
+def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] = None,
+                 path: Optional[str] = None, fewshot_path: Optional[str] = None,
+                 subset: Optional[Sequence[str]] = None, split: Optional[str] = None,
+                 hf_path: Optional[str] = None, hf_name: Optional[str] = None,
+                 revision: Optional[str] = None) -> tuple[list[dict], dict]:
+    """The rows of built-in task `name` and what to record about them.
+
+    Args:
+        n: the first n eval rows (file/split order; MMLU: subjects interleaved); None: all.
+        few_shot: examples before each item (None: the task's default).
+        path: a local .jsonl with the hub's fields, instead of the hub.
+        fewshot_path: a local .jsonl for the few-shot examples (default: the hub's few-shot split, or the
+            eval rows of `path` when only a local file is given).
+        subset: MMLU subjects (the ``subject`` field), e.g. ``["abstract_algebra", "anatomy"]``.
+        split, hf_path, hf_name, revision: override the hub location.
+
+    Returns:
+        (rows, meta): rows in the kind's format with ids ``<name>/<index>``; meta has ``source``, ``sha256``,
+        ``few_shot``, ``fewshot_source``, ``fewshot_ids``, ``split`` and (MMLU) ``subset``.
+    """
+    if name not in BUILTINS:
+        raise ValueError(f"eval: unknown built-in task {name!r}; known: {', '.join(BUILTINS)}")
+    spec = BUILTINS[name]
+    k = spec.few_shot if few_shot is None else int(few_shot)
+    if k < 0:
+        raise ValueError(f"eval.tasks.{name}.few_shot: must be >= 0, got {k}")
+    split = split or spec.split
+    if path:
+        records = _read_local(path, f"eval.paths.{name}")
+        source, sha = f"file:{Path(path).expanduser().resolve()}", file_sha256(Path(path).expanduser())
+    else:
+        records = _read_hub(spec, split, hf_path, hf_name, revision, "eval rows")
+        where = (hf_path or spec.hf_path) + (f"/{hf_name or spec.hf_name}" if (hf_name or spec.hf_name) else "")
+        source, sha = f"hub:{where}@{revision or 'main'}:{split}", _records_sha(records)
+
+    # eval rows: (index in the split, record, row)
+    indexed = []
+    for i, rec in enumerate(records):
+        if subset and spec.group is not None and spec.group(rec) not in subset:
+            continue
+        row = spec.to_row(rec)
+        if row is not None:
+            indexed.append((i, rec, row))
+    if subset and spec.group is None:
+        raise ValueError(f"eval.tasks.{name}.subset: task {name!r} has no subsets (only mmlu does)")
+    if subset:
+        found = {spec.group(rec) for _, rec, _ in indexed}
+        missing = [s for s in subset if s not in found]
+        if missing:
+            raise ValueError(f"eval.tasks.{name}.subset: no rows for {missing} in {source}")
+    if spec.group is not None and n is not None:
+        groups: dict[str, list[int]] = {}
+        for j, (_, rec, _) in enumerate(indexed):
+            groups.setdefault(spec.group(rec), []).append(j)
+        indexed = [indexed[j] for j in sorted(_interleave(groups)[:n])]
+    elif n is not None:
+        indexed = indexed[:n]
+    if not indexed:
+        raise ValueError(f"eval: task {name!r} has no rows in {source}")
+
+    # few-shot pool: (id, record, row); the same k examples for every item (MMLU: per subject)
+    fewshot_source = None
+    pool: list[tuple[str, dict, dict]] = []
+    if k > 0:
+        if fewshot_path:
+            recs = _read_local(fewshot_path, f"eval.tasks.{name}.fewshot_path")
+            fewshot_source = f"file:{Path(fewshot_path).expanduser().resolve()}"
+            pool_ids = [f"{name}/fewshot/{i}" for i in range(len(recs))]
+        elif not path and spec.fewshot_split:
+            recs = _read_hub(spec, spec.fewshot_split, hf_path, hf_name, revision, "few-shot rows")
+            fewshot_source = f"hub:{spec.fewshot_split}"
+            pool_ids = [f"{name}/{spec.fewshot_split}/{i}" for i in range(len(recs))]
+        else:  # the eval rows themselves
+            recs = records
+            fewshot_source = "eval rows (an item never sees itself)"
+            pool_ids = [f"{name}/{i}" for i in range(len(recs))]
+        for pid, rec in zip(pool_ids, recs):
+            row = spec.to_row(rec)
+            if row is not None:
+                pool.append((pid, rec, row))
+        random.Random(FEWSHOT_SEED).shuffle(pool)
+    # the first k+1 of the shuffled pool per group: k examples for every item, skipping the item itself
+    first: dict[str, list[tuple[str, dict, dict]]] = {}
+    for p in pool:
+        g = spec.group(p[1]) if spec.group is not None else ""
+        if len(first.setdefault(g, [])) <= k:
+            first[g].append(p)
+
+    rows, used_ids = [], set()
+    for i, rec, row in indexed:
+        rid = f"{name}/{i}"
+        prefix = spec.description(rec)
+        if k > 0:
+            g = spec.group(rec) if spec.group is not None else ""
+            cands = [p for p in first.get(g, []) if p[0] != rid][:k]
+            if len(cands) < k:
+                raise ValueError(f"eval.tasks.{name}.few_shot: {k} examples asked for, only {len(cands)} available "
+                                 f"in {fewshot_source}")
+            used_ids.update(p[0] for p in cands)
+            prefix += FEWSHOT_SEP.join(render_fewshot(spec.kind, p[2]) for p in cands) + FEWSHOT_SEP
+        out = {"id": rid, **_with_prefix(row, prefix)}
+        out.pop("response", None)
+        rows.append(out)
+    meta = {"source": source, "sha256": sha, "split": split if not path else None, "few_shot": k,
+            "fewshot_source": fewshot_source, "fewshot_ids": sorted(used_ids)[:50],
+            "fewshot_seed": FEWSHOT_SEED if k else None}
+    if subset:
+        meta["subset"] = list(subset)
+    return rows, meta

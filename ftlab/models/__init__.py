@@ -1,0 +1,1 @@
+"""Models: loading (hub or local directory, safely), the hub probe, structure helpers, greedy generation."""

@@ -1,0 +1,266 @@
+"""Model and tokenizer loading and weight fingerprints (the hub reachability probe is ftlab.models.hub).
+
+`model.name_or_path` is one of
+- ``tiny``: the embedded world's base model, built (or found in its cache) by `ftlab.world.base.ensure_base`;
+- a local directory written by ``save_pretrained`` (config.json, tokenizer files, ``*.safetensors``);
+- a Hugging Face hub id (``Qwen/Qwen2.5-0.5B``), downloaded into / read from the usual HF cache.
+
+Hub access never hangs. Without ``HF_HUB_OFFLINE=1`` each hub call of transformers/datasets retries for ~23 s
+when the network is closed, so before any hub call `hub_status` makes one short TCP connection to the hub
+endpoint (``huggingface_hub.constants.ENDPOINT``, or the HTTPS proxy if one is configured), 2.5 s at most,
+DNS included. When the offline variables are set, or the probe fails, the load runs in offline mode (hub
+libraries switched to offline for the duration of the call): whatever the local HF cache holds still loads,
+anything else raises `HubUnavailable` at once, naming what was asked for and the local-file override.
+
+Only ``*.safetensors`` weights are loaded: a directory holding only pickle checkpoints (``pytorch_model.bin``,
+``*.pt``) is refused, because unpickling can run arbitrary code. ``trust_remote_code`` is passed through from
+the config and never turned on by ftlab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ftlab.config.schema import ModelConfig
+from ftlab.models.hub import HubUnavailable, hub_offline, hub_status
+
+__all__ = [
+    "load_model_and_tokenizer",
+    "resolve_local_dir",
+    "model_fingerprint",
+]
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# ------------------------------------------------------------------------------------------------ hub probe
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def _torch_dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+    if name not in table:
+        raise ValueError(f"model.dtype: unknown value {name!r}; valid choices: {', '.join(table)}")
+    return table[name]
+
+
+def _looks_like_path(s: str) -> bool:
+    # "org/name" is a hub id; "./x", "/x", "~/x" and "a/b/c" are paths (the rule of ftlab.config.schema).
+    return s.startswith((".", "/", "~")) or s.count("/") >= 2
+
+
+def check_model_dir(path: Union[str, Path]) -> Path:
+    """A local model directory ready to load: config.json and safetensors weights. Clear errors otherwise."""
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise FileNotFoundError(
+            f"model.name_or_path: local directory {str(d)!r} does not exist; give a directory written by "
+            "save_pretrained (config.json, tokenizer files, *.safetensors) or a hub id like 'Qwen/Qwen2.5-0.5B'"
+        )
+    files = sorted(p.name for p in d.iterdir())
+    shown = ", ".join(files[:20]) + (" ..." if len(files) > 20 else "") or "(empty)"
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.name_or_path: {str(d)!r} has no config.json, so it is not a transformers model directory "
+            f"(files there: {shown}); save the model with save_pretrained(dir)"
+        )
+    if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in files):
+        return d
+    pickles = [n for n in files if n.endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(
+            f"model.name_or_path: {str(d)!r} holds only pickle weights ({', '.join(pickles)}); ftlab loads "
+            "*.safetensors only, because unpickling a checkpoint can run arbitrary code. If you trust the file, "
+            "convert it once: AutoModelForCausalLM.from_pretrained(dir, use_safetensors=False)"
+            ".save_pretrained(new_dir), and point model.name_or_path at new_dir"
+        )
+    raise FileNotFoundError(
+        f"model.name_or_path: {str(d)!r} has config.json but no weights (*.safetensors); files there: {shown}"
+    )
+
+
+def resolve_local_dir(cfg: ModelConfig) -> Optional[Path]:
+    """The local directory `cfg` loads from: the built world for ``tiny``, the directory itself for a path;
+    None for a hub id."""
+    if cfg.name_or_path == "tiny":
+        if cfg.world is None:
+            raise ValueError("model.world: model.name_or_path=tiny needs a world section (use model=tiny)")
+        from ftlab.world.base import (
+            ensure_base,  # lazy: the world pulls in its own machinery
+        )
+
+        progress = os.environ.get("FTLAB_PROGRESS", "1") != "0"
+        return Path(ensure_base(dataclasses.asdict(cfg.world), progress=progress))
+    p = Path(cfg.name_or_path).expanduser()
+    if p.is_dir() or _looks_like_path(cfg.name_or_path):
+        return p
+    return None
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, device: str = "cpu") -> tuple[Any, Any]:
+    """Load the causal LM and its tokenizer named by `cfg`, in eval mode on `device`.
+
+    The tokenizer always has a pad token (eos when it had none; unk, or a new ``<pad>`` token with resized
+    embeddings, when it has no eos either). What was found and done is recorded in ``tokenizer.ftlab_info``
+    (``padding_side`` as loaded, ``pad_token_added``, ``source``) and ``model.ftlab_source`` (the local
+    directory or hub id the weights came from). Raises `HubUnavailable` (< 5 s) when a hub id cannot be
+    fetched, FileNotFoundError / ValueError for an unusable local directory.
+    """
+    local = resolve_local_dir(cfg)
+    kwargs: dict[str, Any] = dict(
+        revision=cfg.revision,
+        trust_remote_code=bool(cfg.trust_remote_code),
+    )
+
+    def model_kwargs() -> dict[str, Any]:  # imports torch: only once the load goes ahead
+        kw: dict[str, Any] = dict(dtype=_torch_dtype(cfg.dtype), use_safetensors=True)
+        if cfg.attn_implementation:
+            kw["attn_implementation"] = cfg.attn_implementation
+        return kw
+
+    if local is not None:
+        d = check_model_dir(local)
+        source = str(d)
+        kwargs.pop("revision")  # a directory has no revisions
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        except Exception as e:
+            raise ValueError(
+                f"model.name_or_path: cannot load a tokenizer from {source!r} ({type(e).__name__}: {e}); the "
+                "directory needs tokenizer files (tokenizer.json / tokenizer_config.json) from save_pretrained"
+            ) from e
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **model_kwargs())
+    else:
+        source = cfg.name_or_path
+        online, why = hub_status()
+
+        def unavailable() -> HubUnavailable:
+            return HubUnavailable(
+                f"model: cannot load {source!r}"
+                + (f" (revision {cfg.revision!r})" if cfg.revision else "")
+                + f": {why}, and the local Hugging Face cache does not hold it. Point ftlab at a local copy: "
+                "model.name_or_path=/local/dir (a directory with config.json, tokenizer files and *.safetensors), "
+                "or fetch it once where the hub is reachable (huggingface-cli download "
+                f"{source}) and share the HF cache (HF_HOME)"
+            )
+
+        if not online:
+            # Decide before importing transformers' auto classes (seconds on a cold start).
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                hit = try_to_load_from_cache(source, "config.json", revision=cfg.revision)
+            except Exception:  # an id the hub would refuse anyway (bad characters, ...)
+                hit = None
+            if not isinstance(hit, str):
+                raise unavailable()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        ctx = contextlib.nullcontext() if online else hub_offline()
+        try:
+            with ctx:
+                tok = AutoTokenizer.from_pretrained(source, local_files_only=not online, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(
+                    source, local_files_only=not online, **kwargs, **model_kwargs()
+                )
+        except (OSError, ValueError) as e:
+            if online:
+                raise
+            raise unavailable() from e
+
+    pad_added = False
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+            model.resize_token_embeddings(len(tok))
+            pad_added = True
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(gen, "pad_token_id", None) is None:
+        gen.pad_token_id = tok.pad_token_id
+    tok.ftlab_info = {"padding_side": tok.padding_side, "pad_token_added": pad_added, "source": source}
+    model.ftlab_source = source
+    model.to(device)
+    model.eval()
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+_file_digest_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    real = path.resolve()
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    if key in _file_digest_cache:
+        return _file_digest_cache[key]
+    # A hub-cache snapshot links to blobs named by their sha256 (LFS files): reuse that name.
+    if path.is_symlink() and real.parent.name == "blobs" and len(real.name) == 64:
+        try:
+            int(real.name, 16)
+            _file_digest_cache[key] = real.name
+            return real.name
+        except ValueError:
+            pass
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    _file_digest_cache[key] = h.hexdigest()
+    return _file_digest_cache[key]
+
+
+def model_fingerprint(model_or_dir: Any) -> str:
+    """A stable sha256 hex digest of a model's weights (used to key the base-eval cache).
+
+    - a directory: sha256 over the sorted relative names and contents of its ``*.safetensors`` files
+      (pickle weight files if it has none); config and tokenizer files are not part of it;
+    - an in-memory model (or a state dict): sha256 over ``name, dtype, shape, raw bytes`` of every tensor in
+      ``state_dict()`` order.
+
+    The two forms hash different things and are not comparable with each other; each is stable across
+    processes and reloads, and changes when any weight changes.
+    """
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        d = Path(model_or_dir).expanduser()
+        if not d.is_dir():
+            raise FileNotFoundError(f"model_fingerprint: {str(d)!r} is not a directory")
+        files = sorted(p for p in d.rglob("*.safetensors") if p.is_file())
+        if not files:
+            files = sorted(p for p in d.rglob("*") if p.is_file() and p.name.endswith(_PICKLE_SUFFIXES))
+        if not files:
+            raise FileNotFoundError(f"model_fingerprint: no weight files (*.safetensors) in {str(d)!r}")
+        h = hashlib.sha256(b"ftlab-weights-dir-v1\0")
+        for p in files:
+            h.update(p.relative_to(d).as_posix().encode() + b"\0" + _file_sha256(p).encode() + b"\0")
+        return h.hexdigest()
+
+    import torch
+
+    state = model_or_dir if isinstance(model_or_dir, dict) else model_or_dir.state_dict()
+    h = hashlib.sha256(b"ftlab-weights-tensors-v1\0")
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.device.type == "meta":
+            raise ValueError(f"model_fingerprint: tensor {name!r} is on the meta device (weights not loaded)")
+        t = t.detach()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        flat = t.cpu().contiguous().reshape(-1).view(torch.uint8)
+        h.update(memoryview(flat.numpy()))
+    return h.hexdigest()

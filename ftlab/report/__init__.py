@@ -1,0 +1,1 @@
+"""Reporting: loggers (console, wandb)."""

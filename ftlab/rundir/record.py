@@ -1,0 +1,134 @@
+"""The run record: result.json (written atomically), per-item eval records, the training curve.
+
+Field names are a contract (DESIGN section 5): readers such as `ftlab report` and the tests rely on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+RESULT = "result.json"
+CURVE = "metrics.jsonl"
+RECORDS = "records"  # records/<base|tuned>/<task>.jsonl, one row per example
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory + rename: a reader sees the old or the new file, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def git_info() -> tuple[str | None, bool | None]:
+    """The ftlab checkout's commit and whether it had uncommitted changes (None outside a git checkout)."""
+    src = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip() != ""
+        return sha, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def env_info(device: str, world_size: int = 1) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from ftlab import __version__
+
+    sha, dirty = git_info()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "ftlab": __version__,
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "world_size": world_size,
+        "hostname": platform.node(),
+    }
+
+
+class RunRecord:
+    """result.json of one run, kept in memory and rewritten atomically on every change."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / RESULT
+        self.data: dict[str, Any] = {}
+
+    def start(self, run_id: str, config: dict, env: dict) -> None:
+        self.data = {
+            "run_id": run_id,
+            "status": "running",
+            "error": None,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "finished_at": None,
+            "method": config["method"]["name"],
+            "data": config["data"]["name"],
+            "model": config["model"]["name"],
+            "seed": config["seed"],
+            "summary": {},
+            "tasks": {},
+            "train": {},
+            "env": env,
+        }
+        self.flush()
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.flush()
+
+    def complete(self) -> None:
+        self.update(status="completed", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def fail(self, error: str) -> None:
+        self.update(status="failed", error=error, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def flush(self) -> None:
+        atomic_write_json(self.path, self.data)

@@ -1,0 +1,264 @@
+"""The one training loop. Methods plug in through the hooks of ftlab.methods.Method; nothing forks the loop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ftlab.methods.base import Method, count_params
+from ftlab.train import distributed as dist
+from ftlab.train import preempt
+from ftlab.train.batches import (
+    Batches,
+    _chunks,
+    _response_loss,
+    _response_tokens,
+    collate,
+)
+from ftlab.train.errors import NonFiniteLoss
+from ftlab.utils.progress import Bar
+
+# ------------------------------------------------------------------------------------------------ tokenizing
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    tokens_per_s: float
+    peak_mem_bytes: int
+    trainable_params: int
+    total_params: int
+    wall_s: float
+    final_loss: float
+    # peak over training of the bytes held in optimizer.state tensors (Adam moments, GaLore projections, ...),
+    # measured after each optimizer step (a resumed run counts from its resume point)
+    optimizer_state_bytes: int = 0
+    method: dict = field(default_factory=dict)  # Method.report(): run-time choices of the method
+
+
+def autocast(device: str, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def _peak_mem(device: str) -> int:
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    try:  # CPU: the process's peak resident set (Linux reports KiB)
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return 0
+
+
+def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, device: str, pad_id: int,
+          run_dir: Path, on_log: Callable[[dict], None] | None = None, progress: bool = True,
+          reg: Callable[[nn.Module, dict, Any], torch.Tensor] | None = None,
+          resume_from: Any = None, probes: Any = None, forward: nn.Module | None = None, step_offset: int = 0,
+          stage: int | None = None) -> TrainResult:
+    """Train `model` (already prepared by the method) for cfg.train.max_steps optimizer steps.
+
+    Every train.save_every steps (and after the last step) a training-state checkpoint goes to
+    run_dir/checkpoints/step_NNNNNN (ftlab.train.checkpoint); `resume_from` (an ftlab.train.checkpoint.Loaded) continues
+    from one exactly: weights, optimizer, scheduler, RNG, data position, method state, curve accumulators.
+
+    `reg` (an ftlab.train.regularisers.Regulariser, or None) adds its term to the loss; its mean is logged as `reg`.
+    A param group may carry `lr_scale` (layer-wise LR decay): its lr is train.lr times that.
+
+    `probes` (an ftlab.eval.probes.Probes with its base captured, or None): a step-0 row with the base's numbers,
+    then probe_ppl / probe_kl every `probes.every` steps and at the last step, on the curve's rows (a probed
+    step is always logged). Probes run in eval mode under inference_mode and draw no random numbers, so the
+    training itself is the same with or without them. Continual stages (ftlab.pipeline): `step_offset` shifts
+    the curve's steps (and checkpoint names) past the earlier stages, `stage` tags the rows."""
+    from transformers import get_scheduler
+
+    t = cfg.train
+    torch.manual_seed(cfg.seed)
+    rank, world, _ = dist.world()
+    main = rank == 0  # rank 0 alone writes the curve, logs and checkpoints (ftlab.train.distributed)
+    micro = cfg.hw.micro_batch_size
+    fwd = forward if forward is not None else model
+    groups = method.param_groups(model, t.weight_decay)
+    lr = method_lr(method.cfg, t.lr)
+    if lr != t.lr and main:
+        print(f"ftlab: method={method.name} trains at lr {lr:g} = train.lr {t.lr:g} x method.lr_scale "
+              f"{lr / t.lr:g}", file=sys.stderr)
+    for g in groups:
+        g["lr"] = lr * g.pop("lr_scale", 1.0)
+    opt = method.build_optimizer(groups, lr=lr, betas=(t.adam_beta1, t.adam_beta2))
+    if not any(p.requires_grad for g in opt.param_groups for p in g["params"]):
+        raise ValueError(f"method {method.name}: no trainable parameters")
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
+    sched = get_scheduler(schedule, opt, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    trainable, total = count_params(model)
+    curve_path = run_dir / "metrics.jsonl"
+    model.train()
+
+    tokens = 0
+    window_loss, window_n, loss_value = 0.0, 0, float("nan")
+    window_reg = 0.0
+    start, elapsed0 = 1, 0.0
+    if resume_from is not None:
+        from ftlab.train.checkpoint import restore
+
+        p = restore(resume_from, model=model, optimizer=opt, scheduler=sched, method=method, batches=batches,
+                    reg=reg, probes=probes)
+        start, tokens, elapsed0 = p["step"] + 1, p["tokens"], p["elapsed_s"]
+        window_loss, window_n, window_reg, loss_value = p["window_loss"], p["window_n"], p["window_reg"], \
+            p["loss_value"]
+    # a fresh start drops every row (a stale step-0 probe row too); a resume or a later stage keeps what came before
+    if main:
+        _truncate_curve(curve_path, step_offset + start - 1 if start > 1 or step_offset else -1)
+    probe_every = getattr(probes, "every", 0) if probes is not None else 0
+    save_every, keep = t.save_every, getattr(t, "keep_checkpoints", 2)
+    t0 = time.perf_counter() - elapsed0
+    opt_state_peak = optimizer_state_bytes(opt)  # a resumed optimizer already holds state
+    bar = Bar(t.max_steps, "train", "loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s",
+              enabled=progress and main, loss=float("nan"), tps=0.0)
+    with open(curve_path if main else os.devnull, "a") as curve, bar, preempt.deferred():
+        if probes is not None and start == 1 and step_offset == 0:  # step 0 = the base model
+            row0 = {"step": 0, "loss": None, **probes.base_row()}
+            curve.write(json.dumps(row0) + "\n")
+            if on_log is not None and main:
+                on_log(row0)
+        for step in range(start, t.max_steps + 1):
+            step_loss = 0.0
+            for _ in range(t.grad_accum):
+                rows = batches.next()  # the global batch: the same on every rank
+                n_resp = _response_tokens(rows)
+                tokens += sum(len(r["input_ids"]) for r in rows)
+                for chunk in _chunks(rows[rank::world], micro):
+                    batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+                    # This chunk's share of the global batch's mean loss, times `world` because DDP/FSDP average
+                    # gradients over ranks: the averaged gradient is the one-process one. One process, one
+                    # chunk: both factors are exactly 1.0, so the loss is bit for bit the plain mean.
+                    tok_w = _response_tokens(chunk) / max(n_resp, 1) * world
+                    row_w = len(chunk) / len(rows) * world
+                    with autocast(device, cfg.hw.precision):
+                        out = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                        loss = _response_loss(out.logits, batch["labels"]) * tok_w
+                        extra = method.extra_loss(model, batch, out, step)
+                        if extra is not None:
+                            loss = loss + extra * row_w
+                        if reg is not None:
+                            reg_term = reg(model, batch, out)
+                            loss = loss + reg_term * row_w
+                            window_reg += dist.all_sum(reg_term.item() * row_w / world) / t.grad_accum
+                    loss_all = dist.all_sum(loss.item() / world)  # every rank sees a NaN anywhere
+                    if not math.isfinite(loss_all):
+                        raise NonFiniteLoss(f"loss is {loss_all} at step {step}; lower train.lr, "
+                                            "or use hw.precision=fp32")
+                    (loss / t.grad_accum).backward()
+                    step_loss += loss_all / t.grad_accum
+            grad_norm = None
+            if t.max_grad_norm > 0:
+                grad_norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], t.max_grad_norm)))
+                if not math.isfinite(grad_norm):
+                    raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {step}; lower train.lr")
+            opt.step()
+            opt_state_peak = max(opt_state_peak, optimizer_state_bytes(opt))
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            method.on_step_end(model, opt, step)
+
+            loss_value = step_loss
+            window_loss, window_n = window_loss + step_loss, window_n + 1
+            elapsed = time.perf_counter() - t0
+            bar.update(completed=step, loss=loss_value, tps=tokens / max(elapsed, 1e-9))
+            probe_now = probe_every > 0 and (step % probe_every == 0 or step == t.max_steps)
+            if step % t.log_every == 0 or step == t.max_steps or probe_now:
+                row = {"step": step_offset + step, "loss": window_loss / window_n, "lr": sched.get_last_lr()[0],
+                       "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                       "elapsed_s": elapsed}
+                if reg is not None:
+                    row["reg"] = window_reg / window_n
+                if stage is not None:
+                    row["stage"] = stage
+                if probe_now:
+                    tp = time.perf_counter()
+                    row.update(probes(model))
+                    row["probe_s"] = time.perf_counter() - tp
+                curve.write(json.dumps(row) + "\n")
+                curve.flush()
+                if on_log is not None and main:
+                    on_log(row)
+                window_loss, window_n, window_reg = 0.0, 0, 0.0
+            # A stop signal (ftlab.train.preempt: SLURM preemption, time limit, requeue) is acted on here, at the step
+            # boundary: checkpoint, then stop. In a SLURM job the last step is always saved, so a signal during
+            # the tuned evaluation costs no training.
+            stop = preempt.requested()  # the ranks agree on it (one collective), so they stop at the same step
+            if (save_every and (step % save_every == 0 or step == t.max_steps)) or stop \
+                    or (step == t.max_steps and preempt.installed()):
+                from ftlab.train.checkpoint import prune, save_state
+
+                save_state(run_dir / "checkpoints" / f"step_{step_offset + step:06d}", model=model, optimizer=opt,
+                           scheduler=sched, method=method, batches=batches, run_dir=run_dir, reg=reg, probes=probes,
+                           progress={"step": step, "stage": stage or 0, "tokens": tokens, "window_loss": window_loss,
+                                     "window_n": window_n, "window_reg": window_reg, "loss_value": loss_value,
+                                     "elapsed_s": time.perf_counter() - t0})
+                if main:
+                    prune(run_dir / "checkpoints", keep)
+            if stop:
+                raise preempt.Preempted(stop, step=step_offset + step, run_dir=run_dir,
+                                        checkpoint=f"step_{step_offset + step:06d}")
+    wall = time.perf_counter() - t0
+    return TrainResult(steps=t.max_steps, tokens=tokens, tokens_per_s=tokens / max(wall, 1e-9),
+                       peak_mem_bytes=_peak_mem(device), trainable_params=trainable, total_params=total,
+                       wall_s=wall, final_loss=loss_value, optimizer_state_bytes=opt_state_peak,
+                       method=method.report())
+
+
+def method_lr(method_cfg: Any, train_lr: float) -> float:
+    """The base learning rate: train.lr times the method's `lr_scale` (> 1 for methods that train few
+    parameters or only scale features, e.g. prompt tuning; 1 for the rest)."""
+    return train_lr * float(getattr(method_cfg, "lr_scale", 1.0))
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors an optimizer holds in `opt.state` (each tensor once), including tensors kept on
+    objects in the state (GaLore's projector holds its projection matrix as an attribute)."""
+    seen: set[int] = set()
+
+    def walk(x: Any, depth: int = 0) -> int:
+        if isinstance(x, torch.Tensor):
+            if id(x) in seen:
+                return 0
+            seen.add(id(x))
+            return x.numel() * x.element_size()
+        if depth > 3:
+            return 0
+        if isinstance(x, dict):
+            return sum(walk(v, depth + 1) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(walk(v, depth + 1) for v in x)
+        if hasattr(x, "__dict__") and not isinstance(x, type):
+            return sum(walk(v, depth + 1) for v in vars(x).values())
+        return 0
+
+    return sum(walk(s) for s in opt.state.values())
+
+
+def _truncate_curve(path: Path, step: int) -> None:
+    """metrics.jsonl holds rows up to `step` only (a resumed run re-logs what came after its checkpoint)."""
+    if path.exists():
+        from ftlab.train.checkpoint import truncate_curve
+
+        truncate_curve(path, step)
+
+

@@ -1,0 +1,1 @@
+"""Small helpers shared across ftlab (files, progress bars)."""
