@@ -5,7 +5,7 @@ in-memory model and the same items. Prints both wall times, their ratio, and the
     python scripts/bench_mc.py --model /models/qwen2.5-0.5b --task hellaswag --path hellaswag_val.jsonl --n 500 \\
         --device cuda --dtype bfloat16
 
-With --task/--path the items are a built-in task's (ftlab.tasks); otherwise N synthetic items with a shared
+With --task/--path the items are a built-in task's (ftlab.eval.builtin); otherwise N synthetic items with a shared
 context of --ctx words and 4 continuations of --cont words. Needs lm-eval (pip install lm-eval).
 
 Both sides run in this process, on the same thread count (--threads, default torch's), alternately --repeat
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ftlab import evaluate as ev  # noqa: E402
+from ftlab.eval import evaluate as ev  # noqa: E402
 
 WORDS = ("the a man woman dog cat runs walks into house garden river quickly slowly then after before red blue "
          "green small large old new finds takes gives opens closes looks under over with without").split()
@@ -48,7 +48,14 @@ def synthetic_task(n: int, ctx_words: int, cont_words: int, seed: int = 0) -> ev
 
 
 def bpe_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token=None))
@@ -80,7 +87,12 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     dtype = getattr(torch, a.dtype)
     if a.model:

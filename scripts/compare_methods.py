@@ -30,7 +30,7 @@ ORDER = ["full", "lora", "rslora", "dora", "pissa", "olora", "corda", "lora_ga",
 
 
 def methods() -> list[str]:
-    from ftlab.schema import METHODS
+    from ftlab.config.schema import METHODS
 
     return [m for m in ORDER if m in METHODS] + sorted(set(METHODS) - set(ORDER))
 
