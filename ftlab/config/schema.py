@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ftlab.config.registry import ConfigError, unknown
 
-class ConfigError(ValueError):
-    """A config was refused. The message names the full key and what would fix it."""
+
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -600,7 +600,7 @@ def register_method(name: str, schema: type[MethodConfig]) -> None:
 # ------------------------------------------------------------------------------------------------ validation
 def _choice(key: str, value: Any, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}: unknown value {value!r}; valid choices: {', '.join(map(str, choices))}")
+        raise ConfigError(unknown(key, value, choices))
 
 
 def _at_least(key: str, value: Any, low: float, *, allow_none: bool = False) -> None:
