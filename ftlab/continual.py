@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+from ftlab.utils.files import atomic_dir
+
 __all__ = ["continual_metrics", "read_stage_log", "write_stage_log", "save_stage_snapshot",
            "load_stage_snapshot"]
 
@@ -72,7 +74,7 @@ def read_stage_log(run_dir) -> list[dict]:
 def write_stage_log(run_dir, rows: list[dict]) -> None:
     from pathlib import Path
 
-    from ftlab.rundir.record import atomic_write_json
+    from ftlab.utils.files import atomic_write_json
 
     atomic_write_json(Path(run_dir) / STAGE_LOG, rows)
 
@@ -92,18 +94,12 @@ def save_stage_snapshot(run_dir, stage: int, model, names, method, probes=None) 
     from safetensors.torch import save_file
 
     path = snapshot_dir(run_dir, stage)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     params = dict(model.named_parameters())
-    save_file({n: params[n].detach().to("cpu").contiguous().clone() for n in sorted(names)},
-              str(tmp / "weights.safetensors"))
-    torch.save(method.state_dict(), tmp / "method.pt")
-    torch.save(probes.state_dict() if probes is not None else {}, tmp / "probes.pt")
-    (tmp / "COMPLETE").write_text("ok\n")
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_dir(path) as tmp:
+        save_file({n: params[n].detach().to("cpu").contiguous().clone() for n in sorted(names)},
+                  str(tmp / "weights.safetensors"))
+        torch.save(method.state_dict(), tmp / "method.pt")
+        torch.save(probes.state_dict() if probes is not None else {}, tmp / "probes.pt")
     for old in path.parent.glob("stage_*"):
         if old != path:
             shutil.rmtree(old, ignore_errors=True)
@@ -132,7 +128,7 @@ def load_stage_snapshot(run_dir, stage: int, model, method, probes=None) -> set[
     return set(weights)
 
 
-def _train_stages(cfg, model, method, tok, tasks, resume, **kw) -> list[dict]:
+def train_stages(cfg, model, method, tok, tasks, resume, **kw) -> list[dict]:
     """Continual protocol: train cfg.stages in order (method.on_stage_start before each; a fresh optimizer and
     schedule per stage; one curve, steps continued), score every stage's target after each stage but the last
     (whose row is the tuned evaluation), records in records/stage_<i>/. Returns the stage log (stages.json).
@@ -183,7 +179,7 @@ def _train_stages(cfg, model, method, tok, tasks, resume, **kw) -> list[dict]:
     return log
 
 
-def _stage_totals(log: list[dict]):
+def stage_totals(log: list[dict]):
     """One TrainResult for all stages: sums of steps, tokens and time, peaks of memory, the last stage's rest."""
     from ftlab.train.loop import TrainResult
 
@@ -197,7 +193,7 @@ def _stage_totals(log: list[dict]):
     return TrainResult(**total)
 
 
-def _continual_section(cfg, log: list[dict], base: dict, tuned: dict, tasks) -> dict:
+def continual_section(cfg, log: list[dict], base: dict, tuned: dict, tasks) -> dict:
     """result.json `continual`: R[i][j] (stage j's target after stage i; the last row is the tuned evaluation),
     base scores, and ftlab.continual.continual_metrics of them."""
     from ftlab.continual import continual_metrics

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from ftlab.config.files import load_run_config
 from ftlab.config.schema import RunConfig, to_container
-from ftlab.continual import _continual_section, _stage_totals, _train_stages
+from ftlab.continual import continual_section, stage_totals, train_stages
 from ftlab.models.structure import resolve_device
-from ftlab.rundir.layout import RunDirBusy, completed_record
+from ftlab.rundir.layout import completed_record, locked
 from ftlab.rundir.record import RunRecord
 
 
@@ -116,8 +116,6 @@ def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
     a complete training-state checkpoint (train.save_every > 0) continues from the newest one exactly; a
     changed config.yaml is refused (ftlab.train.checkpoint.ResumeRefused, naming what changed). One process at a time
     per run directory (an advisory lock, released by the kernel even on SIGKILL)."""
-    import fcntl
-
     from ftlab.train import distributed as dist
 
     run_dir = Path(run_dir)
@@ -125,12 +123,7 @@ def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
         # and writes everything; this rank's own record goes to a scratch directory, removed at the end
         with tempfile.TemporaryDirectory(prefix=f"ftlab-rank{dist.world()[0]}-") as scratch:
             return _run_from_dir(run_dir, progress, record_dir=Path(scratch))
-    with open(run_dir / ".lock", "a+") as lock:
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunDirBusy(f"{run_dir}: another process is running this run directory "
-                             f"(holds {run_dir / '.lock'})") from None
+    with locked(run_dir):
         return _run_from_dir(run_dir, progress)
 
 
@@ -234,8 +227,8 @@ def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None 
                   probes=probes, forward=forward)
         stage_log = None
         if cfg.stages:  # continual: the stages in order, every stage's target scored after each (R[i][j])
-            stage_log = _train_stages(cfg, model, method, tok, tasks, resume, **kw)
-            stats = _stage_totals(stage_log)
+            stage_log = train_stages(cfg, model, method, tok, tasks, resume, **kw)
+            stats = stage_totals(stage_log)
         else:
             method.on_stage_start(model, 0)
             stats = train(model, method, batches, cfg, resume_from=resume, **kw)
@@ -254,7 +247,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None 
                           "base_cached": base[t.name]["cached"], **t.meta}
                  for t in tasks}
         if stage_log is not None:
-            record.update(continual=_continual_section(cfg, stage_log, base, tuned, tasks))
+            record.update(continual=continual_section(cfg, stage_log, base, tuned, tasks))
         record.update(summary=summarize(table), tasks=table,
                       train={**dataclasses.asdict(stats), "run_wall_s": time.perf_counter() - t_start,
                              **({"stages": [{"stage": r["stage"], "name": r["name"], **r["train"]}

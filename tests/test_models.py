@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ftlab.models.hub as fm
-import ftlab.models.loading
+import ftlab.utils.files
 from ftlab.config.schema import ModelConfig
 from ftlab.models.hub import HubUnavailable, hub_status
 from ftlab.models.loading import load_model_and_tokenizer, model_fingerprint
@@ -277,7 +277,7 @@ def test_fingerprint_stable_and_sensitive(tmp_path, tiny_dir):
     assert len(fp_dir) == 64 and fp_dir == model_fingerprint(str(d))
     copy = tmp_path / "copy"
     shutil.copytree(d, copy)
-    ftlab.models.loading._file_digest_cache.clear()
+    ftlab.utils.files._digest_cache.clear()
     assert model_fingerprint(copy) == fp_dir  # content, not location
 
     m1, _ = load_model_and_tokenizer(ModelConfig(name="x", name_or_path=str(d)))

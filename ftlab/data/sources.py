@@ -30,12 +30,10 @@ uses the prompt field as the prompt and the response field as the response.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import random
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -203,35 +201,12 @@ def _prompt_key(raw: RawRow, cfg: DataConfig) -> str:
 # ------------------------------------------------------------------------------------------------------ hub
 def _hub_dataset(cfg: DataConfig):
     """The hub dataset as a DatasetDict (all splits; datasets prepares them all anyway). Never hangs."""
-    from ftlab.models.hub import HubUnavailable, hub_offline, hub_status
+    from ftlab.models.hub import load_hub_dataset
 
-    if Path(cfg.hf_path).expanduser().exists():  # a local dataset directory: no hub involved
-        import datasets
-
-        return datasets.load_dataset(str(Path(cfg.hf_path).expanduser()), cfg.hf_name, revision=cfg.revision)
-    # The probe runs while datasets is imported (about a second on a cold start): together < 3 s.
-    status: list[tuple[bool, str]] = []
-    probe = threading.Thread(target=lambda: status.append(hub_status(datasets=True)), daemon=True)
-    probe.start()
-    import datasets
-
-    probe.join()
-    online, why = status[0] if status else hub_status(datasets=True)
-    ctx = contextlib.nullcontext() if online else hub_offline()
-    try:
-        with ctx:
-            return datasets.load_dataset(cfg.hf_path, cfg.hf_name, revision=cfg.revision)
-    except Exception as e:
-        not_found = isinstance(e, (OSError, datasets.exceptions.DatasetNotFoundError))
-        if online or not not_found:
-            raise
-        conf = f", config {cfg.hf_name!r}" if cfg.hf_name else ""
-        raise HubUnavailable(
-            f"data: cannot load dataset {cfg.name!r} (hub dataset {cfg.hf_path!r}{conf}): {why}, and the local "
-            f"datasets cache does not hold it. Point ftlab at local files instead: data.path=FILE.jsonl "
-            f"(one JSON object per line with fields {cfg.prompt_field!r} and {cfg.response_field!r}), and "
-            "optionally data.eval_path=TEST.jsonl for the eval rows"
-        ) from e
+    return load_hub_dataset(
+        cfg.hf_path, cfg.hf_name, revision=cfg.revision, what=f"data: cannot load dataset {cfg.name!r}",
+        fix=f"Point ftlab at local files instead: data.path=FILE.jsonl (one JSON object per line with fields "
+            f"{cfg.prompt_field!r} and {cfg.response_field!r}), and optionally data.eval_path=TEST.jsonl for the eval rows")
 
 
 def _hub_split(cfg: DataConfig, dd, split: str, key: str):

@@ -41,17 +41,17 @@ its order gives the same ids as the hub, and predictions from another system can
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import random
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-__all__ = ["BUILTINS", "Builtin", "TaskSource", "load_builtin", "render_fewshot", "file_sha256"]
+from ftlab.utils.files import sha256_file
+
+__all__ = ["BUILTINS", "Builtin", "TaskSource", "load_builtin", "render_fewshot"]
 
 FEWSHOT_SEED = 1234
 FEWSHOT_SEP = "\n\n"
@@ -178,12 +178,6 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_local(path: str, key: str) -> list[dict]:
@@ -195,29 +189,12 @@ def _read_local(path: str, key: str) -> list[dict]:
 def _read_hub(spec: Builtin, split: str, hf_path: Optional[str], hf_name: Optional[str],
               revision: Optional[str], what: str) -> list[dict]:
     """One split of a hub dataset, as a list of records. Fails fast (HubUnavailable) offline."""
-    from ftlab.models.hub import HubUnavailable, hub_offline, hub_status
+    from ftlab.models.hub import load_hub_dataset
 
     path, name = hf_path or spec.hf_path, hf_name if hf_name is not None else spec.hf_name
-    status: list[tuple[bool, str]] = []
-    probe = threading.Thread(target=lambda: status.append(hub_status(datasets=True)), daemon=True)
-    probe.start()
-    import datasets
-
-    probe.join()
-    online, why = status[0] if status else hub_status(datasets=True)
-    try:
-        with contextlib.nullcontext() if online else hub_offline():
-            ds = datasets.load_dataset(path, name, split=split, revision=revision)
-    except Exception as e:
-        not_found = isinstance(e, (OSError, datasets.exceptions.DatasetNotFoundError))
-        if online or not not_found:
-            raise
-        conf = f", config {name!r}" if name else ""
-        raise HubUnavailable(
-            f"eval: cannot load task {spec.name!r} ({what}: hub dataset {path!r}{conf}, split {split!r}): {why}, "
-            f"and the local datasets cache does not hold it. Point ftlab at a local file instead: "
-            f"eval.paths.{spec.name}=FILE.jsonl (one JSON object per line, with the hub dataset's fields)"
-        ) from e
+    ds = load_hub_dataset(path, name, revision=revision, split=split, what=f"eval: cannot load task {spec.name!r}",
+                          detail=f"{what}: ", fix=f"Point ftlab at a local file instead: eval.paths.{spec.name}=FILE.jsonl "
+                                                  "(one JSON object per line, with the hub dataset's fields)")
     return ds.to_list()
 
 
@@ -283,7 +260,7 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
     split = split or spec.split
     if path:
         records = _read_local(path, f"eval.paths.{name}")
-        source, sha = f"file:{Path(path).expanduser().resolve()}", file_sha256(Path(path).expanduser())
+        source, sha = f"file:{Path(path).expanduser().resolve()}", sha256_file(Path(path).expanduser())
     else:
         records = _read_hub(spec, split, hf_path, hf_name, revision, "eval rows")
         where = (hf_path or spec.hf_path) + (f"/{hf_name or spec.hf_name}" if (hf_name or spec.hf_name) else "")

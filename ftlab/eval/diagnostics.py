@@ -372,7 +372,7 @@ def diagnose_run(tuned, base, tokenizer, tasks, out_dir, which: Sequence[str] = 
     import time
     from pathlib import Path
 
-    from ftlab.rundir.record import atomic_write_json, write_jsonl
+    from ftlab.utils.files import atomic_write_json, write_jsonl
 
     unknown = [w for w in which if w not in DIAGNOSTICS]
     if unknown:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ftlab.rundir.record import atomic_write_json, write_jsonl
+from ftlab.utils.files import atomic_write_json, write_jsonl
 from ftlab.utils.progress import Bar
 
 __all__ = ["Task", "Kind", "KINDS", "register_kind", "build_tasks", "load_task", "evaluate",

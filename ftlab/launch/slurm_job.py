@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ftlab.rundir.record import RunRecord
+
 EVENTS = "slurm.jsonl"
 
 
@@ -50,7 +52,7 @@ def read_events(run_dir: Path) -> list[dict]:
 
 
 def _status(run_dir: Path) -> Optional[str]:
-    return _record(run_dir).get("status")
+    return RunRecord.read(run_dir).status
 
 
 # -------------------------------------------------------------------------------------------------- launcher
@@ -131,17 +133,10 @@ def _run(run_dir: Path, run, env) -> Optional[str]:
     status = _status(run_dir)
     got = preempt.requested()
     if processes(run.hw) > 1 and (status == "preempted" or (status == "running" and got)):
-        info = _record(run_dir).get("preempted") or {}
+        info = RunRecord.read(run_dir).data.get("preempted") or {}
         raise preempt.Preempted(info.get("signals") or got, step=info.get("step"), run_dir=run_dir,
                                 checkpoint=info.get("checkpoint"))
     return status
-
-
-def _record(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "result.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def decide(signals: list[str], restarts: int, max_requeues: int) -> str:
@@ -154,8 +149,6 @@ def decide(signals: list[str], restarts: int, max_requeues: int) -> str:
 
 
 def _stopped(p, env, restarts: int, run_dir: Path, max_requeues: int):
-    from ftlab.rundir.record import atomic_write_json
-
     action = decide(p.signals, restarts, max_requeues)
     append_event(run_dir, event="stop", job_id=env.job_id, restart=restarts, signals=p.signals, step=p.step,
                  checkpoint=p.checkpoint, action=action)
@@ -164,10 +157,9 @@ def _stopped(p, env, restarts: int, run_dir: Path, max_requeues: int):
                f"{max_requeues} reached, so the job did not requeue itself again. Its newest checkpoint "
                f"({p.checkpoint or 'see checkpoints/'}) is kept: resubmit the same command to continue from "
                "it (raise hw.slurm.time_min if the time limit keeps stopping it)")
-        rec = _record(run_dir)
-        if rec.get("status") != "completed":
-            rec.update(status="failed", error=f"Preempted: {msg}", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            atomic_write_json(run_dir / "result.json", rec)
+        rec = RunRecord.read(run_dir)
+        if rec.status != "completed":
+            rec.fail(f"Preempted: {msg}")
         print(f"ftlab: run failed: {msg}", file=sys.stderr, flush=True)
         raise RuntimeError(msg)  # submitit records the error; the SLURM job ends FAILED
     if action == "requeue":

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Iterator, Optional
 
 PROBE_TIMEOUT_S = 2.5
@@ -143,3 +144,32 @@ def hub_offline() -> Iterator[None]:
 
 
 _probe_cache: dict[tuple[str, int], tuple[float, Optional[str]]] = {}
+
+
+def load_hub_dataset(path: str, name: str | None = None, *, revision: str | None = None, split: str | None = None,
+                     what: str, fix: str, detail: str = ""):
+    """`datasets.load_dataset` that never hangs: a local dataset directory loads directly; otherwise the hub probe
+    runs while `datasets` is imported (about a second on a cold start: together < 3 s), and an unreachable hub
+    loads offline from the local cache or raises HubUnavailable saying `what` failed and `fix`."""
+    if Path(path).expanduser().exists():  # a local dataset directory: no hub involved
+        import datasets
+
+        return datasets.load_dataset(str(Path(path).expanduser()), name, split=split, revision=revision)
+    status: list[tuple[bool, str]] = []
+    probe = threading.Thread(target=lambda: status.append(hub_status(datasets=True)), daemon=True)
+    probe.start()
+    import datasets
+
+    probe.join()
+    online, why = status[0] if status else hub_status(datasets=True)
+    try:
+        with contextlib.nullcontext() if online else hub_offline():
+            return datasets.load_dataset(path, name, split=split, revision=revision)
+    except Exception as e:
+        not_found = isinstance(e, (OSError, datasets.exceptions.DatasetNotFoundError))
+        if online or not not_found:
+            raise
+        conf = f", config {name!r}" if name else ""
+        at = f", split {split!r}" if split else ""
+        raise HubUnavailable(f"{what} ({detail}hub dataset {path!r}{conf}{at}): {why}, and the local datasets "
+                             f"cache does not hold it. {fix}") from e

@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 
 from ftlab.config.schema import ModelConfig
 from ftlab.models.hub import HubUnavailable, hub_offline, hub_status
+from ftlab.utils.files import sha256_file
 
 __all__ = [
     "load_model_and_tokenizer",
@@ -200,29 +201,6 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: str = "cpu") -> tuple[Any
 
 
 # ---------------------------------------------------------------------------------------------- fingerprint
-_file_digest_cache: dict[tuple[str, int, int], str] = {}
-
-
-def _file_sha256(path: Path) -> str:
-    real = path.resolve()
-    st = real.stat()
-    key = (str(real), st.st_size, st.st_mtime_ns)
-    if key in _file_digest_cache:
-        return _file_digest_cache[key]
-    # A hub-cache snapshot links to blobs named by their sha256 (LFS files): reuse that name.
-    if path.is_symlink() and real.parent.name == "blobs" and len(real.name) == 64:
-        try:
-            int(real.name, 16)
-            _file_digest_cache[key] = real.name
-            return real.name
-        except ValueError:
-            pass
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    _file_digest_cache[key] = h.hexdigest()
-    return _file_digest_cache[key]
 
 
 def model_fingerprint(model_or_dir: Any) -> str:
@@ -247,7 +225,7 @@ def model_fingerprint(model_or_dir: Any) -> str:
             raise FileNotFoundError(f"model_fingerprint: no weight files (*.safetensors) in {str(d)!r}")
         h = hashlib.sha256(b"ftlab-weights-dir-v1\0")
         for p in files:
-            h.update(p.relative_to(d).as_posix().encode() + b"\0" + _file_sha256(p).encode() + b"\0")
+            h.update(p.relative_to(d).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\0")
         return h.hexdigest()
 
     import torch

@@ -4,13 +4,16 @@ completed record, and the lock that lets one process at a time run it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
 from ftlab.config.files import CONFIG
 from ftlab.config.schema import RunConfig, to_container
-from ftlab.rundir.record import atomic_write_text
+from ftlab.rundir.record import RunRecord
+from ftlab.utils.files import atomic_write_text
 
 
 def prepare_run_dir(run_dir: Path, run: RunConfig) -> None:
@@ -36,15 +39,9 @@ def prepare_run_dir(run_dir: Path, run: RunConfig) -> None:
 
 def completed_record(run_dir: Path) -> dict | None:
     """result.json of a run that already completed (None otherwise); refused if the config changed since."""
-    import json
-
     from ftlab.rundir.identity import ResumeRefused, config_sha256
 
-    path = run_dir / "result.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    data = RunRecord.read(run_dir).data
     if data.get("status") != "completed":
         return None
     saved = data.get("config_sha256")
@@ -56,3 +53,21 @@ def completed_record(run_dir: Path) -> dict | None:
 
 class RunDirBusy(RuntimeError):
     """Another live process is running the same run directory."""
+
+
+LOCK = ".lock"
+
+
+@contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for this process: an advisory lock the kernel releases even on SIGKILL. A second
+    process gets RunDirBusy at once."""
+    import fcntl
+
+    with open(Path(run_dir) / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirBusy(f"{run_dir}: another process is running this run directory "
+                             f"(holds {Path(run_dir) / LOCK})") from None
+        yield

@@ -6,56 +6,27 @@ Field names are a contract (DESIGN section 5): readers such as `ftlab report` an
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+from ftlab.utils.files import atomic_write_json
 
 RESULT = "result.json"
 CURVE = "metrics.jsonl"
 RECORDS = "records"  # records/<base|tuned>/<task>.jsonl, one row per example
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + rename: a reader sees the old or the new file, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
-def _jsonable(x: Any) -> Any:
-    if hasattr(x, "item"):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def git_info() -> tuple[str | None, bool | None]:
@@ -95,12 +66,28 @@ def env_info(device: str, world_size: int = 1) -> dict:
 
 
 class RunRecord:
-    """result.json of one run, kept in memory and rewritten atomically on every change."""
+    """result.json of one run, kept in memory and rewritten atomically on every change. The only writer of
+    result.json: the pipeline (start, updates, completion or failure) and the SLURM job side (a run that ran
+    out of requeues) both go through it."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RESULT
         self.data: dict[str, Any] = {}
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "RunRecord":
+        """The record on disk ({} when there is none yet, or it cannot be read)."""
+        rec = cls(run_dir)
+        try:
+            rec.data = json.loads(rec.path.read_text())
+        except (OSError, ValueError):
+            rec.data = {}
+        return rec
+
+    @property
+    def status(self) -> str | None:
+        return self.data.get("status")
 
     def start(self, run_id: str, config: dict, env: dict) -> None:
         self.data = {

@@ -28,14 +28,12 @@ component is needed; never set it otherwise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +43,9 @@ from torch import nn
 from ftlab.methods.base import Method
 from ftlab.rundir.identity import ResumeRefused, config_changes, config_sha256  # noqa: F401 - re-exported
 from ftlab.train.errors import NonFiniteLoss
+from ftlab.utils.files import COMPLETE, atomic_dir, fsync_dir, fsync_file, sha256_file  # noqa: F401
 
 FORMAT = 1
-COMPLETE = "COMPLETE"
 STATE = "state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPONENTS = ("weights", "optimizer", "scheduler", "rng", "data", "method", "reg")
@@ -55,33 +53,10 @@ _DROP_ENV = "FTLAB_RESUME_DROP"  # test-only, see the module docstring
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def trainable_named(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -184,32 +159,12 @@ def _write_state(tmp: Path, named, opt_state, rngs, scheduler, method, reg, prob
     cfg = Path(run_dir) / "config.yaml"
     if cfg.is_file():
         shutil.copyfile(cfg, tmp / "config.yaml")
-    files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
     state = {"format": FORMAT, **progress, "data": batches.position, "world_size": len(rngs),
              "config_sha256": config_sha256(run_dir), "files": files}
     (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
 
 
-@contextmanager
-def atomic_dir(path: Path):
-    """Yield `<path>.tmp` to fill; then fsync every file, write COMPLETE last and rename it to `path`. A kill at
-    any point leaves either the old `path` or the new one whole, never a directory with COMPLETE and missing
-    files. Used by training-state checkpoints and by the final export."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            _fsync_file(f)
-    (tmp / COMPLETE).write_text("ok\n")  # written last: a checkpoint without it is never used
-    _fsync_file(tmp / COMPLETE)
-    _fsync_dir(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-    _fsync_dir(path.parent)
 
 
 def _remove(d: Path) -> None:
@@ -280,7 +235,7 @@ def load_state(path: Path) -> Loaded:
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
     for name, digest in state["files"].items():
-        if file_sha256(path / name) != digest:
+        if sha256_file(path / name) != digest:
             raise ValueError(f"{path / name}: sha256 does not match the checkpoint's state.json")
 
     def pt(name):
@@ -375,7 +330,7 @@ def restore(ck: Loaded, *, model: nn.Module, optimizer, scheduler, method, batch
 
 def truncate_curve(path: Path, step: int) -> None:
     """Drop metrics.jsonl rows logged after `step` (and a torn last line), atomically."""
-    from ftlab.rundir.record import atomic_write_text
+    from ftlab.utils.files import atomic_write_text
 
     path = Path(path)
     if not path.exists():
@@ -392,9 +347,7 @@ def truncate_curve(path: Path, step: int) -> None:
 
 
 def save_checkpoint(model: nn.Module, method: Method, path: Path) -> None:
-    """Export the method's weights atomically (ftlab.train.checkpoint.atomic_dir); never a checkpoint with NaN weights."""
-    from ftlab.train.checkpoint import atomic_dir
-
+    """Export the method's weights atomically (ftlab.utils.files.atomic_dir); never a checkpoint with NaN weights."""
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:
         raise NonFiniteLoss(f"non-finite weights in {bad[:3]}; checkpoint not written")

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
+from ftlab.utils.progress import Bar
 from ftlab.world import skills as sk
 from ftlab.world.tokenizer import build_tokenizer
 
@@ -288,9 +289,8 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
         torch.manual_seed(cfg["seed"])
         t0 = time.perf_counter()
         loss_ema = None
-        bar = _progress_bar(progress)
-        with bar:
-            task = bar.add_task("pretraining tiny world", total=cfg["steps"], loss=float("nan"))
+        with Bar(cfg["steps"], "[bold]pretraining tiny world", "loss {task.fields[loss]:.4f}", enabled=progress,
+                 loss=float("nan")) as bar:
             for step in range(cfg["steps"]):
                 n = gov.threads_for(step)
                 if n != torch.get_num_threads():
@@ -315,7 +315,7 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
                 if step % log_every == 0 or step == cfg["steps"] - 1:
                     v = loss.item()
                     loss_ema = v if loss_ema is None else 0.7 * loss_ema + 0.3 * v
-                    bar.update(task, completed=step + 1, loss=loss_ema)
+                    bar.update(completed=step + 1, loss=loss_ema)
         train_s = time.perf_counter() - t0
     model.eval()
     stats = {
@@ -330,24 +330,6 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
     return model, stats
 
 
-def _progress_bar(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
