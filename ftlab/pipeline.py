@@ -20,6 +20,7 @@ from ftlab.continual import continual_section, stage_totals, train_stages
 from ftlab.models.structure import resolve_device
 from ftlab.rundir.layout import completed_record, locked
 from ftlab.rundir.record import RunRecord
+from ftlab.utils.quiet import quiet_third_party
 
 
 class RunFailed(RuntimeError):
@@ -160,10 +161,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None 
     if progress is None:
         progress = os.environ.get("FTLAB_PROGRESS", "1") != "0"
     progress = progress and main
-    if not progress:  # transformers' own bars (loading weights, writing shards) go quiet with ftlab's
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    quiet_third_party()  # before torch and transformers load: the console is ftlab's (ftlab.utils.quiet)
 
     import torch
 

@@ -200,3 +200,20 @@ def test_wandb_logger_writes_offline_files(tmp_path):
     offline = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(offline) == 1, list(run_dir.rglob("*"))[:20]
     assert offline[0].stat().st_size > 0
+
+
+THIRD_PARTY = ("bitsandbytes", "kernels-community", "Warning:", "[transformers]", "Loading weights",
+               "Writing model shards", "deprecated")
+
+
+def test_a_run_prints_only_ftlab_s_own_lines(tmp_path, ftlab_cache):
+    """No third-party chatter (bitsandbytes' hub-kernel warnings, transformers' deprecation warnings and weight
+    bars) in what a user sees, progress bars on: every such line on main before the fix failed this."""
+    p = _cli(["run", *FAST, "train.max_steps=2", "eval.limit=2", "seed=7"],
+             {"FTLAB_OUTPUTS": str(tmp_path / "out"), "FTLAB_CACHE": str(ftlab_cache), "FTLAB_PROGRESS": "1"},
+             tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = (p.stdout + p.stderr).splitlines()
+    noise = [ln for ln in lines if any(m in ln for m in THIRD_PARTY)]
+    assert not noise, "\n".join(noise[:10])
+    assert any("gain" in ln for ln in lines)  # ftlab's own summary is there
