@@ -47,3 +47,40 @@ def outputs(tmp_path, monkeypatch, ftlab_cache):
     monkeypatch.setenv("FTLAB_OUTPUTS", str(out))
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     return out
+
+
+SITECUSTOMIZE = '''
+import atexit, json, os, sys
+
+def _ftlab_record_modules():
+    out = os.environ.get("FTLAB_TEST_MODULES_DIR")
+    if out:
+        path = os.path.join(out, f"{os.getpid()}.json")
+        with open(path, "w") as f:
+            json.dump({"argv": sys.argv, "modules": sorted(m for m in sys.modules if "." not in m)}, f)
+
+atexit.register(_ftlab_record_modules)
+'''
+
+
+@pytest.fixture
+def module_probe(tmp_path):
+    """Env vars that make every Python process started with them record, at exit, its argv and the top-level
+    modules it loaded (a sitecustomize on PYTHONPATH); `read()` returns those records. Test-only: nothing of it
+    is in ftlab."""
+    site, out = tmp_path / "module_probe_site", tmp_path / "module_probe_out"
+    site.mkdir()
+    out.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+
+    class Probe:
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+               "FTLAB_TEST_MODULES_DIR": str(out)}
+
+        @staticmethod
+        def read() -> list[dict]:
+            import json
+
+            return [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+
+    return Probe

@@ -35,12 +35,12 @@ def full_ft(ovr):
     return [o for o in ovr if not o.startswith("method.dropout")]
 
 
-def launch(run_dir, **popen):
+def launch(run_dir, env_extra=None, **popen):
     """What `ftlab run` does for hw.nproc > 1: torchrun ... -m ftlab.launch.worker RUN_DIR."""
     from ftlab.config.files import load_run_config
     from ftlab.launch import torchrun
 
-    env = {**os.environ, "FTLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "FTLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("FTLAB_RESUME_DROP", None)
     return subprocess.Popen(torchrun.torchrun_command(run_dir, load_run_config(run_dir).hw), env=env, **popen)
 
@@ -69,13 +69,19 @@ def assert_close_runs(a, b):
 
 
 @pytest.mark.parametrize("strategy,method", [("ddp", "lora"), ("fsdp", "full")])
-def test_two_processes_equal_one_with_the_same_global_batch(assets, tmp_path, ftlab_cache, strategy, method):
+def test_two_processes_equal_one_with_the_same_global_batch(assets, tmp_path, ftlab_cache, strategy, method,
+                                                          module_probe):
     ovr = overrides(assets, *two_procs(f"hw.strategy={strategy}", f"method={method}", "train.save_every=0"))
     ovr = full_ft(ovr) if method == "full" else ovr
     one = one_process(tmp_path, ovr)
     run_dir = make_run(tmp_path, "two", ovr)
     log = open(tmp_path / "torchrun.log", "wb")
-    assert launch(run_dir, stdout=log, stderr=log).wait(timeout=300) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
+    assert launch(run_dir, module_probe.env, stdout=log, stderr=log).wait(timeout=300) == 0, \
+        (tmp_path / "torchrun.log").read_text()[-3000:]
+    ranks = [r for r in module_probe.read() if r["argv"][0].endswith("worker.py")]
+    assert len(ranks) == 2, [r["argv"] for r in module_probe.read()]
+    assert all("torch" in r["modules"] and "hydra" not in r["modules"] for r in ranks), \
+        "a torchrun rank must never import Hydra (workers read the frozen config.yaml)"
     assert not list(run_dir.glob(".rank*")), "only rank 0 writes into the run directory"
     assert_close_runs(one, run_dir)
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SITECUSTOMIZE
 from conftest import FAST
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +145,15 @@ def wandb_ids(run_dir):
 @pytest.fixture(scope="module")
 def sweep(slurm, tmp_path_factory, ftlab_cache):
     root = tmp_path_factory.mktemp("slurm_sweep")
+    probe_out = root / "modules"
+    probe_out.mkdir()
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = {**slurm, "FTLAB_OUTPUTS": str(root / "out"), "FTLAB_CACHE": str(ftlab_cache), "OMP_NUM_THREADS": "1",
-           "FTLAB_WORLD_THREADS": "1", "WANDB_MODE": "offline", "FTLAB_PROGRESS": "0"}
+           "FTLAB_WORLD_THREADS": "1", "WANDB_MODE": "offline", "FTLAB_PROGRESS": "0",
+           # every process records the modules it loaded (conftest.SITECUSTOMIZE): jobs must not load Hydra
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "site"), slurm.get("PYTHONPATH")])),
+           "FTLAB_TEST_MODULES_DIR": str(probe_out)}
     t0 = time.monotonic()
     # seed 1's reference first: it builds the small world, which the jobs then load from the shared cache
     refs = {"1": reference(root, "ref_s1", "seed=1")}
@@ -177,13 +185,18 @@ def sweep(slurm, tmp_path_factory, ftlab_cache):
     wall = time.monotonic() - t0
     print(f"slurm sweep: submit {submit_s:.1f} s, sweep + references {wall:.1f} s")
     return {"env": env, "root": root, "jobs": jobs, "runs": {"0": run0, "1": run1}, "refs": refs,
-            "submit_out": out, "submit_s": submit_s}
+            "submit_out": out, "submit_s": submit_s,
+            "modules": [json.loads(p.read_text()) for p in sorted(probe_out.glob("*.json"))]}
 
 
 @needs_slurm
 def test_preempted_sweep_equals_uninterrupted_runs(sweep):
     runs, refs = sweep["runs"], sweep["refs"]
     assert sweep["submit_s"] < 30, "submitting must not wait for the jobs"
+    jobs = [m for m in sweep["modules"] if any("submitit" in a for a in m["argv"][:1])]
+    assert len(jobs) >= 2, [m["argv"] for m in sweep["modules"]]  # a job killed by SLURM (requeue) may not record
+    assert all("ftlab" in m["modules"] and "hydra" not in m["modules"] for m in jobs), \
+        "a SLURM job must never import Hydra (it runs the frozen config.yaml)"
 
     # job 0: three starts (restart 0, 1, 2); stopped by USR2 (requeued itself), then by TERM (SLURM requeued it)
     ev = events(runs["0"])

@@ -7,7 +7,6 @@ torch is imported, so a refused config costs well under 2 s and leaves no run di
 from __future__ import annotations
 
 import re
-import secrets
 import sys
 from pathlib import Path
 
@@ -21,11 +20,6 @@ _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "-
 
 
 def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("ftlab_uid"):
-        # Cached per process: every read of hydra.run.dir gives the same value; two runs started in the
-        # same second in different processes get different directories.
-        token = secrets.token_hex(3)
-        OmegaConf.register_new_resolver("ftlab_uid", lambda: token, use_cache=True)
     if not OmegaConf.has_resolver("ftlab_run"):
         # The run directory's name from the job's own validated config (ftlab.rundir.identity): the same config
         # always lands in the same directory, so a repeated run or a resubmitted sweep finds its earlier work.
