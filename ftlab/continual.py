@@ -147,7 +147,7 @@ def train_stages(cfg, model, method, tok, tasks, resume, **kw) -> list[dict]:
     from ftlab.eval.evaluate import evaluate
     from ftlab.train import preempt
     from ftlab.train.batches import Batches, encode_example
-    from ftlab.train.loop import train
+    from ftlab.train.loop import LoopSettings, train
 
     names = [s.name for s in cfg.stages]
     stage_tasks = [t for t in tasks if t.role == "target" and t.name in names]
@@ -165,7 +165,7 @@ def train_stages(cfg, model, method, tok, tasks, resume, **kw) -> list[dict]:
         trained |= {n for n, p in model.named_parameters() if p.requires_grad}
         rows = load_train(cfg.stages[i], cfg.seed)
         encoded = [encode_example(tok, r["prompt"], r["response"], cfg.model.max_length) for r in rows]
-        st = train(model, method, Batches(encoded, cfg.train.batch_size, cfg.seed), cfg,
+        st = train(model, method, Batches(encoded, cfg.train.batch_size, cfg.seed), LoopSettings.of(cfg),
                    resume_from=resume if i == k else None, step_offset=i * cfg.train.max_steps, stage=i, **kw)
         scores = None
         if i < len(cfg.stages) - 1:

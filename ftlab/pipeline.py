@@ -1,7 +1,11 @@
-"""The worker: one run, from its run directory. Reads config.yaml there and never imports Hydra.
+"""One run, from its run directory: the steps every process (in-process, torchrun rank, SLURM job) takes. Reads
+the frozen config.yaml there and never imports Hydra.
 
-load model -> base eval (cached) -> method.prepare -> the training loop -> tuned eval -> gain/forgetting
--> result.json, per-item records, curve, final checkpoint -> loggers.
+    _load -> _evaluate_base (cached) -> _prepare (method, regulariser, probes, wrap) -> _train (the one loop, or
+    one per continual stage) -> _evaluate_tuned_and_record (export, tuned eval, diagnostics, gain/forgetting)
+
+result.json (status, summary, tasks, train, env), per-item records, the curve and the final checkpoint are
+written on the way (ftlab.rundir); a failure or a stop signal is recorded as such.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import random
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 from ftlab.config.files import load_run_config
 from ftlab.config.schema import RunConfig, to_container
 from ftlab.continual import continual_section, stage_totals, train_stages
-from ftlab.models.structure import resolve_device
+from ftlab.models.structure import pad_id, resolve_device
 from ftlab.rundir.layout import completed_record, locked
 from ftlab.rundir.record import RunRecord
 from ftlab.utils.quiet import quiet_third_party
@@ -128,25 +134,148 @@ def run_from_dir(run_dir: Path, progress: bool | None = None) -> dict:
         return _run_from_dir(run_dir, progress)
 
 
+@dataclass
+class _Run:
+    """What the steps of one run share, filled in as they go."""
+
+    cfg: RunConfig
+    run_dir: Path
+    record: RunRecord
+    device: str
+    main: bool  # rank 0: evaluates and writes
+    progress: bool
+    resume: Any  # ftlab.train.checkpoint.Loaded, or None
+    logger: Any = None
+    model: Any = None
+    tok: Any = None
+    tasks: list = field(default_factory=list)
+    probes: Any = None
+    train_rows: list = field(default_factory=list)
+    encoded: list = field(default_factory=list)
+    base: Optional[dict] = None
+    method: Any = None
+    ctx: Any = None
+    reg: Any = None
+    forward: Any = None
+
+
+def _load(r: _Run) -> None:
+    """Model and tokenizer, the evaluation tasks and probe texts (a missing file fails here, before any
+    training), the training rows, encoded."""
+    from ftlab.data.sources import load_train
+    from ftlab.eval.evaluate import build_tasks
+    from ftlab.eval.probes import build_probes
+    from ftlab.models.loading import load_model_and_tokenizer
+    from ftlab.train.batches import encode_example
+
+    cfg = r.cfg
+    seed_everything(cfg.seed)
+    r.model, r.tok = load_model_and_tokenizer(cfg.model, device=r.device)
+    r.tasks = build_tasks(cfg) if r.main else []  # rank 0 alone evaluates (continual runs are one process)
+    r.probes = build_probes(cfg, r.tok)  # None unless eval.probe_every > 0
+    r.train_rows = load_train(cfg.data, cfg.seed)
+    r.encoded = [encode_example(r.tok, x["prompt"], x["response"], cfg.model.max_length) for x in r.train_rows]
+
+
+def _evaluate_base(r: _Run) -> None:
+    """The base model on every task, from the base cache when an identical evaluation ran before."""
+    from ftlab.eval.evaluate import evaluate
+    from ftlab.models.loading import model_fingerprint
+    from ftlab.world.base import cache_root
+
+    if not r.main:
+        return
+    cache = cache_root() / "base_eval" if r.cfg.eval.cache_base else None
+    fp = model_fingerprint(r.model) if cache is not None else None
+    r.base = evaluate(r.model, r.tok, r.tasks, r.cfg.eval.batch_size, stage="base", run_dir=r.run_dir,
+                      cache_dir=cache, fingerprint=fp, progress=r.progress)
+
+
+def _prepare(r: _Run) -> None:
+    """The method wraps or freezes the model; regulariser and probes keep the base they compare against."""
+    from ftlab.methods import MethodContext, build_method
+    from ftlab.train import distributed as dist
+    from ftlab.train.regularisers import build_regulariser
+
+    cfg = r.cfg
+    seed_everything(cfg.seed)
+    r.method = build_method(cfg.method)
+    r.ctx = MethodContext(tokenizer=r.tok, train_rows=r.train_rows, seed=cfg.seed, max_length=cfg.model.max_length)
+    r.reg = build_regulariser(cfg.reg)
+    if r.reg is not None:
+        r.reg.capture_base(r.model)  # before prepare: the original base, whatever the method does to it
+    if r.probes is not None:
+        r.probes.capture_base(r.model)  # the base, before prepare (a resume takes the checkpoint's copy)
+    r.model = r.method.prepare(r.model, r.ctx)
+    if r.reg is not None:
+        r.reg.capture_start(r.model)
+    if cfg.hw.grad_checkpointing:  # recompute activations in backward: less memory, ~30% more compute
+        r.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(r.model, "enable_input_require_grads"):
+            r.model.enable_input_require_grads()  # frozen embeddings (adapters) still pass gradients on
+    r.forward = dist.wrap(r.model, cfg.hw)  # DDP wrapper / FSDP2 shards in place; `model` itself otherwise
+
+
+def _train(r: _Run):
+    """The one loop (once, or once per continual stage); (TrainResult, stage log or None)."""
+    from ftlab.train import distributed as dist
+    from ftlab.train.batches import Batches
+    from ftlab.train.loop import LoopSettings, train
+
+    cfg = r.cfg
+    kw = dict(device=r.device, pad_id=pad_id(r.tok), run_dir=r.run_dir, on_log=r.logger.log, progress=r.progress,
+              reg=r.reg, probes=r.probes, forward=r.forward)
+    stage_log = None
+    if cfg.stages:  # continual: the stages in order, every stage's target scored after each (R[i][j])
+        stage_log = train_stages(cfg, r.model, r.method, r.tok, r.tasks, r.resume, **kw)
+        stats = stage_totals(stage_log)
+    else:
+        r.method.on_stage_start(r.model, 0)
+        stats = train(r.model, r.method, Batches(r.encoded, cfg.train.batch_size, cfg.seed), LoopSettings.of(cfg),
+                      resume_from=r.resume, **kw)
+    if dist.is_sharded(r.model):  # FSDP2: rank 0 continues on a whole copy of the trained model
+        r.model = _unsharded_copy(cfg, r.model, r.method, r.ctx, r.device)
+    return stats, stage_log
+
+
+def _evaluate_tuned_and_record(r: _Run, stats, stage_log, t_start: float) -> None:
+    """Export the trained weights, evaluate the tuned model, diagnostics, gain and forgetting into result.json."""
+    from ftlab.eval.evaluate import evaluate
+    from ftlab.eval.metrics import summarize, task_entry
+    from ftlab.train.checkpoint import save_checkpoint
+
+    cfg, base, record = r.cfg, r.base, r.record
+    save_checkpoint(r.model, r.method, r.run_dir / "checkpoints" / "final")
+    tuned = evaluate(r.model, r.tok, r.tasks, cfg.eval.batch_size, stage="tuned", run_dir=r.run_dir,
+                     progress=r.progress)
+    if cfg.eval.diagnostics:
+        record.update(diagnostics=_diagnostics(cfg, r.model, r.tok, r.tasks, r.run_dir, r.device))
+    table = {t.name: {**task_entry(t.role, t.metric, t.higher_is_better, t.unit, base[t.name]["score"],
+                                   tuned[t.name]["score"], tuned[t.name]["n"]),
+                      "metrics": {"base": base[t.name].get("metrics"), "tuned": tuned[t.name].get("metrics")},
+                      "base_cached": base[t.name]["cached"], **t.meta}
+             for t in r.tasks}
+    if stage_log is not None:
+        record.update(continual=continual_section(cfg, stage_log, base, tuned, r.tasks))
+    record.update(summary=summarize(table), tasks=table,
+                  train={**dataclasses.asdict(stats), "run_wall_s": time.perf_counter() - t_start,
+                         **({"stages": [{"stage": x["stage"], "name": x["name"], **x["train"]}
+                                        for x in stage_log]} if stage_log is not None else {})})
+    record.complete()
+
+
 def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None = None) -> dict:
     cfg = load_run_config(run_dir)
     config = to_container(cfg)
-    run_id = run_dir.name
     done = completed_record(run_dir)
     if done is not None:
         return done
-    from ftlab.train.checkpoint import (
-        ResumeRefused,
-        check_same_config,
-        config_sha256,
-        latest,
-    )
+    from ftlab.train import distributed as dist
+    from ftlab.train.checkpoint import ResumeRefused, check_same_config, config_sha256, latest
 
     resume = latest(run_dir)
     if resume is not None:
         check_same_config(resume, run_dir)  # before anything in the run directory is touched
-    from ftlab.train import distributed as dist
-
     rank, world, _ = dist.world()
     procs = cfg.hw.nproc * cfg.hw.nnodes
     if world != procs:
@@ -160,112 +289,44 @@ def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None 
     record = RunRecord(record_dir or run_dir)  # other ranks train only: nothing of theirs goes into run_dir
     if progress is None:
         progress = os.environ.get("FTLAB_PROGRESS", "1") != "0"
-    progress = progress and main
-    quiet_third_party()  # before torch and transformers load: the console is ftlab's (ftlab.utils.quiet)
+    quiet_third_party()  # before transformers loads: the console is ftlab's (ftlab.utils.quiet)
 
     import torch
+
+    from ftlab.report.loggers import build_logger
+    from ftlab.rundir.record import env_info
 
     if cfg.hw.num_threads:
         torch.set_num_threads(cfg.hw.num_threads)
     device = dist.init(resolve_device(cfg.hw))
-    from ftlab.rundir.record import env_info
-
-    record.start(run_id, config, env_info(device, world_size=world))
-    record.update(config_sha256=config_sha256(run_dir),
-                  resumed_from=None if resume is None else resume.path.name)
-    logger = None
+    record.start(run_dir.name, config, env_info(device, world_size=world))
+    record.update(config_sha256=config_sha256(run_dir), resumed_from=None if resume is None else resume.path.name)
+    r = _Run(cfg, run_dir, record, device, main, progress and main, resume)
     try:
         t_start = time.perf_counter()
-        from ftlab.data.sources import load_train
-        from ftlab.eval.evaluate import build_tasks, evaluate
-        from ftlab.eval.metrics import summarize, task_entry
-        from ftlab.methods import MethodContext, build_method
-        from ftlab.models.loading import load_model_and_tokenizer, model_fingerprint
-        from ftlab.report.loggers import build_logger
-        from ftlab.train.batches import Batches, encode_example
-        from ftlab.train.checkpoint import save_checkpoint
-        from ftlab.train.loop import train
-        from ftlab.train.regularisers import build_regulariser
-        from ftlab.world.base import cache_root
-
-        logger = build_logger(cfg, run_dir, config, run_id) if main else _Quiet()
-        seed_everything(cfg.seed)
-        model, tok = load_model_and_tokenizer(cfg.model, device=device)
-        tasks = build_tasks(cfg) if main else []  # rank 0 alone evaluates (continual runs are one process)
-        from ftlab.eval.probes import build_probes
-
-        probes = build_probes(cfg, tok)  # None unless eval.probe_every > 0; loaded early: a missing file fails fast
-        train_rows = load_train(cfg.data, cfg.seed)
-        encoded = [encode_example(tok, r["prompt"], r["response"], cfg.model.max_length) for r in train_rows]
-
-        cache = cache_root() / "base_eval" if cfg.eval.cache_base else None
-        fp = model_fingerprint(model) if cache is not None else None
-        base = evaluate(model, tok, tasks, cfg.eval.batch_size, stage="base", run_dir=run_dir, cache_dir=cache,
-                        fingerprint=fp, progress=progress) if main else None  # rank 0 evaluates
-
-        seed_everything(cfg.seed)
-        method = build_method(cfg.method)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ctx = MethodContext(tokenizer=tok, train_rows=train_rows, seed=cfg.seed, max_length=cfg.model.max_length)
-        reg = build_regulariser(cfg.reg)
-        if reg is not None:
-            reg.capture_base(model)  # before prepare: the original base, whatever the method does to it
-        if probes is not None:
-            probes.capture_base(model)  # the base, before prepare (a resume takes the checkpoint's copy)
-        model = method.prepare(model, ctx)
-        if reg is not None:
-            reg.capture_start(model)
-        batches = Batches(encoded, cfg.train.batch_size, cfg.seed)
-        if cfg.hw.grad_checkpointing:  # recompute activations in backward: less memory, ~30% more compute
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()  # frozen embeddings (adapters) still pass gradients on
-        forward = dist.wrap(model, cfg.hw)  # DDP wrapper / FSDP2 shards in place; `model` itself otherwise
-        kw = dict(device=device, pad_id=pad_id, run_dir=run_dir, on_log=logger.log, progress=progress, reg=reg,
-                  probes=probes, forward=forward)
-        stage_log = None
-        if cfg.stages:  # continual: the stages in order, every stage's target scored after each (R[i][j])
-            stage_log = train_stages(cfg, model, method, tok, tasks, resume, **kw)
-            stats = stage_totals(stage_log)
-        else:
-            method.on_stage_start(model, 0)
-            stats = train(model, method, batches, cfg, resume_from=resume, **kw)
-        if dist.is_sharded(model):  # FSDP2: rank 0 continues on a whole copy of the trained model
-            model = _unsharded_copy(cfg, model, method, ctx, device)
+        r.logger = build_logger(cfg, run_dir, config, run_dir.name) if main else _Quiet()
+        _load(r)
+        _evaluate_base(r)
+        _prepare(r)
+        stats, stage_log = _train(r)
         if not main:
             return {}
-        save_checkpoint(model, method, run_dir / "checkpoints" / "final")
-
-        tuned = evaluate(model, tok, tasks, cfg.eval.batch_size, stage="tuned", run_dir=run_dir, progress=progress)
-        if cfg.eval.diagnostics:
-            record.update(diagnostics=_diagnostics(cfg, model, tok, tasks, run_dir, device))
-        table = {t.name: {**task_entry(t.role, t.metric, t.higher_is_better, t.unit, base[t.name]["score"],
-                                       tuned[t.name]["score"], tuned[t.name]["n"]),
-                          "metrics": {"base": base[t.name].get("metrics"), "tuned": tuned[t.name].get("metrics")},
-                          "base_cached": base[t.name]["cached"], **t.meta}
-                 for t in tasks}
-        if stage_log is not None:
-            record.update(continual=continual_section(cfg, stage_log, base, tuned, tasks))
-        record.update(summary=summarize(table), tasks=table,
-                      train={**dataclasses.asdict(stats), "run_wall_s": time.perf_counter() - t_start,
-                             **({"stages": [{"stage": r["stage"], "name": r["name"], **r["train"]}
-                                            for r in stage_log]} if stage_log is not None else {})})
-        record.complete()
+        _evaluate_tuned_and_record(r, stats, stage_log, t_start)
     except BaseException as e:
         from ftlab.train.preempt import Preempted
 
-        if isinstance(e, Preempted):  # a scheduler's stop signal; the job resumes from its checkpoint (ftlab.launch.slurm_job)
+        if isinstance(e, Preempted):  # a scheduler's stop signal; the job resumes from its checkpoint
             record.update(status="preempted", preempted=e.info)
-            if logger is not None and hasattr(logger, "abort"):
-                logger.abort()
+            if r.logger is not None and hasattr(r.logger, "abort"):
+                r.logger.abort()
             raise
         msg = out_of_memory_message(e, cfg) or f"{type(e).__name__}: {e}"
         record.fail(msg)
         (record.run_dir / "error.txt").write_text(traceback.format_exc())
-        if logger is not None and hasattr(logger, "abort"):
-            logger.abort()
+        if r.logger is not None and hasattr(r.logger, "abort"):
+            r.logger.abort()
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise RunFailed(msg) from e
-    logger.finish(record.data)
+    r.logger.finish(record.data)
     return record.data

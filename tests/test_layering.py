@@ -230,3 +230,10 @@ def test_validating_a_config_imports_no_torch_and_no_cli(tmp_path):
     p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["owlore", "[]"]
+
+
+def test_ruff_is_clean():
+    """The linter config in pyproject.toml holds on the whole tree (ruff is in the dev extra)."""
+    p = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "ftlab", "kernels", "hydra_plugins",
+                        "scripts", "tests"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-1000:]

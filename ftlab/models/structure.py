@@ -61,3 +61,10 @@ def resolve_device(hw) -> str:
     if hw.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("hw.device=cuda but no CUDA device is visible; use hw=cpu")
     return hw.device
+
+
+def pad_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS (Llama-style tokenizers have no pad), else 0.
+    Padded positions are masked out everywhere, so the choice never changes a number."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else pad

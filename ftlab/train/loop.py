@@ -10,11 +10,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from ftlab.config.schema import RunConfig, TrainConfig
 from ftlab.methods.base import Method, count_params
 from ftlab.train import distributed as dist
 from ftlab.train import preempt
@@ -66,12 +67,28 @@ def _peak_mem(device: str) -> int:
         return 0
 
 
-def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, device: str, pad_id: int,
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop reads of a run's config: the train group, the seed and two hw knobs (ftlab.pipeline builds
+    it with `LoopSettings.of(cfg)`); the loop never sees the rest."""
+
+    train: TrainConfig
+    seed: int
+    precision: str = "fp32"  # hw.precision: autocast dtype of the forward
+    micro_batch_size: Optional[int] = None  # hw.micro_batch_size: rows per forward on a process
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "LoopSettings":
+        return cls(train=cfg.train, seed=cfg.seed, precision=cfg.hw.precision,
+                   micro_batch_size=cfg.hw.micro_batch_size)
+
+
+def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSettings, *, device: str, pad_id: int,
           run_dir: Path, on_log: Callable[[dict], None] | None = None, progress: bool = True,
           reg: Callable[[nn.Module, dict, Any], torch.Tensor] | None = None,
           resume_from: Any = None, probes: Any = None, forward: nn.Module | None = None, step_offset: int = 0,
           stage: int | None = None) -> TrainResult:
-    """Train `model` (already prepared by the method) for cfg.train.max_steps optimizer steps.
+    """Train `model` (already prepared by the method) for settings.train.max_steps optimizer steps.
 
     Every train.save_every steps (and after the last step) a training-state checkpoint goes to
     run_dir/checkpoints/step_NNNNNN (ftlab.train.checkpoint); `resume_from` (an ftlab.train.checkpoint.Loaded) continues
@@ -87,11 +104,11 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
     the curve's steps (and checkpoint names) past the earlier stages, `stage` tags the rows."""
     from transformers import get_scheduler
 
-    t = cfg.train
-    torch.manual_seed(cfg.seed)
+    t = settings.train
+    torch.manual_seed(settings.seed)
     rank, world, _ = dist.world()
     main = rank == 0  # rank 0 alone writes the curve, logs and checkpoints (ftlab.train.distributed)
-    micro = cfg.hw.micro_batch_size
+    micro = settings.micro_batch_size
     fwd = forward if forward is not None else model
     groups = method.param_groups(model, t.weight_decay)
     lr = method_lr(method.cfg, t.lr)
@@ -149,12 +166,9 @@ def train(model: nn.Module, method: Method, batches: Batches, cfg: Any, *, devic
                     # chunk: both factors are exactly 1.0, so the loss is bit for bit the plain mean.
                     tok_w = _response_tokens(chunk) / max(n_resp, 1) * world
                     row_w = len(chunk) / len(rows) * world
-                    with autocast(device, cfg.hw.precision):
+                    with autocast(device, settings.precision):
                         out = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                         loss = _response_loss(out.logits, batch["labels"]) * tok_w
-                        extra = method.extra_loss(model, batch, out, step)
-                        if extra is not None:
-                            loss = loss + extra * row_w
                         if reg is not None:
                             reg_term = reg(model, batch, out)
                             loss = loss + reg_term * row_w
