@@ -163,8 +163,8 @@ def _load(r: _Run) -> None:
     """Model and tokenizer, the evaluation tasks and probe texts (a missing file fails here, before any
     training), the training rows, encoded."""
     from ftlab.data.sources import load_train
-    from ftlab.eval.evaluate import build_tasks
     from ftlab.eval.probes import build_probes
+    from ftlab.eval.suites import build_tasks
     from ftlab.models.loading import load_model_and_tokenizer
     from ftlab.train.batches import encode_example
 

@@ -27,13 +27,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ftlab.eval import evaluate as ev  # noqa: E402
+from ftlab.eval.multiple_choice import encode_pairs, mc_requests, predict_multiple_choice  # noqa: E402
+from ftlab.eval.scoring import score_predictions  # noqa: E402
+from ftlab.eval.suites import load_task  # noqa: E402
+from ftlab.eval.task import Task  # noqa: E402
 
 WORDS = ("the a man woman dog cat runs walks into house garden river quickly slowly then after before red blue "
          "green small large old new finds takes gives opens closes looks under over with without").split()
 
 
-def synthetic_task(n: int, ctx_words: int, cont_words: int, seed: int = 0) -> ev.Task:
+def synthetic_task(n: int, ctx_words: int, cont_words: int, seed: int = 0) -> Task:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -44,7 +47,7 @@ def synthetic_task(n: int, ctx_words: int, cont_words: int, seed: int = 0) -> ev
             if c not in choices:
                 choices.append(c)
         rows.append({"id": f"synth/{i}", "context": ctx, "choices": choices, "label": rng.randrange(4)})
-    return ev.Task("synthetic_mc", "forget", "multiple_choice", rows, metric="acc_norm")
+    return Task("synthetic_mc", "forget", "multiple_choice", rows, metric="acc_norm")
 
 
 def bpe_tokenizer():
@@ -104,7 +107,7 @@ def main() -> None:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408,
                                              num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
                                              max_position_embeddings=2048)).to(a.device, dtype).eval()
-    task = (ev.load_task(a.task, n=a.n, **({"path": a.path} if a.path else {})) if a.task
+    task = (load_task(a.task, n=a.n, **({"path": a.path} if a.path else {})) if a.task
             else synthetic_task(a.n, a.ctx, a.cont))
 
     import lm_eval  # noqa: F401
@@ -113,18 +116,18 @@ def main() -> None:
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=a.batch_size, device=a.device)
     requests = [Instance("loglikelihood", doc={}, arguments=pair, idx=k)
-                for pairs in ev.mc_requests(task, tok) for k, pair in enumerate(pairs)]
+                for pairs in mc_requests(task, tok) for k, pair in enumerate(pairs)]
 
     def sync():
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    ev.predict_multiple_choice(model, tok, ev.Task(task.name, "forget", task.kind, task.rows[:4]), a.batch_size)
+    predict_multiple_choice(model, tok, Task(task.name, "forget", task.kind, task.rows[:4]), a.batch_size)
     sync()
     times_ours, times_theirs, cpu_ours, cpu_theirs = [], [], [], []
     for _ in range(a.repeat):  # alternate, so that a burst of load elsewhere hits both sides alike
         t, c = time.perf_counter(), time.process_time()
-        ours = ev.predict_multiple_choice(model, tok, task, a.batch_size)
+        ours = predict_multiple_choice(model, tok, task, a.batch_size)
         sync()
         times_ours.append(time.perf_counter() - t)
         cpu_ours.append(time.process_time() - c)
@@ -134,20 +137,20 @@ def main() -> None:
         times_theirs.append(time.perf_counter() - t)
         cpu_theirs.append(time.process_time() - c)
     t_ours, t_theirs = min(times_ours), min(times_theirs)
-    pairs = ev._encode_pairs(tok, [p for pairs in ev.mc_requests(task, tok) for p in pairs])
+    pairs = encode_pairs(tok, [p for pairs in mc_requests(task, tok) for p in pairs])
     full = sum(len(c) + len(x) - 1 for c, x in pairs)
     ctxs = {tuple(c) for c, _ in pairs}
     shared = sum(len(c) for c in ctxs) + sum(max(len(x) - 1, 0) for _, x in pairs)
 
     flat = [x for p in ours for x in p["loglikelihoods"]]
     gap = max(abs(x - y[0]) for x, y in zip(flat, theirs))
-    ours_acc = ev.score_predictions(task, ours)["metrics"]
+    ours_acc = score_predictions(task, ours)["metrics"]
     k, theirs_preds = 0, []
     for p in ours:
         m = len(p["loglikelihoods"])
         theirs_preds.append({"id": p["id"], "loglikelihoods": [y[0] for y in theirs[k:k + m]]})
         k += m
-    theirs_acc = ev.score_predictions(task, theirs_preds)["metrics"]
+    theirs_acc = score_predictions(task, theirs_preds)["metrics"]
     print(f"items {len(task.rows)}  requests {len(requests)}  device {a.device}  dtype {a.dtype}  "
           f"threads {torch.get_num_threads()}  load {os.getloadavg()[0]:.2f}")
     print(f"ftlab   {t_ours:8.2f} s (runs {', '.join(f'{x:.2f}' for x in times_ours)})   {ours_acc}")

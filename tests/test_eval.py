@@ -8,9 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftlab.eval import evaluate as ev
+from ftlab.eval import multiple_choice as mc
+from ftlab.eval import task as ftask
 from ftlab.eval.builtin import BUILTINS, load_builtin
-from ftlab.eval.evaluate import Task, evaluate, load_task, score_predictions
+from ftlab.eval.cache import cache_key
+from ftlab.eval.evaluate import evaluate
+from ftlab.eval.perplexity import predict_perplexity
+from ftlab.eval.scoring import score_predictions
+from ftlab.eval.suites import build_tasks, load_task
+from ftlab.eval.task import Task
 
 FIX = Path(__file__).parent / "fixtures"
 EVAL_FIX = FIX / "eval"
@@ -83,7 +89,7 @@ def test_schema_names_agree_with_the_task_registry():
     from ftlab.config.schema import EVAL_BUILTIN_TASKS, EVAL_KIND_METRICS
 
     assert {k: b.kind for k, b in BUILTINS.items()} == EVAL_BUILTIN_TASKS
-    assert {k: v.metrics for k, v in ev.KINDS.items()} == EVAL_KIND_METRICS
+    assert {k: v.metrics for k, v in ftask.KINDS.items()} == EVAL_KIND_METRICS
 
 
 @pytest.mark.parametrize("name", list(BUILTINS))
@@ -169,7 +175,7 @@ def test_offline_hub_failure_names_the_local_file_override(monkeypatch):
 def reference_loglikelihoods(model, tok, task):
     """Straightforward per-choice scoring: one unpadded forward of context+continuation per choice."""
     out = []
-    for pairs in ev.mc_requests(task, tok):
+    for pairs in mc.mc_requests(task, tok):
         lls = []
         for ctx, cont in pairs:
             if ctx != ctx.rstrip():
@@ -200,10 +206,10 @@ def test_multiple_choice_equals_per_choice_reference(model, tok, name, monkeypat
     ref = reference_loglikelihoods(model, tok, task)
     ref_acc, ref_norm = reference_accuracy(task, ref)
     # shared context: right-padded unmasked context pass (budget large), or left-padded masked (budget 0)
-    for share, budget in ((True, ev._LOGITS_BUDGET), (True, 0), (False, ev._LOGITS_BUDGET)):
-        monkeypatch.setattr(ev, "_LOGITS_BUDGET", budget)
+    for share, budget in ((True, mc._LOGITS_BUDGET), (True, 0), (False, mc._LOGITS_BUDGET)):
+        monkeypatch.setattr(mc, "_LOGITS_BUDGET", budget)
         for bs in (1, 3):
-            preds = ev.predict_multiple_choice(model, tok, task, bs, share_context=share)
+            preds = mc.predict_multiple_choice(model, tok, task, bs, share_context=share)
             for p, r in zip(preds, ref):
                 assert p["loglikelihoods"] == pytest.approx(r, abs=2e-4)
             got = score_predictions(task, preds)
@@ -212,14 +218,14 @@ def test_multiple_choice_equals_per_choice_reference(model, tok, name, monkeypat
 
 def test_multiple_choice_chat_format_and_truncation(model, tok):
     task = load_task("boolq", path=str(fixture_path("boolq")), format="chat")
-    assert task.delimiter == "" and ev.mc_requests(task, tok)[0][0][0].startswith("user: ")
+    assert task.delimiter == "" and mc.mc_requests(task, tok)[0][0][0].startswith("user: ")
     ref = reference_loglikelihoods(model, tok, task)
-    preds = ev.predict_multiple_choice(model, tok, task, 4)
+    preds = mc.predict_multiple_choice(model, tok, task, 4)
     assert [p["loglikelihoods"] for p in preds] == [pytest.approx(r, abs=2e-4) for r in ref]
     # a window shorter than the context: contexts are cut from the left, both paths agree
     short = load_task("boolq", path=str(fixture_path("boolq")), max_length=12)
-    a = ev.predict_multiple_choice(model, tok, short, 4, share_context=True)
-    b = ev.predict_multiple_choice(model, tok, short, 4, share_context=False)
+    a = mc.predict_multiple_choice(model, tok, short, 4, share_context=True)
+    b = mc.predict_multiple_choice(model, tok, short, 4, share_context=False)
     assert [p["loglikelihoods"] for p in a] == [pytest.approx(p["loglikelihoods"], abs=2e-4) for p in b]
 
 
@@ -279,7 +285,7 @@ def test_multiple_choice_equals_lm_eval_on_its_own_task_definitions(model, tok, 
                                   tasks=[f"ftlab_{n}" for n in names], task_manager=tm, log_samples=True)
     for name in names:
         task = load_task(name, path=str(fixture_path(name)))
-        ours = score_predictions(task, ev.predict_multiple_choice(model, tok, task, 4))
+        ours = score_predictions(task, mc.predict_multiple_choice(model, tok, task, 4))
         theirs = res["results"][f"ftlab_{name}"]
         assert ours["metrics"]["acc"] == pytest.approx(100 * theirs["acc,none"])
         if "acc_norm,none" in theirs:
@@ -299,14 +305,14 @@ def test_lm_eval_task_kind_runs_the_in_memory_model(model, tok, tmp_path):
     inc = _lm_eval_tasks(tmp_path / "tasks", ["arc_easy"])
     (cfg,) = check(["eval.target=[data]", "eval.forget=[lm_eval:ftlab_arc_easy]", f"eval.lm_eval.include_path={inc}",
                     "eval.limit=3"])
-    (task,) = [t for t in ev.build_tasks(cfg) if t.role == "forget"]
+    (task,) = [t for t in build_tasks(cfg) if t.role == "forget"]
     assert task.name == "lm_eval:ftlab_arc_easy" and task.kind == "lm_eval" and task.metric == "acc"
     assert len(task.rows) == 3 and task.higher_is_better and task.meta["lm_eval_version"]
     cache = tmp_path / "cache"
     first = evaluate(model, tok, [task], 4, stage="base", run_dir=tmp_path, cache_dir=cache, fingerprint="f",
                      progress=False)[task.name]
     ours = score_predictions(load_task("arc_easy", path=str(fixture_path("arc_easy")), n=3),
-                             ev.predict_multiple_choice(model, tok, load_task("arc_easy", path=str(
+                             mc.predict_multiple_choice(model, tok, load_task("arc_easy", path=str(
                                  fixture_path("arc_easy")), n=3), 4))
     assert first["score"] == pytest.approx(ours["metrics"]["acc"]) and first["n"] == 3
     recs = [json.loads(x) for x in (tmp_path / "records" / "base" / f"{task.name}.jsonl").open()]
@@ -319,13 +325,13 @@ def test_lm_eval_task_kind_runs_the_in_memory_model(model, tok, tmp_path):
 # ------------------------------------------------------------------------------------ perplexity, generation
 def test_perplexity_windows_predict_every_token_once(model, tok):
     task = load_task("wikitext", path=str(fixture_path("wikitext")))
-    whole = ev.predict_perplexity(model, tok, task, 2)
+    whole = predict_perplexity(model, tok, task, 2)
     for r, p in zip(task.rows, whole):  # one window: a plain forward
         ids = torch.tensor([tok(r["text"])["input_ids"]])
         with torch.no_grad():
             nll = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="sum")
         assert p["nll"] == pytest.approx(float(nll), rel=1e-4) and p["n_tokens"] == ids.shape[1] - 1
-    windowed = ev.predict_perplexity(model, tok, load_task("wikitext", path=str(fixture_path("wikitext")),
+    windowed = predict_perplexity(model, tok, load_task("wikitext", path=str(fixture_path("wikitext")),
                                                            max_length=16), 3)
     assert [p["n_tokens"] for p in windowed] == [p["n_tokens"] for p in whole]
     assert all(math.isfinite(p["nll"]) and p["nll"] > 0 for p in windowed)
@@ -399,9 +405,9 @@ def test_base_cache_hits_and_misses(model, tok, tmp_path):
 
 def test_cache_key_depends_on_eval_version(monkeypatch):
     t = Task("x", "target", "generation", [{"id": "1", "prompt": "p", "reference": "r"}])
-    k = ev.cache_key(t, "fp")
-    monkeypatch.setattr(ev, "EVAL_VERSION", ev.EVAL_VERSION + 1)
-    assert ev.cache_key(t, "fp") != k
+    k = cache_key(t, "fp")
+    monkeypatch.setattr(ftask, "EVAL_VERSION", ftask.EVAL_VERSION + 1)
+    assert cache_key(t, "fp") != k
 
 
 # ------------------------------------------------------------------------------------------ score CLI
@@ -434,7 +440,7 @@ def test_suites_build_their_tasks_from_local_files():
 
     paths = [f"eval.paths.{n}={fixture_path(n)}" for n in ("gsm8k", "hellaswag", "arc_challenge", "winogrande")]
     (cfg,) = check(["eval=biderman", "eval.limit=3", *paths])
-    tasks = ev.build_tasks(cfg)
+    tasks = build_tasks(cfg)
     assert [(t.name, t.role, t.metric) for t in tasks] == [
         ("gsm8k", "target", "exact_match"), ("hellaswag", "forget", "acc_norm"),
         ("arc_challenge", "forget", "acc_norm"), ("winogrande", "forget", "acc")]
@@ -444,7 +450,7 @@ def test_suites_build_their_tasks_from_local_files():
                     f"eval.tasks.mmlu.fewshot_path={EVAL_FIX / 'mmlu_dev.jsonl'}",
                     *[f"eval.paths.{n}={fixture_path(n)}" for n in
                       ("mmlu", "arc_challenge", "arc_easy", "hellaswag", "winogrande", "boolq", "wikitext")]])
-    tasks = {t.name: t for t in ev.build_tasks(cfg)}
+    tasks = {t.name: t for t in build_tasks(cfg)}
     assert set(tasks) == {"synth_sub", "mmlu", "arc_challenge", "arc_easy", "hellaswag", "winogrande", "boolq",
                           "wikitext"}
     assert tasks["mmlu"].meta["few_shot"] == 2 and tasks["mmlu"].meta["subset"] == ["anatomy"]
@@ -541,7 +547,6 @@ def test_packed_choices_score_like_one_choice_at_a_time(attn, monkeypatch):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import ftlab.eval.evaluate as ev
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -554,10 +559,10 @@ def test_packed_choices_score_like_one_choice_at_a_time(attn, monkeypatch):
         ctx = [1] + [r.randrange(4, 50) for _ in range(r.randint(3, 20))]
         requests += [(ctx, [r.randrange(4, 50) for _ in range(r.randint(1, 6))]) for _ in range(4)]
     packed = []
-    real = ev._packed_rest
-    monkeypatch.setattr(ev, "_packed_rest", lambda *a, **k: packed.append(real(*a, **k)) or packed[-1])
+    real = mc._packed_rest
+    monkeypatch.setattr(mc, "_packed_rest", lambda *a, **k: packed.append(real(*a, **k)) or packed[-1])
     with torch.no_grad():
-        shared = ev.mc_loglikelihoods(model, tok, requests, 4, 512, share_context=True)
-        alone = ev.mc_loglikelihoods(model, tok, requests, 4, 512, share_context=False)
+        shared = mc.mc_loglikelihoods(model, tok, requests, 4, 512, share_context=True)
+        alone = mc.mc_loglikelihoods(model, tok, requests, 4, 512, share_context=False)
     assert packed and all(packed)  # the packed pass ran for every batch of contexts
     assert max(abs(a - b) for a, b in zip(shared, alone)) <= 1e-5

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_command(rest)
     if cmd == "score":
-        from ftlab.eval.evaluate import score_command
+        from ftlab.cli.score import score_command
 
         return score_command(rest)
     if cmd in ("version", "--version"):

@@ -1,6 +1,6 @@
 """Built-in benchmark tasks: where their rows come from and how each row becomes a prompt. Pure Python.
 
-Every task is one of three kinds (see `ftlab.eval.evaluate.KINDS`):
+Every task is one of three kinds (see `ftlab.eval.task.KINDS`):
 
 - ``multiple_choice``: rows ``{"id", "context", "choices", "label"}`` (one context, several continuations), or
   ``{"id", "contexts", "continuation", "label"}`` (several contexts, one continuation: WinoGrande's partial

@@ -333,9 +333,9 @@ MEANING = {
 
 
 def tuco_prompts(task, tokenizer, n: int) -> list[tuple[str, str]]:
-    """Up to n (id, prompt) pairs of an ftlab.eval.evaluate.Task: what the model reads before it answers
+    """Up to n (id, prompt) pairs of an ftlab.eval.task.Task: what the model reads before it answers
     (generation: the prompt; multiple choice: the first context; perplexity: the context, else the text)."""
-    from ftlab.eval.evaluate import apply_format
+    from ftlab.eval.prompts import apply_format
 
     out = []
     for r in task.rows[:n]:

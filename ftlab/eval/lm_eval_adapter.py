@@ -17,7 +17,8 @@ import hashlib
 import json
 from typing import Any, Optional
 
-from ftlab.eval.evaluate import Kind, Task, _by_id, _mean, register_kind
+from ftlab.eval.scoring import by_id, mean
+from ftlab.eval.task import Kind, Task, register_kind
 
 PREFIX = "lm_eval:"
 __all__ = ["load_lm_eval_task", "PREFIX"]
@@ -122,14 +123,14 @@ def _plain(x: Any) -> Any:
 
 def score_lm_eval(task: Task, predictions: list[dict]) -> tuple[dict, list[dict]]:
     """The mean of lm-eval's per-sample metric value, in points (x100)."""
-    by_id = _by_id(task, predictions, "value")
+    preds = by_id(task, predictions, "value")
     items = []
     for r in task.rows:
-        p = by_id[r["id"]]
+        p = preds[r["id"]]
         v = float(p["value"])
         items.append({"id": r["id"], "doc_id": r["doc_id"], "target": p.get("target"),
                       "response": p.get("response"), "value": v, "score": 100.0 * v})
-    return {task.metric: _mean([i["score"] for i in items])}, items
+    return {task.metric: mean([i["score"] for i in items])}, items
 
 
 register_kind(Kind("lm_eval", (), predict_lm_eval, score_lm_eval))

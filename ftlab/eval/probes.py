@@ -170,7 +170,7 @@ def probe_texts(cfg) -> list:
         pools = [skills.make_examples(s, "test", per, seed=7919) for s in names]
         return [(ex["prompt"], ex["response"]) for ex in
                 [pool[j] for j in range(per) for pool in pools if j < len(pool)][:n]]
-    from ftlab.eval.evaluate import load_task
+    from ftlab.eval.suites import load_task
 
     path = (getattr(cfg.eval, "paths", {}) or {}).get("wikitext")
     return [r["text"] for r in load_task("wikitext", "forget", n=n, **({"path": path} if path else {})).rows]

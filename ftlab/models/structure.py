@@ -1,8 +1,13 @@
-"""Shared helpers of the partial-freezing methods (freeze, hft, lisa): where the blocks, embeddings and head are,
-and setting `requires_grad` by parameter name."""
+"""Model-structure helpers, one copy each: where the blocks, embeddings and head are (the partial-freezing methods),
+setting `requires_grad` by parameter name, the pad id, the model's device and eval mode (evaluation, generation,
+probes, diagnostics)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
 from torch import nn
 
 
@@ -68,3 +73,22 @@ def pad_id(tokenizer) -> int:
     Padded positions are masked out everywhere, so the choice never changes a number."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return 0 if pad is None else pad
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block; its train/eval mode as it was afterwards, also on an error."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)

@@ -1,0 +1,70 @@
+"""`ftlab score TASK PREDICTIONS.jsonl`: score saved predictions with a built-in task's metric (no model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["score_command", "SCORE_USAGE"]
+
+SCORE_USAGE = """\
+usage: ftlab score TASK PREDICTIONS.jsonl [--path FILE] [-n N] [--few-shot K] [--metric M] [--subset A,B]
+                   [--fewshot-path FILE] [--split S] [--revision R] [--items OUT.jsonl]
+
+Score saved predictions with a built-in task's metric, exactly as evaluation does (no model is loaded).
+PREDICTIONS: one JSON object per line, matched to the task's items by id (<task>/<index>; every item once):
+  generation (gsm8k)        {"id", "prediction": "generated text"}       -> exact_match on the final number
+  multiple choice           {"id", "loglikelihoods": [one per choice]}   -> acc and acc_norm
+                            {"id", "prediction": index | choice text}    -> acc
+  perplexity (wikitext)     {"id", "nll": summed NLL, "n_tokens"}         -> perplexity
+ftlab's own records (records/<stage>/<task>.jsonl in a run directory) are valid predictions.
+--path FILE reads the task's rows from a local .jsonl (the hub dataset's fields) instead of the hub; -n and
+--few-shot must match the evaluation that produced the predictions (few-shot changes prompts, not ids).
+Prints {task, metric, score, metrics, n, higher_is_better, source} as JSON.
+"""
+
+
+def score_command(args: list[str]) -> int:
+    """`ftlab score`: see SCORE_USAGE."""
+    import argparse
+    import sys
+
+    from ftlab.eval.scoring import read_predictions, score_predictions
+    from ftlab.eval.suites import load_task
+    from ftlab.utils.files import write_jsonl
+
+    if not args or args[0] in ("-h", "--help"):
+        print(SCORE_USAGE)
+        return 0 if args else 2
+    p = argparse.ArgumentParser(prog="ftlab score", add_help=False)
+    p.add_argument("task")
+    p.add_argument("predictions")
+    p.add_argument("--path")
+    p.add_argument("-n", "--n", type=int)
+    p.add_argument("--few-shot", type=int)
+    p.add_argument("--metric")
+    p.add_argument("--subset")
+    p.add_argument("--fewshot-path")
+    p.add_argument("--split")
+    p.add_argument("--revision")
+    p.add_argument("--items")
+    try:
+        a = p.parse_args(args)
+    except SystemExit:
+        print(SCORE_USAGE, file=sys.stderr)
+        return 2
+    try:
+        source = {k: v for k, v in {"path": a.path, "fewshot_path": a.fewshot_path, "split": a.split,
+                                    "revision": a.revision,
+                                    "subset": a.subset.split(",") if a.subset else None}.items() if v}
+        task = load_task(a.task, "target", n=a.n, few_shot=a.few_shot, metric=a.metric, **source)
+        res = score_predictions(task, read_predictions(a.predictions))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"ftlab score: {e}", file=sys.stderr)
+        return 2
+    if a.items:
+        write_jsonl(Path(a.items), res["items"])
+    out = {k: v for k, v in res.items() if k != "items"}
+    out["source"] = task.meta.get("source")
+    print(json.dumps(out, indent=2))
+    return 0

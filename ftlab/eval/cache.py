@@ -1,0 +1,43 @@
+"""The base-result cache: a task's scores on a base model, keyed by everything that can change them (model
+weights, tokenizer, the task's signature), so that every run of a sweep on the same base evaluates it once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+from ftlab.eval.prompts import tokenizer_signature
+from ftlab.eval.task import Task
+from ftlab.utils.files import atomic_write_json
+
+__all__ = ["cache_key", "read_cached", "write_cached"]
+
+
+def cache_key(task: Task, fingerprint: str, tokenizer=None) -> str:
+    """The base-result cache key: model weights, tokenizer, and the task's signature."""
+    tok = tokenizer_signature(tokenizer, task.format) if tokenizer is not None else None
+    return hashlib.sha256(json.dumps({"model": fingerprint, "tokenizer": tok, "task": task.signature()},
+                                     sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def read_cached(cache_dir: Path, key: str) -> Optional[dict]:
+    """The cached result {score, metrics, items, signature} under `key`; None when there is none, or it is damaged
+    (a damaged entry is recomputed, not trusted)."""
+    path = Path(cache_dir) / f"{key}.json"
+    if not path.is_file():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+        cached["metrics"]  # noqa: B018 - entries of older versions lack it
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return cached
+
+
+def write_cached(cache_dir: Path, key: str, task: Task, metrics: dict, items: list[dict]) -> None:
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(cache_dir) / f"{key}.json",
+                      {"score": metrics[task.metric], "metrics": metrics, "items": items,
+                       "signature": task.signature()})

@@ -1,0 +1,115 @@
+"""The tasks of a run (its target tasks and forgetting suite, from the eval config) and built-in tasks by name."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+# the built-in kinds register themselves on import: every task built here has a registered kind
+from ftlab.eval import generation, multiple_choice, perplexity  # noqa: F401
+from ftlab.eval.task import EVAL_SEED, Task
+
+__all__ = ["build_tasks", "load_task"]
+
+
+def build_tasks(cfg: Any) -> list[Task]:
+    """The run's target tasks and forgetting suite, from the eval config."""
+    from ftlab.data.sources import load_eval
+
+    e, limit = cfg.eval, cfg.eval.limit
+    tasks: list[Task] = []
+    for name in e.target:
+        if name == "data":  # the held-out split of the training data; of every stage's data in a continual run
+            for d in getattr(cfg, "stages", None) or [cfg.data]:
+                rows = load_eval(d, limit, EVAL_SEED)
+                tasks.append(Task(d.name, "target", "generation",
+                                  [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"]} for r in rows],
+                                  answer=d.answer, max_new_tokens=d.max_new_tokens,
+                                  # the prompt as training sees it (train.encode_example applies no chat template)
+                                  meta={"source": d.source, "few_shot": 0, "format": "plain"}))
+        else:
+            tasks.append(_named_task(name, "target", cfg))
+    for name in e.forget:
+        if name == "world":
+            tasks += [_named_task(f"synth_{s}", "forget", cfg) for s in cfg.model.world.skills]
+            tasks.append(_named_task("synth_ppl", "forget", cfg))
+        else:
+            tasks.append(_named_task(name, "forget", cfg))
+    names = [t.name for t in tasks]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"eval: task(s) {sorted(dup)} appear twice (as target and forget?)")
+    return tasks
+
+
+def _task_options(cfg: Any, name: str) -> dict:
+    """eval.tasks.<name> (set fields only) and eval.paths.<name>, as load_task keyword arguments."""
+    import dataclasses
+
+    opts = getattr(cfg.eval, "tasks", {}) or {}
+    o = opts.get(name)
+    out = {k: v for k, v in (dataclasses.asdict(o) if dataclasses.is_dataclass(o) else dict(o or {})).items()
+           if v is not None}
+    path = (getattr(cfg.eval, "paths", {}) or {}).get(name)
+    if path:
+        out["path"] = path
+    return out
+
+
+def _named_task(name: str, role: str, cfg: Any) -> Task:
+    from ftlab.eval.builtin import BUILTINS
+
+    if name.startswith("lm_eval:"):
+        from ftlab.eval.lm_eval_adapter import load_lm_eval_task
+
+        o = cfg.eval.lm_eval
+        return load_lm_eval_task(name[len("lm_eval:"):], role, n=cfg.eval.limit, include_path=o.include_path,
+                                 num_fewshot=o.num_fewshot, metric=o.metric)
+    if name in BUILTINS:
+        opts = _task_options(cfg, name)
+        opts.setdefault("n", cfg.eval.limit)
+        return load_task(name, role, **opts)
+
+    from ftlab.world import skills
+
+    n = cfg.eval.limit or 200
+    if name == "synth_ppl":
+        # Held-out pretraining examples, scored on their answers (what pretraining trained), skills interleaved.
+        per = -(-n // len(cfg.model.world.skills))
+        pools = [skills.make_examples(sk, "test", per, seed=EVAL_SEED) for sk in cfg.model.world.skills]
+        rows = [pool[j] for j in range(per) for pool in pools if j < len(pool)][:n]
+        return Task(name, role, "perplexity",
+                    [{"id": f"ppl-{r['id']}", "context": r["prompt"], "text": r["response"]} for r in rows],
+                    meta={"source": "world", "scored": "answers"})
+    if name.startswith("synth_") and name[6:] in skills.ALL_SKILLS:
+        rows = skills.make_examples(name[6:], "test", n, seed=EVAL_SEED)
+        return Task(name, role, "generation",
+                    [{"id": r["id"], "prompt": r["prompt"], "reference": r["response"]} for r in rows],
+                    answer="exact", max_new_tokens=max(len(r["response"]) for r in rows) + 2,
+                    meta={"source": "world", "few_shot": 0, "format": "plain"})
+    raise ValueError(f"eval: unknown task {name!r}; known here: data, world, synth_ppl, "
+                     + ", ".join(f"synth_{s}" for s in skills.ALL_SKILLS) + ", " + ", ".join(BUILTINS))
+
+
+def load_task(name: str, role: str = "target", *, n: Optional[int] = None, few_shot: Optional[int] = None,
+              format: str = "plain", metric: Optional[str] = None, max_new_tokens: Optional[int] = None,
+              max_length: Optional[int] = None, **source: Any) -> Task:
+    """A built-in task (`ftlab.eval.builtin.BUILTINS`) as a `Task`.
+
+    Args:
+        name: arc_challenge, arc_easy, hellaswag, winogrande, boolq, mmlu, wikitext or gsm8k.
+        role: target | forget.
+        n: the first n rows (None: all); few_shot: examples per item (None: the task's default).
+        format: plain | chat; metric: the primary metric (e.g. acc instead of acc_norm).
+        max_new_tokens: generation cap (gsm8k); max_length: token window (perplexity, multiple choice).
+        **source: path, fewshot_path, subset, split, hf_path, hf_name, revision (see `ftlab.eval.builtin.load_builtin`).
+    """
+    from ftlab.eval.builtin import BUILTINS, load_builtin
+
+    spec = BUILTINS[name] if name in BUILTINS else None
+    if spec is None:
+        raise ValueError(f"eval: unknown built-in task {name!r}; known: {', '.join(BUILTINS)}")
+    rows, meta = load_builtin(name, n=n, few_shot=few_shot, **source)
+    meta["format"] = format
+    return Task(name, role, spec.kind, rows, answer=spec.answer,
+                max_new_tokens=max_new_tokens or spec.max_new_tokens, meta=meta, metric=metric or spec.metric,
+                format=format, delimiter=" " if format == "plain" else "", max_length=max_length)

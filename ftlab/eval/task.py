@@ -1,0 +1,104 @@
+"""Evaluation tasks and their kinds.
+
+A task kind (`KINDS`) is a pair of functions:
+
+- ``predict(model, tokenizer, task, batch_size) -> predictions``: what the model produces, one dict per item
+  (generation: ``{"id", "prediction"}``; perplexity: ``{"id", "nll", "n_tokens"}``; multiple choice:
+  ``{"id", "loglikelihoods"}``);
+- ``score(task, predictions) -> (metrics, items)``: the task's metrics and the per-item records.
+
+Each kind registers itself beside its code (`ftlab.eval.generation`, `.perplexity`, `.multiple_choice`,
+`.lm_eval_adapter`); `ftlab.eval.evaluate.evaluate` is ``score(predict(...))`` and
+`ftlab.eval.scoring.score_predictions` is ``score`` alone, on predictions read from a file (``ftlab score``), so
+outputs of other systems are scored exactly the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+__all__ = ["Task", "Kind", "KINDS", "register_kind", "model_max_length", "EVAL_VERSION", "EVAL_SEED", "FORMATS"]
+
+# Bump when scoring or prompting changes meaning: cached base results of older versions are not reused.
+EVAL_VERSION = 2
+EVAL_SEED = 0  # eval sets do not depend on the run seed: every run of a sweep is scored on the same items
+FORMATS = ("plain", "chat")
+
+
+@dataclass
+class Task:
+    """One evaluation task: a kind, its rows (see `ftlab.eval.builtin` for each kind's row format) and how to score.
+
+    `meta` is recorded with every score (source, file hash, few-shot count and examples, prompt format, chat
+    template hash); `metric` is the primary metric (default: the kind's first).
+    """
+
+    name: str
+    role: str  # target | forget
+    kind: str  # generation | perplexity | multiple_choice
+    rows: list[dict]
+    answer: str = "exact"  # generation: how a prediction is read (exact | number)
+    max_new_tokens: int = 16
+    meta: dict = field(default_factory=dict)
+    metric: str = ""  # primary metric; "" -> the kind's default
+    format: str = "plain"  # plain | chat (the context is the user turn of the tokenizer's chat template)
+    delimiter: str = " "  # multiple choice: between context and continuation (plain format)
+    max_length: Optional[int] = None  # perplexity/multiple choice: tokens per window (None: the model's)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"task {self.name!r}: unknown kind {self.kind!r}; known: {', '.join(KINDS)}")
+        kind = KINDS[self.kind]
+        self.metric = self.metric or (kind.metrics[0] if kind.metrics else "")
+        if not self.metric:
+            raise ValueError(f"task {self.name!r}: kind {self.kind} needs a metric name")
+        if kind.metrics and self.metric not in kind.metrics:
+            raise ValueError(f"task {self.name!r}: kind {self.kind} has no metric {self.metric!r}; "
+                             f"valid: {', '.join(kind.metrics)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"task {self.name!r}: unknown format {self.format!r}; valid: {', '.join(FORMATS)}")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return bool(self.meta.get("higher_is_better", self.metric != "perplexity"))
+
+    @property
+    def unit(self) -> str:
+        return "ppl" if self.metric == "perplexity" else "points"
+
+    def signature(self) -> dict:
+        """Everything about the task that can change its score (the model's side is added by `evaluate`)."""
+        rows = hashlib.sha256(json.dumps(self.rows, sort_keys=True).encode()).hexdigest()
+        return {"name": self.name, "kind": self.kind, "metric": self.metric, "answer": self.answer,
+                "max_new_tokens": self.max_new_tokens, "format": self.format, "delimiter": self.delimiter,
+                "max_length": self.max_length, "rows": rows, "n": len(self.rows), "meta": self.meta,
+                "seed": EVAL_SEED, "eval_version": EVAL_VERSION}
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    metrics: tuple[str, ...]  # the first is the default primary metric; () = any name the task gives
+    predict: Callable[..., list[dict]]
+    score: Callable[["Task", list[dict]], tuple[dict, list[dict]]]
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(kind: Kind) -> None:
+    """Add a task kind (name, metrics, predict, score)."""
+    KINDS[kind.name] = kind
+
+
+def model_max_length(model, task: Task) -> int:
+    """Tokens per window of a perplexity or multiple-choice task: the task's max_length, else the model's
+    position limit (at most 4096), else 2048."""
+    if task.max_length:
+        return task.max_length
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
+    return int(min(n, 4096)) if n else 2048
