@@ -86,20 +86,31 @@ def model(tok):
 
 # --------------------------------------------------------------------------------------- built-in tasks
 def test_schema_names_agree_with_the_task_registry():
-    from ftlab.config.schema import EVAL_BUILTIN_TASKS, EVAL_KIND_METRICS
+    # A mirror check: delete it once ftlab.config.schema imports these lists from ftlab.eval.names.
+    from ftlab.config.schema import EVAL_BUILTIN_TASKS, EVAL_KIND_METRICS, PROMPT_FORMATS
+    from ftlab.eval import names
 
-    assert {k: b.kind for k, b in BUILTINS.items()} == EVAL_BUILTIN_TASKS
-    assert {k: v.metrics for k, v in ftask.KINDS.items()} == EVAL_KIND_METRICS
+    assert names.BUILTIN_TASK_KINDS == EVAL_BUILTIN_TASKS and names.KIND_METRICS == EVAL_KIND_METRICS
+    assert names.PROMPT_FORMATS == PROMPT_FORMATS
+
+
+def test_registries_refuse_an_unknown_name_with_the_closest_one():
+    assert {k: ftask.KINDS.get(k).metrics for k in ("generation", "perplexity", "multiple_choice")} == \
+        {"generation": ("exact_match",), "perplexity": ("perplexity",), "multiple_choice": ("acc", "acc_norm")}
+    with pytest.raises(ValueError, match="did you mean 'generation'"):
+        Task("t", "target", "generaton", [{"id": "1", "prompt": "p", "reference": "r"}])
+    with pytest.raises(ValueError, match="did you mean 'hellaswag'"):
+        load_task("hellaswg")
 
 
 @pytest.mark.parametrize("name", list(BUILTINS))
 def test_builtin_task_loads_from_its_fixture(name):
     t = load_task(name, "forget", path=str(fixture_path(name)))
-    assert t.kind == BUILTINS[name].kind and t.metric == BUILTINS[name].metric and t.rows
+    assert t.kind == BUILTINS.get(name).kind and t.metric == BUILTINS.get(name).metric and t.rows
     assert all(r["id"].startswith(f"{name}/") for r in t.rows)
     assert len({r["id"] for r in t.rows}) == len(t.rows)
     assert t.meta["source"].startswith("file:") and len(t.meta["sha256"]) == 64
-    assert t.meta["few_shot"] == BUILTINS[name].few_shot and t.meta["format"] == "plain"
+    assert t.meta["few_shot"] == BUILTINS.get(name).few_shot and t.meta["format"] == "plain"
     for r in t.rows:
         if t.kind == "multiple_choice":
             n = len(r["contexts"]) if "contexts" in r else len(r["choices"])

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ftlab.config.registry import Registry
+from ftlab.eval.names import BUILTIN_TASK_KINDS, KIND_METRICS
 from ftlab.utils.files import sha256_file
 
 __all__ = ["BUILTINS", "Builtin", "TaskSource", "load_builtin", "render_fewshot"]
@@ -59,10 +61,9 @@ FEWSHOT_SEP = "\n\n"
 
 @dataclass(frozen=True)
 class Builtin:
-    """A built-in task: its kind, hub location and how one raw record becomes a row."""
+    """A built-in task: its hub location and how one raw record becomes a row (its kind: `BUILTIN_TASK_KINDS`)."""
 
     name: str
-    kind: str  # multiple_choice | generation | perplexity
     hf_path: str
     hf_name: Optional[str]
     split: str
@@ -75,6 +76,10 @@ class Builtin:
     description: Callable[[dict], str] = lambda rec: ""  # text before the few-shot block (MMLU's subject line)
     group: Optional[Callable[[dict], str]] = None  # MMLU: subject (few-shot examples and subsets by group)
     doc: str = ""
+
+    @property
+    def kind(self) -> str:  # multiple_choice | generation | perplexity
+        return BUILTIN_TASK_KINDS[self.name]
 
 
 @dataclass
@@ -156,25 +161,32 @@ def _gsm8k(rec: dict) -> Optional[dict]:
     return {"prompt": out["prompt"], "reference": out["reference"], "response": out["response"]}
 
 
-BUILTINS: dict[str, Builtin] = {b.name: b for b in [
-    Builtin("arc_challenge", "multiple_choice", "allenai/ai2_arc", "ARC-Challenge", "test", "train", _arc,
+BUILTINS: Registry[Builtin] = Registry("built-in task", "eval.target")
+for _b in [
+    Builtin("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "train", _arc,
             "acc_norm", doc="ARC-Challenge (AI2 Reasoning Challenge, hard set)"),
-    Builtin("arc_easy", "multiple_choice", "allenai/ai2_arc", "ARC-Easy", "test", "train", _arc, "acc_norm",
+    Builtin("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "train", _arc, "acc_norm",
             doc="ARC-Easy"),
-    Builtin("hellaswag", "multiple_choice", "Rowan/hellaswag", None, "validation", "train", _hellaswag,
+    Builtin("hellaswag", "Rowan/hellaswag", None, "validation", "train", _hellaswag,
             "acc_norm", doc="HellaSwag sentence completion"),
-    Builtin("winogrande", "multiple_choice", "allenai/winogrande", "winogrande_xl", "validation", "train",
+    Builtin("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train",
             _winogrande, "acc", doc="WinoGrande (partial scoring: the option goes in the context)"),
-    Builtin("boolq", "multiple_choice", "google/boolq", None, "validation", "train", _boolq, "acc",
+    Builtin("boolq", "google/boolq", None, "validation", "train", _boolq, "acc",
             doc="BoolQ yes/no questions on a passage"),
-    Builtin("mmlu", "multiple_choice", "cais/mmlu", "all", "test", "dev", _mmlu, "acc",
+    Builtin("mmlu", "cais/mmlu", "all", "test", "dev", _mmlu, "acc",
             description=_mmlu_description, group=lambda rec: str(rec.get("subject", "")),
             doc="MMLU, 57 subjects (subset=[...] picks some)"),
-    Builtin("wikitext", "perplexity", "Salesforce/wikitext", "wikitext-2-raw-v1", "test", None, _wikitext,
+    Builtin("wikitext", "Salesforce/wikitext", "wikitext-2-raw-v1", "test", None, _wikitext,
             "perplexity", doc="WikiText-2 (raw) perplexity, one row per non-empty line"),
-    Builtin("gsm8k", "generation", "openai/gsm8k", "main", "test", "train", _gsm8k, "exact_match", few_shot=5,
+    Builtin("gsm8k", "openai/gsm8k", "main", "test", "train", _gsm8k, "exact_match", few_shot=5,
             answer="number", max_new_tokens=256, doc="GSM8K grade-school math, final-number exact match"),
-]}
+]:
+    if _b.name not in BUILTIN_TASK_KINDS or _b.metric not in KIND_METRICS[_b.kind]:
+        raise RuntimeError(f"built-in task {_b.name!r}: not in ftlab.eval.names.BUILTIN_TASK_KINDS, or its metric "
+                           f"{_b.metric!r} is not one of its kind's")
+    BUILTINS.register(_b.name, _b)
+if set(BUILTINS.names()) != set(BUILTIN_TASK_KINDS):
+    raise RuntimeError("ftlab.eval.names.BUILTIN_TASK_KINDS names a task without a spec in ftlab.eval.builtin")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -251,9 +263,7 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
         (rows, meta): rows in the kind's format with ids ``<name>/<index>``; meta has ``source``, ``sha256``,
         ``few_shot``, ``fewshot_source``, ``fewshot_ids``, ``split`` and (MMLU) ``subset``.
     """
-    if name not in BUILTINS:
-        raise ValueError(f"eval: unknown built-in task {name!r}; known: {', '.join(BUILTINS)}")
-    spec = BUILTINS[name]
+    spec = BUILTINS.get(name, "eval: built-in task")
     k = spec.few_shot if few_shot is None else int(few_shot)
     if k < 0:
         raise ValueError(f"eval.tasks.{name}.few_shot: must be >= 0, got {k}")

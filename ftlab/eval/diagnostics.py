@@ -32,6 +32,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from ftlab.eval.names import DIAGNOSTICS  # what eval.diagnostics may list
+
 __all__ = ["intruder_dimensions", "update_profile", "effective_rank", "energy_rank", "weight_report",
            "effective_weights", "parse_name", "tuning_contribution", "tuco_prompts", "diagnose_run",
            "DIAGNOSTICS", "DEFAULT_KS", "DEFAULT_EPSILONS"]
@@ -318,7 +320,6 @@ def tuning_contribution(tuned_model, tokenizer, prompts: Sequence[str], base_mod
 
 
 # ------------------------------------------------------------------------------------------------ in a run
-DIAGNOSTICS = ("intruder", "update", "tuco")  # eval.diagnostics; kept in sync with ftlab.config.schema (a test checks)
 
 # What the numbers mean (none of them is "better" on its own; they explain gain and forgetting).
 MEANING = {

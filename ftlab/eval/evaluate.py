@@ -38,8 +38,9 @@ def evaluate(model, tokenizer, tasks: list[Task], batch_size: int, *, stage: str
             if cached is not None:
                 metrics, items = cached["metrics"], cached["items"]
             else:
-                preds = KINDS[task.kind].predict(model, tokenizer, task, batch_size)
-                metrics, items = KINDS[task.kind].score(task, preds)
+                kind = KINDS.get(task.kind)
+                preds = kind.predict(model, tokenizer, task, batch_size)
+                metrics, items = kind.score(task, preds)
                 if key is not None:
                     write_cached(cache_dir, key, task, metrics, items)
             write_jsonl(Path(run_dir) / "records" / stage / f"{task.name}.jsonl", items)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ftlab.eval.names import KIND_METRICS
 from ftlab.eval.prompts import apply_format
 from ftlab.eval.scoring import by_id, mean
 from ftlab.eval.task import Kind, Task, register_kind
@@ -30,4 +31,4 @@ def score_generation(task: Task, predictions: list[dict]) -> tuple[dict, list[di
     return {"exact_match": mean([i["score"] for i in items])}, items
 
 
-register_kind(Kind("generation", ("exact_match",), predict_generation, score_generation))
+register_kind(Kind("generation", KIND_METRICS["generation"], predict_generation, score_generation))

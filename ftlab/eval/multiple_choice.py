@@ -10,6 +10,7 @@ import copy
 import inspect
 from typing import Any, Optional
 
+from ftlab.eval.names import KIND_METRICS
 from ftlab.eval.prompts import apply_format
 from ftlab.eval.scoring import by_id, mean
 from ftlab.eval.task import Kind, Task, model_max_length, register_kind
@@ -390,4 +391,4 @@ def _choice_index(pred: Any, row: dict, name: str) -> int:
                      f"{n} choices (give an index, a choice's text, or a letter)")
 
 
-register_kind(Kind("multiple_choice", ("acc", "acc_norm"), predict_multiple_choice, score_multiple_choice))
+register_kind(Kind("multiple_choice", KIND_METRICS["multiple_choice"], predict_multiple_choice, score_multiple_choice))

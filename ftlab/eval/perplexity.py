@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from ftlab.eval.names import KIND_METRICS
 from ftlab.eval.scoring import by_id
 from ftlab.eval.task import Kind, Task, model_max_length, register_kind
 
@@ -78,4 +79,4 @@ def score_perplexity(task: Task, predictions: list[dict]) -> tuple[dict, list[di
             "nll_per_token": total / count if count else float("nan")}, items
 
 
-register_kind(Kind("perplexity", ("perplexity",), predict_perplexity, score_perplexity))
+register_kind(Kind("perplexity", KIND_METRICS["perplexity"], predict_perplexity, score_perplexity))

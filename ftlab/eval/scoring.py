@@ -48,7 +48,7 @@ def score_predictions(task: Task, predictions: list[dict]) -> dict:
 
     Returns ``{"task", "metric", "score", "metrics", "n", "higher_is_better", "items"}``.
     """
-    metrics, items = KINDS[task.kind].score(task, predictions)
+    metrics, items = KINDS.get(task.kind).score(task, predictions)
     return {"task": task.name, "metric": task.metric, "score": metrics[task.metric], "metrics": metrics,
             "n": len(items), "higher_is_better": task.higher_is_better, "items": items}
 

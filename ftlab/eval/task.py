@@ -20,12 +20,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ftlab.config.registry import Registry
+from ftlab.eval.names import PROMPT_FORMATS as FORMATS
+
 __all__ = ["Task", "Kind", "KINDS", "register_kind", "model_max_length", "EVAL_VERSION", "EVAL_SEED", "FORMATS"]
 
 # Bump when scoring or prompting changes meaning: cached base results of older versions are not reused.
 EVAL_VERSION = 2
 EVAL_SEED = 0  # eval sets do not depend on the run seed: every run of a sweep is scored on the same items
-FORMATS = ("plain", "chat")
 
 
 @dataclass
@@ -49,9 +51,7 @@ class Task:
     max_length: Optional[int] = None  # perplexity/multiple choice: tokens per window (None: the model's)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"task {self.name!r}: unknown kind {self.kind!r}; known: {', '.join(KINDS)}")
-        kind = KINDS[self.kind]
+        kind = KINDS.get(self.kind, f"task {self.name!r}: kind")  # ConfigError (a ValueError): did you mean
         self.metric = self.metric or (kind.metrics[0] if kind.metrics else "")
         if not self.metric:
             raise ValueError(f"task {self.name!r}: kind {self.kind} needs a metric name")
@@ -86,12 +86,12 @@ class Kind:
     score: Callable[["Task", list[dict]], tuple[dict, list[dict]]]
 
 
-KINDS: dict[str, Kind] = {}
+KINDS: Registry[Kind] = Registry("task kind", "kind")
 
 
 def register_kind(kind: Kind) -> None:
-    """Add a task kind (name, metrics, predict, score)."""
-    KINDS[kind.name] = kind
+    """Add a task kind (name, metrics, predict, score), beside its code."""
+    KINDS.register(kind.name, kind)
 
 
 def model_max_length(model, task: Task) -> int:

@@ -1,0 +1,29 @@
+"""The evaluation names a config can pick, owned here: the eval code builds its registries from them and
+`ftlab.config.schema` validates ``eval.*`` against them. Plain data that imports nothing (no torch, nothing of
+ftlab), so validating a config never loads the eval code.
+"""
+
+from __future__ import annotations
+
+__all__ = ["KIND_METRICS", "BUILTIN_TASK_KINDS", "PROMPT_FORMATS", "DIAGNOSTICS"]
+
+# The built-in task kinds (ftlab.eval.generation, .perplexity, .multiple_choice) and their metrics; the first is a
+# task's default primary metric. Plug-in kinds (lm_eval) register their own metrics in ftlab.eval.task.KINDS.
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "generation": ("exact_match",),
+    "perplexity": ("perplexity",),
+    "multiple_choice": ("acc", "acc_norm"),
+}
+
+# The built-in benchmark tasks (ftlab.eval.builtin.BUILTINS: hub location, row format, prompts) and their kinds.
+BUILTIN_TASK_KINDS: dict[str, str] = {
+    "arc_challenge": "multiple_choice", "arc_easy": "multiple_choice", "hellaswag": "multiple_choice",
+    "winogrande": "multiple_choice", "boolq": "multiple_choice", "mmlu": "multiple_choice",
+    "wikitext": "perplexity", "gsm8k": "generation",
+}
+
+# How a prompt is fed to the model (ftlab.eval.prompts.apply_format): as is, or as the chat template's user turn.
+PROMPT_FORMATS = ("plain", "chat")
+
+# What eval.diagnostics may list (ftlab.eval.diagnostics.diagnose_run).
+DIAGNOSTICS = ("intruder", "update", "tuco")
