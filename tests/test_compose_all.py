@@ -13,9 +13,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from ftlab.cli import (
-    check,  # the one import from ftlab: composes and validates, returns typed configs
-)
+# The one import from ftlab (composes and validates every job, returns typed configs); follow it if it moves.
+from ftlab.cli.run import check
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GLOBAL = "# @package _global_"
