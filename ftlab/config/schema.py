@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ftlab.config.registry import ConfigError, unknown
-
-
+from ftlab.config.checks import at_least as _at_least
+from ftlab.config.checks import choice as _choice
+from ftlab.config.registry import ConfigError
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -598,18 +598,6 @@ def register_method(name: str, schema: type[MethodConfig]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ validation
-def _choice(key: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ConfigError(unknown(key, value, choices))
-
-
-def _at_least(key: str, value: Any, low: float, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value < low:
-        raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
-
-
 def _typed(key: str, schema: type, node: Any) -> Any:
     """Merge a config node into its dataclass schema: unknown keys and wrong types are refused."""
     try:
