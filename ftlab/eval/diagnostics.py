@@ -33,6 +33,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 import torch
 
 from ftlab.eval.names import DIAGNOSTICS  # what eval.diagnostics may list
+from ftlab.models.structure import decoder_layers, eval_mode, model_device, pad_id
+from ftlab.utils.padding import right_pad
 
 __all__ = ["intruder_dimensions", "update_profile", "effective_rank", "energy_rank", "weight_report",
            "effective_weights", "parse_name", "tuning_contribution", "tuco_prompts", "diagnose_run",
@@ -223,19 +225,6 @@ def effective_weights(model, include: Optional[Iterable[str]] = None, device: st
 
 
 # ---------------------------------------------------------------------------------------------------- TuCo
-def _decoder_layers(model) -> list:
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
-        obj = m
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return list(obj)
-    raise ValueError(f"tuning_contribution: no decoder layers found in {type(m).__name__}")
-
-
 def _hidden(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -257,65 +246,57 @@ def tuning_contribution(tuned_model, tokenizer, prompts: Sequence[str], base_mod
         One dict per prompt: ``{"tuco", "ftc_norm", "ptc_norm"}`` (and with return_vectors the summed
         components ``"ftc"``, ``"ptc"`` and the first layer's input ``"x0"`` at the last token, as tensors).
     """
-    layers_ft = _decoder_layers(tuned_model)
+    layers_ft = list(decoder_layers(tuned_model)[1])
     if base_model is None:
         if not hasattr(tuned_model, "disable_adapter"):
             raise ValueError("tuning_contribution: give base_model (the tuned model is not a PEFT model)")
         layers_pt, disable = layers_ft, tuned_model.disable_adapter
     else:
-        layers_pt, disable = _decoder_layers(base_model), None
+        layers_pt, disable = list(decoder_layers(base_model)[1]), None
         if len(layers_pt) != len(layers_ft):
             raise ValueError("tuning_contribution: base and tuned models have different numbers of layers")
-    device = next(tuned_model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device, pad = model_device(tuned_model), pad_id(tokenizer)
     calls: list[tuple] = []
 
     def pre_hook(module, args, kwargs):
         calls.append((module, args, dict(kwargs)))
 
-    was = tuned_model.training
-    tuned_model.eval()
-    handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers_ft]
     out: list[dict] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start:start + batch_size])
-            enc = tokenizer(chunk, add_special_tokens=True)["input_ids"]
-            if max_length:
-                enc = [e[:max_length] for e in enc]
-            width = max(map(len, enc))
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for i, e in enumerate(enc):  # right padding: causal attention keeps real tokens unaffected
-                ids[i, :len(e)] = torch.tensor(e)
-                mask[i, :len(e)] = 1
-            last = torch.tensor([len(e) - 1 for e in enc], device=device)
-            rows = torch.arange(len(enc), device=device)
-            calls.clear()
-            tuned_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            ftc = ptc = x0 = 0
-            for l, (module, args, kwargs) in enumerate(calls[:len(layers_ft)]):
-                x = args[0] if args else kwargs["hidden_states"]
-                if l == 0:
-                    x0 = x[rows, last].double()
-                y_ft = _hidden(module(*args, **kwargs))
-                if disable is not None:
-                    with disable():
-                        y_pt = _hidden(module(*args, **kwargs))
-                else:
-                    y_pt = _hidden(layers_pt[l](*args, **kwargs))
-                x_last, ft_last, pt_last = x[rows, last], y_ft[rows, last], y_pt[rows, last]
-                ptc = ptc + (pt_last - x_last).double()
-                ftc = ftc + (ft_last - pt_last).double()
-            for f, p, x in zip(ftc, ptc, x0):
-                fn, pn = float(f.norm()), float(p.norm())
-                out.append({"tuco": fn / (fn + pn) if fn + pn > 0 else 0.0, "ftc_norm": fn, "ptc_norm": pn})
-                if return_vectors:
-                    out[-1].update(ftc=f.cpu(), ptc=p.cpu(), x0=x.cpu())
-    finally:
-        for h in handles:
-            h.remove()
-        tuned_model.train(was)
+    with eval_mode(tuned_model):
+        handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers_ft]
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = list(prompts[start:start + batch_size])
+                enc = tokenizer(chunk, add_special_tokens=True)["input_ids"]
+                if max_length:
+                    enc = [e[:max_length] for e in enc]
+                ids, mask = right_pad(enc, pad)  # right padding: causal attention keeps real tokens unaffected
+                last = torch.tensor([len(e) - 1 for e in enc], device=device)
+                rows = torch.arange(len(enc), device=device)
+                calls.clear()
+                tuned_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                ftc = ptc = x0 = 0
+                for k, (module, args, kwargs) in enumerate(calls[:len(layers_ft)]):
+                    x = args[0] if args else kwargs["hidden_states"]
+                    if k == 0:
+                        x0 = x[rows, last].double()
+                    y_ft = _hidden(module(*args, **kwargs))
+                    if disable is not None:
+                        with disable():
+                            y_pt = _hidden(module(*args, **kwargs))
+                    else:
+                        y_pt = _hidden(layers_pt[k](*args, **kwargs))
+                    x_last, ft_last, pt_last = x[rows, last], y_ft[rows, last], y_pt[rows, last]
+                    ptc = ptc + (pt_last - x_last).double()
+                    ftc = ftc + (ft_last - pt_last).double()
+                for f, p, x in zip(ftc, ptc, x0):
+                    fn, pn = float(f.norm()), float(p.norm())
+                    out.append({"tuco": fn / (fn + pn) if fn + pn > 0 else 0.0, "ftc_norm": fn, "ptc_norm": pn})
+                    if return_vectors:
+                        out[-1].update(ftc=f.cpu(), ptc=p.cpu(), x0=x.cpu())
+        finally:
+            for h in handles:
+                h.remove()
     return out
 
 

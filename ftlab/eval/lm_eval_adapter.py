@@ -91,17 +91,14 @@ def predict_lm_eval(model, tokenizer, task: Task, batch_size: int) -> list[dict]
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from ftlab.models.structure import eval_mode, model_device
+
     name = task.name[len(PREFIX):]
     tm, obj = _task_object(name, task.meta.get("include_path"), task.meta.get("few_shot"))
-    was = model.training
-    model.eval()
-    try:
-        device = str(next(model.parameters()).device)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    with eval_mode(model):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
         res = lm_eval.simple_evaluate(model=lm, tasks=[obj], task_manager=tm, limit=len(task.rows),
                                       log_samples=True, verbosity="ERROR")
-    finally:
-        model.train(was)
     samples = res["samples"][name]
     out = []
     for s in sorted(samples, key=lambda s: s["doc_id"]):

@@ -1,7 +1,7 @@
 """The ``multiple_choice`` task kind: the log-likelihood of each continuation after its context; acc and acc_norm.
 
 A context's choices share one pass over the context (its KV cache), packed into one row where they are short;
-see `mc_loglikelihoods`. One module, over ~400 lines: the shared-context, packed and full passes are one engine.
+see `mc_loglikelihoods`.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _can_share(model, cache) -> bool:
         from transformers.cache_utils import DynamicCache
     except ImportError:  # pragma: no cover
         return False
-    return isinstance(cache, DynamicCache) and all(hasattr(l, "keys") for l in getattr(cache, "layers", [None]))
+    return isinstance(cache, DynamicCache) and all(hasattr(layer, "keys") for layer in getattr(cache, "layers", [None]))
 
 
 def mc_loglikelihoods(model, tokenizer, requests: list[tuple[list[int], list[int]]], batch_size: int,
@@ -128,36 +128,12 @@ def _gather_ll(logits, targets, mask):
     return (tok * mask).sum(-1)
 
 
-def _left_pad(seqs, pad, device):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
 _LOGITS_BUDGET = 1 << 25  # logits kept by the context pass of multiple choice: 32 M floats (128 MB in fp32)
 
 
 def _vocab_size(model) -> int:
     n = getattr(getattr(model, "config", None), "vocab_size", None)
     return int(n) if n else 1 << 18  # unknown: assume large (the masked path is always safe)
-
-
-def _right_pad(seqs, pad, device):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _trim_context(ctx: list[int], longest: int, max_length: int) -> list[int]:
@@ -168,6 +144,8 @@ def _trim_context(ctx: list[int], longest: int, max_length: int) -> list[int]:
 
 def _mc_shared(model, requests, batch_size, max_length, keep, device, pad, out) -> bool:
     import torch
+
+    from ftlab.utils.padding import left_pad, pad_batch, right_pad
 
     groups: dict[tuple, list[int]] = {}
     for j, (ctx, _) in enumerate(requests):
@@ -185,13 +163,13 @@ def _mc_shared(model, requests, batch_size, max_length, keep, device, pad, out) 
         lengths = [len(c) for c in trimmed]
         spread = max(lengths) - min(lengths) + 1
         if not keep or spread * len(ctxs) * _vocab_size(model) <= _LOGITS_BUDGET:
-            ids, mask = _right_pad(trimmed, pad, device)
+            ids, mask = right_pad(trimmed, pad, device)
             lens = mask.sum(-1)
             res = model(input_ids=ids, use_cache=True, **({"logits_to_keep": spread} if keep else {}))
             rows = torch.arange(len(ctxs), device=device)
             last = res.logits[rows, lens - 1 - (ids.shape[1] - res.logits.shape[1])].float()
         else:
-            ids, mask = _left_pad(trimmed, pad, device)
+            ids, mask = left_pad(trimmed, pad, device)
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
             last = res.logits[:, -1].float()
@@ -220,14 +198,8 @@ def _mc_shared(model, requests, batch_size, max_length, keep, device, pad, out) 
             idx = torch.tensor([b for b, _ in part], dtype=torch.long, device=device)
             conts = [requests[j][1] for _, j in part]
             width = max(len(c) for c in conts) - 1
-            inp = torch.full((len(part), width), pad, dtype=torch.long)
-            tgt = torch.zeros((len(part), width), dtype=torch.long)
-            cmask = torch.zeros((len(part), width), dtype=torch.long)
-            for r, c in enumerate(conts):
-                inp[r, :len(c) - 1] = torch.tensor(c[:-1])
-                tgt[r, :len(c) - 1] = torch.tensor(c[1:])
-                cmask[r, :len(c) - 1] = 1
-            inp, tgt, cmask = inp.to(device), tgt.to(device), cmask.to(device)
+            inp, cmask = right_pad([c[:-1] for c in conts], pad, device)
+            tgt = pad_batch([c[1:] for c in conts], 0).to(device)
             attn = torch.cat([mask[idx], cmask], dim=1)
             cpos = ctx_len[idx].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
             r2 = model(input_ids=inp, attention_mask=attn, position_ids=cpos,
@@ -287,6 +259,8 @@ def _packed_rest(model, requests, rest, n_ctx, cache, mask, ctx_len, pad, device
 def _mc_full(model, requests, batch_size, max_length, keep, device, pad, out) -> None:
     import torch
 
+    from ftlab.utils.padding import left_pad
+
     # identical inputs (same context + continuation[:-1], same length) run once: single-token choices share
     longest: dict[tuple, int] = {}
     for ctx, cont in requests:
@@ -300,7 +274,7 @@ def _mc_full(model, requests, batch_size, max_length, keep, device, pad, out) ->
     order = sorted(groups, key=lambda g: -len(g[0]))
     for start in range(0, len(order), batch_size):
         part = order[start:start + batch_size]
-        ids, mask = _left_pad([list(g[0]) for g in part], pad, device)
+        ids, mask = left_pad([g[0] for g in part], pad, device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         n = max(g[1] for g in part)
         kw = {"logits_to_keep": n} if keep else {}

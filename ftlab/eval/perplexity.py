@@ -20,6 +20,7 @@ def predict_perplexity(model, tokenizer, task: Task, batch_size: int) -> list[di
     import torch
 
     from ftlab.models.structure import eval_mode, model_device, pad_id
+    from ftlab.utils.padding import right_pad
 
     device, pad, L = model_device(model), pad_id(tokenizer), model_max_length(model, task)
     # A row with a "context" is scored on its "text" only (conditional perplexity: the synthetic world's
@@ -45,13 +46,9 @@ def predict_perplexity(model, tokenizer, task: Task, batch_size: int) -> list[di
     with eval_mode(model), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = [windows[j] for j in order[start:start + batch_size]]
-            width = max(len(w) for _, _, w in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)  # tokens whose NLL counts
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)
+            ids, attn = right_pad([w for _, _, w in chunk], pad)
+            mask = torch.zeros_like(ids)  # tokens whose NLL counts
             for b, (i, s, w) in enumerate(chunk):
-                ids[b, :len(w)] = torch.tensor(w)
-                attn[b, :len(w)] = 1
                 # position k of the window predicts token s + k + 1 of the row: counted from first[i] on
                 lo = max(first[i] - s, 1)
                 mask[b, lo:len(w)] = 1

@@ -27,6 +27,9 @@ from typing import Optional
 
 import torch
 
+from ftlab.models.structure import eval_mode, model_device, pad_id
+from ftlab.utils.padding import right_pad
+
 __all__ = ["Probes", "build_probes", "probe_texts"]
 
 
@@ -58,7 +61,7 @@ class Probes:
         if not self.seqs:
             raise ValueError("probes: no probe text has a token to predict (shorter than 2 tokens, or a context "
                              "that fills probe_max_length)")
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.pad = pad_id(tokenizer)
         self.base: Optional[list[dict]] = None  # per batch: {"idx": [B,T,K] or None, "logp": [B,T,K(+1)]}
         self.base_ppl: Optional[float] = None
         self.every = 0  # steps between probes in a run (ftlab.train.loop); build_probes sets eval.probe_every
@@ -66,29 +69,20 @@ class Probes:
     def _batches(self, device):
         for s in range(0, len(self.seqs), self.batch_size):
             chunk = self.seqs[s:s + self.batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            scored = torch.zeros((len(chunk), width), dtype=torch.float32)  # tokens whose prediction counts
+            ids, mask = right_pad(chunk, self.pad)
+            scored = torch.zeros(ids.shape, dtype=torch.float32)  # tokens whose prediction counts
             for i, (e, f) in enumerate(zip(chunk, self.first[s:s + self.batch_size])):
-                ids[i, :len(e)] = torch.tensor(e)
-                mask[i, :len(e)] = 1
                 scored[i, f:len(e)] = 1
             yield ids.to(device), mask.to(device), scored.to(device)
 
     @torch.inference_mode()
     def _logprobs(self, model):
         """Per batch: (log-probs [B,T-1,V] float32, targets [B,T-1], mask [B,T-1])."""
-        device = next(model.parameters()).device
-        was = model.training
-        model.eval()
-        try:
-            for ids, mask, scored in self._batches(device):
+        with eval_mode(model):
+            for ids, mask, scored in self._batches(model_device(model)):
                 # prompt-learning PEFT models prepend virtual tokens to the logits: keep the text's positions
                 logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:-1].float()
                 yield logits.log_softmax(-1), ids[:, 1:], scored[:, 1:]
-        finally:
-            model.train(was)
 
     def capture_base(self, model) -> dict:
         """Run the base model on the probe set and keep what the KL needs. Returns the base's numbers."""

@@ -6,12 +6,8 @@ from typing import Callable, Optional
 
 import torch
 
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+from ftlab.models.structure import eval_mode, model_device, pad_id
+from ftlab.utils.padding import left_pad
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -26,17 +22,11 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def _decode_batch(model, enc: list[list[int]], max_new_tokens: int, pad_id: int, eos: torch.Tensor,
+def _decode_batch(model, enc: list[list[int]], max_new_tokens: int, pad: int, eos: torch.Tensor,
                   device: torch.device) -> list[list[int]]:
     """Greedy continuation token ids of one batch of tokenized prompts (each row cut at its first eos)."""
     b = len(enc)
-    width = max(map(len, enc))
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for i, row in enumerate(enc):  # left padding: every row's next token lands in the same column
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_pad(enc, pad, device)  # left padding: every row's next token lands in the same column
     # Positions count real tokens only, so a left-padded row sees the same positions as it would alone.
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     try:
@@ -51,7 +41,7 @@ def _decode_batch(model, enc: list[list[int]], max_new_tokens: int, pad_id: int,
     new = []
     for step in range(max_new_tokens):
         tok = out.logits[:, -1, :].argmax(-1)  # [b]
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
         new.append(tok)
         done |= torch.isin(tok, eos)
         if step == max_new_tokens - 1 or bool(done.all()):
@@ -94,25 +84,20 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
         return []
     if max_new_tokens < 1:
         return [""] * len(prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("greedy_decode: the tokenizer has neither a pad nor an eos token")
-    device = _model_device(model)
+    pad, device = pad_id(tokenizer), model_device(model)
     eos = torch.tensor(_eos_ids(model, tokenizer) or [-1], dtype=torch.long, device=device)
     enc = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     order = sorted(range(len(prompts)), key=lambda i: len(enc[i]), reverse=True)
     outputs: list[Optional[str]] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            rows = _decode_batch(model, [enc[i] for i in idx], max_new_tokens, pad_id, eos, device)
+            rows = _decode_batch(model, [enc[i] for i in idx], max_new_tokens, pad, eos, device)
             texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
             for i, t in zip(idx, texts):
                 outputs[i] = t
             if progress is not None:
                 progress(len(idx))
-    finally:
-        model.train(was_training)
     return outputs  # type: ignore[return-value]

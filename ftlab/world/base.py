@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
+from ftlab.utils.padding import pad_batch
 from ftlab.utils.progress import Bar
 from ftlab.world import skills as sk
 from ftlab.world.tokenizer import build_tokenizer
@@ -248,11 +249,7 @@ class _Batcher:
             # The last prompt token (`=`) predicts the first response token, ..., the last one predicts </s>.
             rows.append(p + r[:-1])
             tgts.append([-100] * (len(p) - 1) + r)
-        width = max(map(len, rows))
-        # One tensor() call on padded lists: ~4x faster than filling rows of a preallocated tensor.
-        x = torch.tensor([r + [self.pad] * (width - len(r)) for r in rows], dtype=torch.long)
-        y = torch.tensor([t + [-100] * (width - len(t)) for t in tgts], dtype=torch.long)
-        return x, y
+        return pad_batch(rows, self.pad), pad_batch(tgts, -100)  # right padding (rows and targets: same lengths)
 
 
 def _lr_at(step: int, cfg: dict) -> float:
