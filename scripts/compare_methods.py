@@ -30,9 +30,9 @@ ORDER = ["full", "lora", "rslora", "dora", "pissa", "olora", "corda", "lora_ga",
 
 
 def methods() -> list[str]:
-    from ftlab.config.schema import METHODS
+    from ftlab.config.method import METHODS
 
-    return [m for m in ORDER if m in METHODS] + sorted(set(METHODS) - set(ORDER))
+    return [m for m in ORDER if m in METHODS] + sorted(set(METHODS.names()) - set(ORDER))
 
 
 def sweep_command(names: list[str], seeds: list[int], extra: list[str]) -> list[str]:

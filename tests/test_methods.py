@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from ftlab.cli.run import check
-from ftlab.config.schema import METHODS, ConfigError, HwConfig, TrainConfig
+from ftlab.config.schema import METHODS, ConfigError, TrainConfig
 from ftlab.methods import MethodContext, build_method
 from ftlab.train.batches import Batches, collate, encode_example
-from ftlab.train.loop import train
+from ftlab.train.loop import LoopSettings, train
 
 RELOAD_ATOL = 1e-5
 MERGE_ATOL = 1e-4
@@ -117,8 +117,8 @@ def logits_of(model, batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
-def run_cfg(name: str, steps: int = STEPS, lr: float | None = None):
-    return SimpleNamespace(seed=0, hw=HwConfig(), train=TrainConfig(
+def run_cfg(name: str, steps: int = STEPS, lr: float | None = None) -> LoopSettings:
+    return LoopSettings(seed=0, train=TrainConfig(
         max_steps=steps, lr=lr or LR.get(name, 1e-2), batch_size=8, warmup_steps=0, schedule="constant",
         log_every=1, max_grad_norm=1.0))
 
@@ -222,9 +222,9 @@ ALL = sorted(METHODS)
 
 
 def test_matrix_covers_every_registered_method():
-    from ftlab.methods.base import _REGISTRY
+    from ftlab.methods.base import METHODS as REGISTERED
 
-    assert set(METHODS) == set(_REGISTRY)
+    assert set(METHODS) == set(REGISTERED.names())
     for name in METHODS:
         first = (Path(__file__).parents[1] / "conf" / "method" / f"{name}.yaml").read_text().splitlines()[0]
         assert first.startswith("# ") and len(first) > 10, name

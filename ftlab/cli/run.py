@@ -37,12 +37,13 @@ def _register_schemas() -> None:
     """Typed schemas under the YAML: every key exists with its default, and types are checked on merge."""
     from hydra.core.config_store import ConfigStore
 
-    from ftlab.config.schema import METHODS, RunConfig
+    from ftlab.config.method import METHODS
+    from ftlab.config.schema import RunConfig
 
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    for name, schema in METHODS.items():
-        cs.store(group="schema/method", name=name, node=schema)
+    for name in METHODS.names():
+        cs.store(group="schema/method", name=name, node=METHODS.config(name))
 
 
 _DATA_LIST = re.compile(r"^data=\[([^\[\]]*)\]$")

@@ -1,7 +1,8 @@
 """Config schemas: one dataclass per config group option, validated once, right after Hydra composes.
 
 Pure Python (no torch): `ftlab run` refuses a bad config before any heavy import. YAML files in conf/ name
-things (`method: lora`); the registries below say which names exist and which schema each one has.
+things (`method: lora`); the registries say which names exist and which schema each one has (methods:
+ftlab.config.method.METHODS, each method's schema beside its code in ftlab/methods/; the rest: the lists below).
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ftlab.config.checks import at_least as _at_least
 from ftlab.config.checks import choice as _choice
+from ftlab.config.method import METHODS, MethodConfig
 from ftlab.config.registry import ConfigError
 
 
@@ -88,190 +90,9 @@ class DataConfig:
 
 
 # ==================================================================================================== methods
-# The "methods" part: one schema per `method=` option (registered in METHODS below, at the end of this part),
-# the `reg` group's schema, and their range checks (`_check_method`, `_check_reg`, called by `_check_ranges`).
-# A knob that is not a field here is refused at compose time.
-@dataclass
-class MethodConfig:
-    name: str = MISSING
-    # The method trains at train.lr * lr_scale: methods that update few parameters or only scale features (IA3,
-    # SSF, prompt tuning, LIFT, S2FT) set a scale > 1 in their YAML, so a train.lr sweep moves every method.
-    lr_scale: float = 1.0
-    # Whether the set of trainable parameters stays fixed while training: DDP's reducer and FSDP's shards are
-    # built once, for a fixed set, so a method that re-samples it (LISA, OwLore) runs on one process.
-    fixed_trainable_set: ClassVar[bool] = True
-
-
-@dataclass
-class FullConfig(MethodConfig):
-    name: str = "full"
-
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class LoraConfig(MethodConfig):
-    name: str = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
-    use_rslora: bool = False
-
-
-@dataclass
-class RsLoraConfig(LoraConfig):
-    """rsLoRA: LoRA scaled by alpha/sqrt(r) instead of alpha/r."""
-
-    name: str = "rslora"
-    use_rslora: bool = True
-
-
-@dataclass
-class DoraConfig(LoraConfig):
-    """DoRA: LoRA on the direction of each weight plus a trained per-column magnitude."""
-
-    name: str = "dora"
-
-
-@dataclass
-class PissaConfig(LoraConfig):
-    """PiSSA: the adapter starts as the top-r singular components of W; the residual stays frozen."""
-
-    name: str = "pissa"
-    alpha: float = 8.0
-    svd_niter: Optional[int] = 4  # fast randomized SVD with this many subspace iterations; None: full SVD
-
-
-@dataclass
-class OloraConfig(LoraConfig):
-    """OLoRA: the adapter starts from a QR decomposition of W; the residual stays frozen."""
-
-    name: str = "olora"
-    alpha: float = 8.0
-
-
-@dataclass
-class CordaConfig(LoraConfig):
-    """CorDA: SVD of W times the input covariance of calibration rows (from the training data)."""
-
-    name: str = "corda"
-    alpha: float = 8.0
-    mode: str = "kpm"  # kpm: train the smallest r components (keep knowledge) | ipm: the largest r (task)
-    calib_samples: int = 32  # training rows run through the base, one at a time, for the covariance
-
-
-@dataclass
-class LoraGaConfig(LoraConfig):
-    """LoRA-GA: the adapter starts from the SVD of the full-weight gradient on calibration batches."""
-
-    name: str = "lora_ga"
-    alpha: float = 8.0
-    calib_samples: int = 32  # training rows for the gradient estimate
-    calib_batch_size: int = 8
-    direction: str = "ArB2r"  # peft LoraGAConfig.direction: ArBr | A2rBr | ArB2r | random
-    scale: str = "stable"  # peft LoraGAConfig.scale: stable | weight_svd | gd_scale | unit
-    stable_gamma: float = 16.0
-
-
-@dataclass
-class Ia3Config(MethodConfig):
-    """IA3: learned per-feature scaling vectors on keys, values and the FFN input of down_proj."""
-
-    name: str = "ia3"
-    target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    # the subset of target_modules whose *input* is scaled (FFN); the others scale their output
-    feedforward_modules: list[str] = field(default_factory=lambda: ["down_proj"])
-
-
-@dataclass
-class PromptTuningConfig(MethodConfig):
-    """Prompt tuning: trained soft-prompt embeddings prepended to every input; the model is frozen."""
-
-    name: str = "prompt_tuning"
-    num_virtual_tokens: int = 16
-    init: str = "vocab"  # vocab: embeddings of random vocabulary tokens | random | text: embeddings of init_text
-    init_text: Optional[str] = None
-
-
-@dataclass
-class FreezeConfig(MethodConfig):
-    """Layer freezing: the top `train_top` blocks train (or all but the bottom `freeze_bottom`)."""
-
-    name: str = "freeze"
-    train_top: Optional[int] = 1  # exactly one of train_top / freeze_bottom is set
-    freeze_bottom: Optional[int] = None
-    train_embeddings: bool = False  # input embeddings (shared with the head when the model ties them)
-    train_head: bool = True  # lm head and final norm
-    llrd: float = 1.0  # layer-wise LR decay: block i from the top trains at lr * llrd**i (1.0: off)
-
-
-@dataclass
-class HftConfig(MethodConfig):
-    """Half Fine-Tuning: in each block, half of the attention matrices, of the FFN matrices and of the norms train."""
-
-    name: str = "hft"
-    ratio: float = 0.5  # share of each block's matrices that train
-    stage: int = 0  # the draw is seeded by (run seed, stage): a new training stage re-draws the half
-    train_embeddings: bool = False
-    train_head: bool = False  # lm head and final norm
-
-
-@dataclass
-class LisaConfig(MethodConfig):
-    """LISA: embeddings and head always train; `gamma` blocks, sampled every `interval` steps, train too."""
-
-    name: str = "lisa"
-    gamma: int = 1  # active blocks at a time
-    interval: int = 20  # steps between re-samplings (K)
-    fixed_trainable_set: ClassVar[bool] = False
-
-
-@dataclass
-class OwLoreConfig(LisaConfig):
-    """OwLore: LISA sampling weighted by each block's outlier ratio; GaLore low-rank moments when installed."""
-
-    name: str = "owlore"
-    outlier_m: float = 3.0  # an entry is an outlier when |W_ij| > outlier_m * mean|W| of its matrix
-    galore: bool = True  # GaLore projection for the sampled blocks' matrices when galore_torch imports
-    galore_rank: int = 16
-    galore_update_proj_gap: int = 100  # steps between refreshes of the projection (SVD of the gradient)
-    galore_scale: float = 1.0
-
-
-@dataclass
-class LiftConfig(MethodConfig):
-    """LIFT: only the top `percent`% entries of each matrix's rank-`r` approximation (Principal Weights) train."""
-
-    name: str = "lift"
-    r: int = 8  # rank of the approximation the entries are ranked by (the paper: 128 for 7B models)
-    percent: float = 5.0  # share of each target matrix's entries that train, in percent
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
-    svd_niter: Optional[int] = None  # None: exact SVD; k: torch.svd_lowrank with k subspace iterations
-
-
-@dataclass
-class S2ftConfig(MethodConfig):
-    """S2FT: per block, `heads` attention heads and `channels` FFN channels (a seeded draw) train; masked."""
-
-    name: str = "s2ft"
-    heads: int = 2  # attention heads per block
-    channels: int = 32  # FFN (intermediate) channels per block
-    # the head's rows in q/k/v_proj (k/v: the key-value head that serves it) and its columns in o_proj
-    attn_modules: list[str] = field(default_factory=lambda: ["v_proj", "o_proj"])
-    # the channel's rows in gate/up_proj and its column in down_proj
-    ffn_modules: list[str] = field(default_factory=lambda: ["up_proj", "down_proj"])
-
-
-@dataclass
-class SsfConfig(MethodConfig):
-    """SSF: a trained scale and shift on each target linear's output features, folded into W and b on export."""
-
-    name: str = "ssf"
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
-
-
+# The "methods" part: the `method` group's schemas live beside each method's code (ftlab/methods/, registered in
+# ftlab.config.method.METHODS with their range checks, `MethodConfig.check`); here, the `reg` group's schema and
+# its range checks (`_check_reg`, called by `_check_ranges`). A knob that is not a field is refused at compose time.
 @dataclass
 class RegConfig:
     """A regulariser added to the training loss, composable with any method (config group `reg`)."""
@@ -280,97 +101,7 @@ class RegConfig:
     weight: float = 0.0
 
 
-METHODS: dict[str, type[MethodConfig]] = {
-    "full": FullConfig, "lora": LoraConfig, "rslora": RsLoraConfig, "dora": DoraConfig, "pissa": PissaConfig,
-    "olora": OloraConfig, "corda": CordaConfig, "lora_ga": LoraGaConfig, "ia3": Ia3Config,
-    "prompt_tuning": PromptTuningConfig, "freeze": FreezeConfig, "hft": HftConfig, "lisa": LisaConfig,
-    "owlore": OwLoreConfig, "lift": LiftConfig, "s2ft": S2ftConfig, "ssf": SsfConfig,
-}
-S2FT_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-S2FT_FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
 REG_KINDS = ("none", "kl", "l2sp")
-CORDA_MODES = ("kpm", "ipm")
-LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
-LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
-PROMPT_INITS = ("vocab", "random", "text")
-
-
-def _check_method(meth: "MethodConfig") -> None:
-    """Range checks of the method knobs (types and unknown keys are refused by the schema itself)."""
-    if not meth.lr_scale > 0:
-        raise ConfigError(f"method.lr_scale: must be > 0 (the method trains at train.lr * lr_scale), got "
-                          f"{meth.lr_scale!r}")
-    if isinstance(meth, LoraConfig):
-        _at_least("method.r", meth.r, 1)
-        if not meth.alpha > 0:
-            raise ConfigError(f"method.alpha: must be > 0, got {meth.alpha!r}")
-        if not 0 <= meth.dropout < 1:
-            raise ConfigError(f"method.dropout: must be in [0, 1), got {meth.dropout!r}")
-        if not meth.target_modules:
-            raise ConfigError("method.target_modules: must name at least one module (e.g. q_proj)")
-    if isinstance(meth, PissaConfig):
-        _at_least("method.svd_niter", meth.svd_niter, 1, allow_none=True)
-    if isinstance(meth, CordaConfig):
-        _choice("method.mode", meth.mode, CORDA_MODES)
-        _at_least("method.calib_samples", meth.calib_samples, 1)
-    if isinstance(meth, LoraGaConfig):
-        _at_least("method.calib_samples", meth.calib_samples, 1)
-        _at_least("method.calib_batch_size", meth.calib_batch_size, 1)
-        _choice("method.direction", meth.direction, LORA_GA_DIRECTIONS)
-        _choice("method.scale", meth.scale, LORA_GA_SCALES)
-        if not meth.stable_gamma > 0:
-            raise ConfigError(f"method.stable_gamma: must be > 0, got {meth.stable_gamma!r}")
-    if isinstance(meth, Ia3Config):
-        if not meth.target_modules:
-            raise ConfigError("method.target_modules: must name at least one module (e.g. v_proj)")
-        extra = [m for m in meth.feedforward_modules if m not in meth.target_modules]
-        if extra:
-            raise ConfigError(f"method.feedforward_modules: {extra} are not in method.target_modules "
-                              f"{meth.target_modules}; feedforward modules must be targets too")
-    if isinstance(meth, PromptTuningConfig):
-        _at_least("method.num_virtual_tokens", meth.num_virtual_tokens, 1)
-        _choice("method.init", meth.init, PROMPT_INITS)
-        if meth.init == "text" and not meth.init_text:
-            raise ConfigError("method.init_text: method.init=text needs the text, e.g. method.init_text='Answer:'")
-    if isinstance(meth, FreezeConfig):
-        if (meth.train_top is None) == (meth.freeze_bottom is None):
-            raise ConfigError("method.train_top: set exactly one of method.train_top (blocks that train, from the "
-                              "top) and method.freeze_bottom (blocks frozen, from the bottom); the other =null, got "
-                              f"train_top={meth.train_top!r}, freeze_bottom={meth.freeze_bottom!r}")
-        _at_least("method.train_top", meth.train_top, 0, allow_none=True)
-        _at_least("method.freeze_bottom", meth.freeze_bottom, 0, allow_none=True)
-        if not 0 < meth.llrd <= 1:
-            raise ConfigError(f"method.llrd: must be in (0, 1], got {meth.llrd!r}")
-    if isinstance(meth, HftConfig):
-        if not 0 < meth.ratio < 1:
-            raise ConfigError(f"method.ratio: must be in (0, 1), got {meth.ratio!r}")
-        _at_least("method.stage", meth.stage, 0)
-    if isinstance(meth, LisaConfig):
-        _at_least("method.gamma", meth.gamma, 1)
-        _at_least("method.interval", meth.interval, 1)
-    if isinstance(meth, OwLoreConfig):
-        if not meth.outlier_m > 0:
-            raise ConfigError(f"method.outlier_m: must be > 0, got {meth.outlier_m!r}")
-        _at_least("method.galore_rank", meth.galore_rank, 1)
-        _at_least("method.galore_update_proj_gap", meth.galore_update_proj_gap, 1)
-        if not meth.galore_scale > 0:
-            raise ConfigError(f"method.galore_scale: must be > 0, got {meth.galore_scale!r}")
-    if isinstance(meth, LiftConfig):
-        _at_least("method.r", meth.r, 1)
-        if not 0 < meth.percent <= 100:
-            raise ConfigError(f"method.percent: must be in (0, 100] (a percentage of each matrix), got {meth.percent!r}")
-        _at_least("method.svd_niter", meth.svd_niter, 1, allow_none=True)
-    if isinstance(meth, (LiftConfig, SsfConfig)) and not meth.target_modules:
-        raise ConfigError("method.target_modules: must name at least one module (e.g. q_proj)")
-    if isinstance(meth, S2ftConfig):
-        _at_least("method.heads", meth.heads, 0)
-        _at_least("method.channels", meth.channels, 0)
-        for key, valid in (("attn_modules", S2FT_ATTN_MODULES), ("ffn_modules", S2FT_FFN_MODULES)):
-            for m in getattr(meth, key):
-                _choice(f"method.{key}", m, valid)
-        if not (meth.heads and meth.attn_modules) and not (meth.channels and meth.ffn_modules):
-            raise ConfigError("method.heads: nothing trains; set method.heads >= 1 with method.attn_modules, or "
-                              "method.channels >= 1 with method.ffn_modules")
 
 
 def _check_reg(reg: RegConfig) -> None:
@@ -592,11 +323,6 @@ WORLD_TARGET_SKILLS = ("sub", "rot1")
 DIAGNOSTICS = ("intruder", "update", "tuco")  # ftlab.eval.diagnostics.DIAGNOSTICS (a test checks they agree)
 
 
-def register_method(name: str, schema: type[MethodConfig]) -> None:
-    """Let a plug-in method join the registry (its YAML then needs `name: <name>`)."""
-    METHODS[name] = schema
-
-
 # ------------------------------------------------------------------------------------------------ validation
 def _typed(key: str, schema: type, node: Any) -> Any:
     """Merge a config node into its dataclass schema: unknown keys and wrong types are refused."""
@@ -627,8 +353,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     method_node = cfg.get("method")
     if not isinstance(method_node, DictConfig) or "name" not in method_node:
         raise ConfigError("method: missing; pick one with method=<name>; valid choices: " + ", ".join(METHODS))
-    _choice("method.name", method_node.name, METHODS)
-    method = _typed("method", METHODS[method_node.name], method_node)
+    method: MethodConfig = _typed("method", METHODS.config(method_node.name, "method.name"), method_node)
     _expand_stages(cfg)
     rest = {k: v for k, v in cfg.items() if k != "method"}
     try:
@@ -825,7 +550,7 @@ def _check_ranges(c: RunConfig) -> None:
     _choice("logger.name", lg.name, LOGGERS)
     _choice("logger.mode", lg.mode, LOGGER_MODES)
 
-    _check_method(c.method)
+    c.method.check()
     _check_reg(c.reg)
 
 

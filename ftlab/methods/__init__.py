@@ -1,11 +1,12 @@
-"""Tuning methods. Each is one module + one YAML in conf/method/ + one row in tests/test_methods.py.
+"""Tuning methods. Each is one module (its config, its checks, its registration) + one YAML in conf/method/ + one
+row in tests/test_methods.py.
 
-A method plugs into the one training loop through the hooks of `Method` (see base.py); the registry maps
-the YAML's `name` to the class.
+A method plugs into the one training loop through the hooks of `Method` (see base.py); the registry `METHODS`
+maps the YAML's `name` to the class and to its config schema.
 """
 
 from __future__ import annotations
 
-from ftlab.methods.base import Method, MethodContext, build_method, register
+from ftlab.methods.base import METHODS, Method, MethodConfig, MethodContext, build_method
 
-__all__ = ["Method", "MethodContext", "build_method", "register"]
+__all__ = ["METHODS", "Method", "MethodConfig", "MethodContext", "build_method"]

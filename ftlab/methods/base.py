@@ -1,14 +1,29 @@
-"""The method protocol: a few hooks around the one training loop, with do-nothing defaults."""
+"""The method protocol: a few hooks around the one training loop, with do-nothing defaults; the method registry.
+
+A method is one module of this package: its config (a `MethodConfig` subclass with its range checks), its
+`Method` subclass, and `@METHODS.register(name, config=...)` on that class; plus one YAML in conf/method/ and one
+row in tests/test_methods.py. The registry discovers every public module of this package when a method name is
+first asked for, so every module here imports torch, peft and transformers only inside the functions that use
+them (`if TYPE_CHECKING:` for annotations); classes that must subclass nn.Module at module level live in private
+modules (`_sparse.py`, `_prompt.py`), which discovery skips.
+"""
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from ftlab.config.method import METHODS, MethodConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["ALL_LINEAR", "METHODS", "Method", "MethodConfig", "MethodContext", "build_method", "count_params"]
+
+# Every linear of a Llama-style block: the default targets of the LoRA family, LIFT and SSF.
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -18,13 +33,13 @@ class MethodContext:
     tokenizer: Any
     train_rows: list[dict]
     seed: int
-    collate: Callable[[list[dict]], dict] | None = None
-    extras: dict = field(default_factory=dict)
     max_length: int = 256  # model.max_length: calibration rows are cut like training rows
 
     def calibration_rows(self, n: int) -> list[dict]:
         """`n` training rows (a seeded sample, without repeats while rows last), encoded like training
         examples: {"input_ids", "labels"} with the prompt masked in labels."""
+        import torch
+
         from ftlab.train.batches import encode_example
 
         if not self.train_rows:
@@ -37,7 +52,7 @@ class MethodContext:
 
 
 class Method:
-    """Default hooks: train everything, no extra loss, nothing at step end, save the whole model."""
+    """Default hooks: train everything, nothing at step end, save the whole model."""
 
     name = "base"
 
@@ -54,16 +69,14 @@ class Method:
 
     def build_optimizer(self, groups: list[dict], *, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
         """The optimizer over `param_groups` (each group's lr already set). AdamW; OwLore swaps in GaLore's."""
+        import torch
+
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
     def report(self) -> dict:
         """What the method wants on record (result.json `train.method`): choices made at run time, e.g. whether
         OwLore found GaLore, how LIFT keeps its optimizer state. JSON-able values only."""
         return {}
-
-    def extra_loss(self, model: nn.Module, batch: dict, outputs: Any, step: int) -> torch.Tensor | None:
-        """A term added to the training loss (regularisers)."""
-        return None
 
     def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """After each optimizer step (re-sampling active layers, projecting updates)."""
@@ -86,37 +99,9 @@ class Method:
         model.save_pretrained(out_dir, safe_serialization=True)
 
 
-_REGISTRY: dict[str, str] = {
-    "full": "ftlab.methods.full:FullFinetune",
-    "lora": "ftlab.methods.lora:Lora",
-    "rslora": "ftlab.methods.rslora:RsLora",
-    "dora": "ftlab.methods.dora:Dora",
-    "pissa": "ftlab.methods.pissa:Pissa",
-    "olora": "ftlab.methods.olora:Olora",
-    "corda": "ftlab.methods.corda:Corda",
-    "lora_ga": "ftlab.methods.lora_ga:LoraGa",
-    "ia3": "ftlab.methods.ia3:Ia3",
-    "prompt_tuning": "ftlab.methods.prompt_tuning:PromptTuning",
-    "freeze": "ftlab.methods.freeze:Freeze",
-    "hft": "ftlab.methods.hft:Hft",
-    "lisa": "ftlab.methods.lisa:Lisa",
-    "owlore": "ftlab.methods.owlore:OwLore",
-    "lift": "ftlab.methods.lift:Lift",
-    "s2ft": "ftlab.methods.s2ft:S2ft",
-    "ssf": "ftlab.methods.ssf:Ssf",
-}
-
-
-def register(name: str, target: str) -> None:
-    """Register a method class by import path 'module:Class' (imported only when used)."""
-    _REGISTRY[name] = target
-
-
 def build_method(cfg: Any) -> Method:
-    if cfg.name not in _REGISTRY:
-        raise KeyError(f"method.name: unknown method {cfg.name!r}; valid: {', '.join(sorted(_REGISTRY))}")
-    module, cls = _REGISTRY[cfg.name].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg)
+    """The registered Method for `cfg.name` (a validated method config), built on that config."""
+    return METHODS.get(cfg.name)(cfg)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

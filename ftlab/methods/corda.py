@@ -9,14 +9,36 @@ adapter to apply to the original W (stack notes G5). peft's CorDA module imports
 
 from __future__ import annotations
 
-import peft
-import torch
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ftlab.methods.base import MethodContext
-from ftlab.methods.lora import Lora
+from ftlab.config.checks import at_least, choice
+from ftlab.methods.base import METHODS, MethodContext
+from ftlab.methods.lora import Lora, LoraConfig
+
+if TYPE_CHECKING:
+    import peft
+    from torch import nn
+
+CORDA_MODES = ("kpm", "ipm")
 
 
+@dataclass
+class CordaConfig(LoraConfig):
+    """CorDA: SVD of W times the input covariance of calibration rows (from the training data)."""
+
+    name: str = "corda"
+    alpha: float = 8.0
+    mode: str = "kpm"  # kpm: train the smallest r components (keep knowledge) | ipm: the largest r (task)
+    calib_samples: int = 32  # training rows run through the base, one at a time, for the covariance
+
+    def check(self) -> None:
+        super().check()
+        choice("method.mode", self.mode, CORDA_MODES)
+        at_least("method.calib_samples", self.calib_samples, 1)
+
+
+@METHODS.register("corda", config=CordaConfig)
 class Corda(Lora):
     name = "corda"
     rewrites_base = True
@@ -28,6 +50,7 @@ class Corda(Lora):
                 "corda_config": CordaConfig(corda_method=self.cfg.mode)}
 
     def preprocess(self, model: nn.Module, config: peft.LoraConfig, ctx: MethodContext) -> None:
+        import torch
         from peft.tuners.lora.corda import preprocess_corda
 
         rows = ctx.calibration_rows(self.cfg.calib_samples)

@@ -9,17 +9,41 @@ optionally, the input embeddings. With `llrd` < 1 the trained block i places fro
 
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
-from ftlab.methods.base import Method, MethodContext
-from ftlab.models.structure import (
-    embedding_names,
-    head_names,
-    layer_param_names,
-    set_trainable,
-)
+from ftlab.config.checks import at_least
+from ftlab.config.registry import ConfigError
+from ftlab.methods.base import METHODS, Method, MethodConfig, MethodContext
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
+@dataclass
+class FreezeConfig(MethodConfig):
+    """Layer freezing: the top `train_top` blocks train (or all but the bottom `freeze_bottom`)."""
+
+    name: str = "freeze"
+    train_top: Optional[int] = 1  # exactly one of train_top / freeze_bottom is set
+    freeze_bottom: Optional[int] = None
+    train_embeddings: bool = False  # input embeddings (shared with the head when the model ties them)
+    train_head: bool = True  # lm head and final norm
+    llrd: float = 1.0  # layer-wise LR decay: block i from the top trains at lr * llrd**i (1.0: off)
+
+    def check(self) -> None:
+        super().check()
+        if (self.train_top is None) == (self.freeze_bottom is None):
+            raise ConfigError("method.train_top: set exactly one of method.train_top (blocks that train, from the "
+                              "top) and method.freeze_bottom (blocks frozen, from the bottom); the other =null, got "
+                              f"train_top={self.train_top!r}, freeze_bottom={self.freeze_bottom!r}")
+        at_least("method.train_top", self.train_top, 0, allow_none=True)
+        at_least("method.freeze_bottom", self.freeze_bottom, 0, allow_none=True)
+        if not 0 < self.llrd <= 1:
+            raise ConfigError(f"method.llrd: must be in (0, 1], got {self.llrd!r}")
+
+
+@METHODS.register("freeze", config=FreezeConfig)
 class Freeze(Method):
     name = "freeze"
 
@@ -30,6 +54,8 @@ class Freeze(Method):
         return list(range(n_layers - k, n_layers))
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        from ftlab.models.structure import embedding_names, head_names, layer_param_names, set_trainable
+
         layers = layer_param_names(model)
         self.layers = self.trainable_layers(len(layers))
         names = {n for i in self.layers for n in layers[i]}
@@ -45,6 +71,8 @@ class Freeze(Method):
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         if self.cfg.llrd == 1.0:
             return super().param_groups(model, weight_decay)
+        from ftlab.models.structure import layer_param_names
+
         layers = layer_param_names(model)
         by_name = dict(model.named_parameters())
         groups, seen = [], set()

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ftlab.methods.base import Method, MethodContext
+from ftlab.methods.base import METHODS, Method, MethodConfig, MethodContext
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
+@dataclass
+class FullConfig(MethodConfig):
+    name: str = "full"
+
+
+@METHODS.register("full", config=FullConfig)
 class FullFinetune(Method):
     name = "full"
 

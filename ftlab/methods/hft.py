@@ -16,17 +16,33 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+from ftlab.config.checks import at_least
+from ftlab.config.registry import ConfigError
+from ftlab.methods.base import METHODS, Method, MethodConfig, MethodContext
 
-from ftlab.methods.base import Method, MethodContext
-from ftlab.models.structure import (
-    decoder_layers,
-    embedding_names,
-    head_names,
-    set_trainable,
-)
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass
+class HftConfig(MethodConfig):
+    """Half Fine-Tuning: in each block, half of the attention matrices, of the FFN matrices and of the norms train."""
+
+    name: str = "hft"
+    ratio: float = 0.5  # share of each block's matrices that train
+    stage: int = 0  # the draw is seeded by (run seed, stage): a new training stage re-draws the half
+    train_embeddings: bool = False
+    train_head: bool = False  # lm head and final norm
+
+    def check(self) -> None:
+        super().check()
+        if not 0 < self.ratio < 1:
+            raise ConfigError(f"method.ratio: must be in (0, 1), got {self.ratio!r}")
+        at_least("method.stage", self.stage, 0)
 
 
 def category(child_name: str) -> str:
@@ -51,9 +67,10 @@ def block_units(layer: nn.Module) -> dict[str, list[str]]:
 
 
 def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+    return math.floor(x + 0.5)
 
 
+@METHODS.register("hft", config=HftConfig)
 class Hft(Method):
     name = "hft"
 
@@ -71,6 +88,8 @@ class Hft(Method):
             self._draw(model, self.cfg.stage + stage)
 
     def _draw(self, model: nn.Module, stage: int) -> None:
+        from ftlab.models.structure import decoder_layers, embedding_names, head_names, set_trainable
+
         prefix, layers = decoder_layers(model)
         rng = random.Random(f"hft:{self.seed}:{stage}")
         ratio = self.cfg.ratio
@@ -83,7 +102,8 @@ class Hft(Method):
                 k = _round_half_up(ratio * n * (i + 1)) - _round_half_up(ratio * n * i)
                 chosen[cat] = sorted(rng.sample(units, k))
                 for u in chosen[cat]:
-                    names |= {f"{prefix}.{i}.{u}.{p}" for p, _ in layer.get_submodule(u).named_parameters(recurse=False)}
+                    own = layer.get_submodule(u).named_parameters(recurse=False)
+                    names |= {f"{prefix}.{i}.{u}.{p}" for p, _ in own}
             self.selection[i] = chosen
         if self.cfg.train_embeddings:
             names |= embedding_names(model)

@@ -11,18 +11,39 @@ seed; `history` records (step, active blocks) of every draw.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
+from ftlab.config.checks import at_least
+from ftlab.methods.base import METHODS, Method, MethodConfig, MethodContext
 
-from ftlab.methods.base import Method, MethodContext
-from ftlab.models.structure import embedding_names, head_names, layer_param_names
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
+@dataclass
+class LisaConfig(MethodConfig):
+    """LISA: embeddings and head always train; `gamma` blocks, sampled every `interval` steps, train too."""
+
+    name: str = "lisa"
+    gamma: int = 1  # active blocks at a time
+    interval: int = 20  # steps between re-samplings (K)
+    fixed_trainable_set: ClassVar[bool] = False
+
+    def check(self) -> None:
+        super().check()
+        at_least("method.gamma", self.gamma, 1)
+        at_least("method.interval", self.interval, 1)
+
+
+@METHODS.register("lisa", config=LisaConfig)
 class Lisa(Method):
     name = "lisa"
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        from ftlab.models.structure import embedding_names, head_names, layer_param_names
+
         self.layers = layer_param_names(model)
         self.always = embedding_names(model) | head_names(model)
         self.rng = random.Random(f"{self.name}:{ctx.seed}")
@@ -58,7 +79,7 @@ class Lisa(Method):
         self.history.append((step, active))
 
     def state_dict(self) -> dict:
-        version, key, gauss = self.rng.getstate()
+        _version, key, gauss = self.rng.getstate()
         return {"rng": list(key), "rng_gauss": [gauss is not None, float(gauss or 0.0)],
                 "history": [[step, list(active)] for step, active in self.history]}
 

@@ -1,26 +1,101 @@
-"""LoRA (Hu et al., 2021, arXiv:2106.09685) through peft, and the base of the LoRA family.
+"""The LoRA family through peft: LoRA, rsLoRA, DoRA, PiSSA and OLoRA (CorDA and LoRA-GA, which need calibration
+data first, have their own modules).
 
-The base weights are frozen; each target linear gets B @ A of rank r, scaled by alpha/r (alpha/sqrt(r) with
-rsLoRA). B starts at zero, so the tuned model equals the base at step 0.
+LoRA (Hu et al., 2021, arXiv:2106.09685): the base weights are frozen; each target linear gets B @ A of rank r,
+scaled by alpha/r (alpha/sqrt(r) with rsLoRA). B starts at zero, so the tuned model equals the base at step 0.
 
-The variants (rslora, dora, pissa, olora, corda, lora_ga) are small subclasses: each says which peft options it
-sets (`lora_options`), and, when its init needs the model first, what it runs before `get_peft_model`
-(`preprocess`). Inits that rewrite the base weights (`rewrites_base = True`: PiSSA, OLoRA, CorDA, LoRA-GA) keep
-their initial adapter and export through peft's weight conversion, so the saved adapter applies to the
-ORIGINAL base weights.
+The variants are small subclasses: each says which peft options it sets (`lora_options`), and, when its init needs
+the model first, what it runs before `get_peft_model` (`preprocess`). Inits that rewrite the base weights
+(`rewrites_base = True`: PiSSA, OLoRA, CorDA, LoRA-GA) keep their initial adapter and export through peft's
+weight conversion, so the saved adapter applies to the ORIGINAL base weights.
+
+- rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): LoRA with the rank-stabilised scaling alpha/sqrt(r); a config
+  variant (`use_rslora` defaults to true), everything else is `Lora`.
+- DoRA (Liu et al., 2024, arXiv:2402.09353): weight-decomposed LoRA through peft's `use_dora`. Each target
+  weight is split into a magnitude (one trained scalar per output feature) and a direction that LoRA updates;
+  the magnitude starts at the base weight's column norms, so the model equals the base at step 0.
+- PiSSA (Meng et al., 2024, arXiv:2404.02948): LoRA initialised from the principal singular components. peft's
+  `init_lora_weights="pissa"` (or "pissa_niter_N", a fast randomized SVD) puts the top-r singular components of
+  W into A and B and leaves the residual in the base weight.
+- OLoRA (Büyükakyüz, 2024, arXiv:2406.01775): LoRA initialised from an orthonormal QR decomposition of W
+  (peft's `init_lora_weights="olora"`); the base keeps the residual.
 """
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
-import peft
-from torch import nn
+from ftlab.config.checks import at_least
+from ftlab.config.registry import ConfigError
+from ftlab.methods.base import ALL_LINEAR, METHODS, Method, MethodConfig, MethodContext
 
-from ftlab.methods.base import Method, MethodContext
+if TYPE_CHECKING:
+    import peft
+    from torch import nn
 
 
+# ---------------------------------------------------------------------------------------------------- configs
+@dataclass
+class LoraConfig(MethodConfig):
+    name: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    use_rslora: bool = False
+
+    def check(self) -> None:
+        super().check()
+        at_least("method.r", self.r, 1)
+        if not self.alpha > 0:
+            raise ConfigError(f"method.alpha: must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"method.dropout: must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ConfigError("method.target_modules: must name at least one module (e.g. q_proj)")
+
+
+@dataclass
+class RsLoraConfig(LoraConfig):
+    """rsLoRA: LoRA scaled by alpha/sqrt(r) instead of alpha/r."""
+
+    name: str = "rslora"
+    use_rslora: bool = True
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    """DoRA: LoRA on the direction of each weight plus a trained per-column magnitude."""
+
+    name: str = "dora"
+
+
+@dataclass
+class PissaConfig(LoraConfig):
+    """PiSSA: the adapter starts as the top-r singular components of W; the residual stays frozen."""
+
+    name: str = "pissa"
+    alpha: float = 8.0
+    svd_niter: Optional[int] = 4  # fast randomized SVD with this many subspace iterations; None: full SVD
+
+    def check(self) -> None:
+        super().check()
+        at_least("method.svd_niter", self.svd_niter, 1, allow_none=True)
+
+
+@dataclass
+class OloraConfig(LoraConfig):
+    """OLoRA: the adapter starts from a QR decomposition of W; the residual stays frozen."""
+
+    name: str = "olora"
+    alpha: float = 8.0
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+@METHODS.register("lora", config=LoraConfig)
 class Lora(Method):
     name = "lora"
     rewrites_base = False  # True: the init changes the base weights (the residual W - BA stays in the model)
@@ -34,6 +109,8 @@ class Lora(Method):
         return {"use_rslora": self.cfg.use_rslora}
 
     def peft_config(self) -> peft.LoraConfig:
+        import peft
+
         c = self.cfg
         return peft.LoraConfig(task_type="CAUSAL_LM", r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
                                target_modules=list(c.target_modules), **self.lora_options())
@@ -42,6 +119,8 @@ class Lora(Method):
         """Run on the base before get_peft_model (CorDA's covariance, LoRA-GA's gradient estimate)."""
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        import peft
+
         check_targets(model, self.cfg.target_modules)
         config = self.peft_config()
         self.preprocess(model, config, ctx)
@@ -68,6 +147,38 @@ class Lora(Method):
             return
         # rank 2r adapter that reproduces (residual + BA) when added to the original W
         model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=self._init_dir.name)
+
+
+@METHODS.register("rslora", config=RsLoraConfig)
+class RsLora(Lora):
+    name = "rslora"
+
+
+@METHODS.register("dora", config=DoraConfig)
+class Dora(Lora):
+    name = "dora"
+
+    def lora_options(self) -> dict:
+        return {**super().lora_options(), "use_dora": True}
+
+
+@METHODS.register("pissa", config=PissaConfig)
+class Pissa(Lora):
+    name = "pissa"
+    rewrites_base = True
+
+    def lora_options(self) -> dict:
+        n = self.cfg.svd_niter
+        return {**super().lora_options(), "init_lora_weights": "pissa" if n is None else f"pissa_niter_{n}"}
+
+
+@METHODS.register("olora", config=OloraConfig)
+class Olora(Lora):
+    name = "olora"
+    rewrites_base = True
+
+    def lora_options(self) -> dict:
+        return {**super().lora_options(), "init_lora_weights": "olora"}
 
 
 def check_targets(model: nn.Module, targets) -> None:

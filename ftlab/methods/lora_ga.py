@@ -9,24 +9,60 @@ the adapter to apply to the original W (stack notes G5).
 
 from __future__ import annotations
 
-import peft
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ftlab.methods.base import MethodContext
-from ftlab.methods.lora import Lora
+from ftlab.config.checks import at_least, choice
+from ftlab.config.registry import ConfigError
+from ftlab.methods.base import METHODS, MethodContext
+from ftlab.methods.lora import Lora, LoraConfig
+
+if TYPE_CHECKING:
+    import peft
+    from torch import nn
+
+LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
 
+@dataclass
+class LoraGaConfig(LoraConfig):
+    """LoRA-GA: the adapter starts from the SVD of the full-weight gradient on calibration batches."""
+
+    name: str = "lora_ga"
+    alpha: float = 8.0
+    calib_samples: int = 32  # training rows for the gradient estimate
+    calib_batch_size: int = 8
+    direction: str = "ArB2r"  # peft LoraGAConfig.direction: ArBr | A2rBr | ArB2r | random
+    scale: str = "stable"  # peft LoraGAConfig.scale: stable | weight_svd | gd_scale | unit
+    stable_gamma: float = 16.0
+
+    def check(self) -> None:
+        super().check()
+        at_least("method.calib_samples", self.calib_samples, 1)
+        at_least("method.calib_batch_size", self.calib_batch_size, 1)
+        choice("method.direction", self.direction, LORA_GA_DIRECTIONS)
+        choice("method.scale", self.scale, LORA_GA_SCALES)
+        if not self.stable_gamma > 0:
+            raise ConfigError(f"method.stable_gamma: must be > 0, got {self.stable_gamma!r}")
+
+
+@METHODS.register("lora_ga", config=LoraGaConfig)
 class LoraGa(Lora):
     name = "lora_ga"
     rewrites_base = True
 
     def lora_options(self) -> dict:
+        import peft
+
         c = self.cfg
         return {**super().lora_options(), "init_lora_weights": "lora_ga",
                 "lora_ga_config": peft.LoraGAConfig(direction=c.direction, scale=c.scale,
                                                     stable_gamma=c.stable_gamma)}
 
     def preprocess(self, model: nn.Module, config: peft.LoraConfig, ctx: MethodContext) -> None:
+        import peft
+
         from ftlab.train.batches import IGNORE, _response_loss, collate
 
         rows = ctx.calibration_rows(self.cfg.calib_samples)

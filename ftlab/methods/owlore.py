@@ -20,17 +20,44 @@ GaLore projection included).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from ftlab.config.checks import at_least
+from ftlab.config.registry import ConfigError
+from ftlab.methods.base import METHODS, MethodContext
+from ftlab.methods.lisa import Lisa, LisaConfig
 
-from ftlab.methods.base import MethodContext
-from ftlab.methods.lisa import Lisa
-from ftlab.models.structure import decoder_layers
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass
+class OwLoreConfig(LisaConfig):
+    """OwLore: LISA sampling weighted by each block's outlier ratio; GaLore low-rank moments when installed."""
+
+    name: str = "owlore"
+    outlier_m: float = 3.0  # an entry is an outlier when |W_ij| > outlier_m * mean|W| of its matrix
+    galore: bool = True  # GaLore projection for the sampled blocks' matrices when galore_torch imports
+    galore_rank: int = 16
+    galore_update_proj_gap: int = 100  # steps between refreshes of the projection (SVD of the gradient)
+    galore_scale: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        if not self.outlier_m > 0:
+            raise ConfigError(f"method.outlier_m: must be > 0, got {self.outlier_m!r}")
+        at_least("method.galore_rank", self.galore_rank, 1)
+        at_least("method.galore_update_proj_gap", self.galore_update_proj_gap, 1)
+        if not self.galore_scale > 0:
+            raise ConfigError(f"method.galore_scale: must be > 0, got {self.galore_scale!r}")
 
 
 def outlier_ratio(layer: nn.Module, m: float) -> float:
     """Fraction of the entries of `layer`'s 2-D weights with |W_ij| > m * mean|W| (mean per matrix)."""
+    import torch
+
     hits, total = 0, 0
     with torch.no_grad():
         for _, p in layer.named_parameters():
@@ -51,10 +78,13 @@ def galore_unavailable() -> str | None:
     return None
 
 
+@METHODS.register("owlore", config=OwLoreConfig)
 class OwLore(Lisa):
     name = "owlore"
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        from ftlab.models.structure import decoder_layers
+
         _, blocks = decoder_layers(model)
         self.ratios = [outlier_ratio(b, self.cfg.outlier_m) for b in blocks]
         total = sum(self.ratios)

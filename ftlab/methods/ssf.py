@@ -13,15 +13,32 @@ in `prepare`, before training, naming the modules to drop from `method.target_mo
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from ftlab.methods.base import Method, MethodContext
+from ftlab.config.registry import ConfigError
+from ftlab.methods.base import ALL_LINEAR, METHODS, Method, MethodConfig, MethodContext
 from ftlab.methods.lift import target_linears
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 BIAS_SWITCHES = ("attention_bias", "mlp_bias")  # config flags that give linears a bias (Llama, Mistral-likes)
+
+
+@dataclass
+class SsfConfig(MethodConfig):
+    """SSF: a trained scale and shift on each target linear's output features, folded into W and b on export."""
+
+    name: str = "ssf"
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+
+    def check(self) -> None:
+        super().check()
+        if not self.target_modules:
+            raise ConfigError("method.target_modules: must name at least one module (e.g. q_proj)")
 
 
 def _ssf_hook(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
@@ -37,10 +54,14 @@ def folded_config(model: nn.Module):
     return cfg
 
 
+@METHODS.register("ssf", config=SsfConfig)
 class Ssf(Method):
     name = "ssf"
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        import torch
+        from torch import nn
+
         self.targets = sorted(target_linears(model, self.cfg.target_modules))
         self._check_foldable(model)
         self.switches = [k for k in BIAS_SWITCHES if hasattr(model.config, k)]
@@ -57,16 +78,21 @@ class Ssf(Method):
     def _check_foldable(self, model: nn.Module) -> None:
         """The folded model needs a bias on every target: build the folded architecture (meta device, no memory)
         and refuse the targets it has no bias for."""
+        import torch
+
         with torch.device("meta"):
             skeleton = type(model)(folded_config(model))
         missing = [n for n in self.targets if getattr(skeleton.get_submodule(n), "bias", None) is None]
         if missing:
             mods = sorted({n.rsplit(".", 1)[-1] for n in missing})
+            keep = ",".join(sorted(set(self.cfg.target_modules) - set(mods))) or "q_proj"
             raise ValueError(f"method=ssf: {type(model).__name__} has no bias on {mods} and no config switch for one, "
                              "so their shift cannot be folded into a plain model; drop them from "
-                             f"method.target_modules (e.g. method.target_modules=[{','.join(sorted(set(self.cfg.target_modules) - set(mods))) or 'q_proj'}])")
+                             f"method.target_modules (e.g. method.target_modules=[{keep}])")
 
     def folded_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        import torch
+
         sd = {k: v for k, v in model.state_dict().items() if not k.endswith((".ssf_scale", ".ssf_shift"))}
         with torch.no_grad():
             for name in self.targets:
@@ -79,6 +105,9 @@ class Ssf(Method):
         return sd
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
+        import torch
+        from torch import nn
+
         sd = self.folded_state_dict(model)
         cfg = folded_config(model)
         with torch.device("meta"):

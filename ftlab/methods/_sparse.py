@@ -7,6 +7,8 @@ position of W, flat row-major indices) and the index buffer. So:
   floats, not 2 x |W| (the gradient of W itself is still formed densely, transiently, in backward);
 - L2-SP anchors the deltas at 0, i.e. pulls exactly the chosen entries back to their pretrained values.
 The export folds the deltas into W and saves a plain model (`save_pretrained` with the merged state dict).
+A private module (it subclasses nn.Module at import): lift.py and s2ft.py import it inside their hooks, and method
+discovery skips it.
 """
 
 from __future__ import annotations
