@@ -12,18 +12,18 @@ Every task is one of three kinds (see `ftlab.eval.task.KINDS`):
 
 Built-in tasks (name: hub dataset [config], eval split, prompt, primary metric, default few-shot):
 
-================  ==========================================  ==========  ==================================  ==========
-task              hub dataset                                 split       prompt -> continuation              metric
-================  ==========================================  ==========  ==================================  ==========
-arc_challenge     allenai/ai2_arc [ARC-Challenge]             test        "Question: Q\\nAnswer:" -> " TEXT"   acc_norm
-arc_easy          allenai/ai2_arc [ARC-Easy]                  test        same                                acc_norm
-hellaswag         Rowan/hellaswag                             validation  "LABEL: CTX" -> " ENDING"           acc_norm
-winogrande        allenai/winogrande [winogrande_xl]          validation  "SENT[:_] OPTION" -> " REST"        acc
-boolq             google/boolq                                validation  "P\\nQuestion: Q?\\nAnswer:" -> yes|no acc
-mmlu              cais/mmlu [all]                             test        "Q\\nA. ..\\nD. ..\\nAnswer:" -> " A".." D" acc
-wikitext          Salesforce/wikitext [wikitext-2-raw-v1]     test        the text (non-empty lines)           perplexity
-gsm8k             openai/gsm8k [main]                         test        "Question: Q\\nAnswer:" (data.py)    exact_match
-================  ==========================================  ==========  ==================================  ==========
+================  ========================================  ==========  ==================================  ==========
+task              hub dataset                               split       prompt -> continuation              metric
+================  ========================================  ==========  ==================================  ==========
+arc_challenge     allenai/ai2_arc [ARC-Challenge]           test        "Question: Q\\nAnswer:" -> " TEXT"   acc_norm
+arc_easy          allenai/ai2_arc [ARC-Easy]                test        same                                acc_norm
+hellaswag         Rowan/hellaswag                           validation  "LABEL: CTX" -> " ENDING"           acc_norm
+winogrande        allenai/winogrande [winogrande_xl]        validation  "SENT[:_] OPTION" -> " REST"        acc
+boolq             google/boolq                              validation  "P\\nQuestion: Q?\\nAnswer:" -> yes|no acc
+mmlu              cais/mmlu [all]                           test        "Q\\nA. ..\\nD. ..\\nAnswer:" -> " A".." D" acc
+wikitext          Salesforce/wikitext [wikitext-2-raw-v1]   test        the text (non-empty lines)           perplexity
+gsm8k             openai/gsm8k [main]                       test        "Question: Q\\nAnswer:" (data.py)    exact_match
+================  ========================================  ==========  ==================================  ==========
 
 The prompts follow lm-evaluation-harness's default task definitions (ARC, HellaSwag's preprocessing, WinoGrande's
 partial scoring, BoolQ, MMLU with its per-subject description, GSM8K's ``Question:/Answer:``). Few-shot
@@ -204,9 +204,10 @@ def _read_hub(spec: Builtin, split: str, hf_path: Optional[str], hf_name: Option
     from ftlab.models.hub import load_hub_dataset
 
     path, name = hf_path or spec.hf_path, hf_name if hf_name is not None else spec.hf_name
+    fix = (f"Point ftlab at a local file instead: eval.paths.{spec.name}=FILE.jsonl (one JSON object per line, with "
+           "the hub dataset's fields)")
     ds = load_hub_dataset(path, name, revision=revision, split=split, what=f"eval: cannot load task {spec.name!r}",
-                          detail=f"{what}: ", fix=f"Point ftlab at a local file instead: eval.paths.{spec.name}=FILE.jsonl "
-                                                  "(one JSON object per line, with the hub dataset's fields)")
+                          detail=f"{what}: ", fix=fix)
     return ds.to_list()
 
 
