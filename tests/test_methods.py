@@ -1,13 +1,17 @@
-"""The shared method test matrix: one row per `method=` option, on a tiny Llama (hidden 32, 2 blocks, vocab 64).
+"""The shared method test matrix: one row per `method=` option (ROWS below), on a tiny Llama (hidden 32, 2 blocks,
+vocab 64).
 
 Each row checks, through the real config (Hydra compose + schema), `Method.prepare` and the one training loop
 (`ftlab.train.loop.train`):
-- which parameters train: names and count match the method's definition, and nothing else moves;
+- which parameters train: names and count match the method's definition (the row's `expect`), nothing else moves;
 - it trains: the loss falls over a few steps;
 - export: the saved result, reloaded onto a freshly built ORIGINAL base, gives the in-memory model's logits
   (max |diff| <= RELOAD_ATOL = 1e-5); for adapters merge-and-unload gives them too (<= MERGE_ATOL = 1e-4).
   Inits that rewrite base weights (PiSSA, OLoRA, CorDA, LoRA-GA) are checked to have rewritten them, so the
-  reload test is a real test of the weight conversion.
+  reload test is a real test of the weight conversion;
+- its range checks: each of the row's `refused` overrides is refused, naming the key.
+Every registered method has a row, a YAML in conf/method/ and a torch-free module (checked below). Adding a method
+adds one row: every parametrized test reads its membership from ROWS.
 Then: the regularisers (zero at step 0, growing as the model moves), LISA's re-sampling, HFT's draw, freeze's
 layer-wise LR decay, prompt tuning's cached decoding, and one end-to-end `ftlab.pipeline` run.
 """
@@ -17,47 +21,28 @@ from __future__ import annotations
 import functools
 import json
 import random
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 import torch
 
 from ftlab.cli.run import check
-from ftlab.config.schema import METHODS, ConfigError, TrainConfig
-from ftlab.methods import MethodContext, build_method
+from ftlab.config.schema import ConfigError, TrainConfig
+from ftlab.methods import METHODS, MethodContext, build_method
 from ftlab.train.batches import Batches, collate, encode_example
 from ftlab.train.loop import LoopSettings, train
 
+ROOT = Path(__file__).resolve().parents[1]
 RELOAD_ATOL = 1e-5
 MERGE_ATOL = 1e-4
 HIDDEN, INTER, LAYERS, VOCAB = 32, 64, 2, 64
 LINEAR = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
           "gate_proj": (32, 64), "up_proj": (32, 64), "down_proj": (64, 32)}  # (in, out); 2 kv heads of 8
-LORA_FAMILY = ("lora", "rslora", "dora", "pissa", "olora", "corda", "lora_ga")
-REWRITES_BASE = ("pissa", "olora", "corda", "lora_ga")
-ADAPTERS = LORA_FAMILY + ("ia3", "prompt_tuning")
-LAYER_SAMPLING = ("lisa", "owlore")
-SPARSE = ("lift", "s2ft")  # trained delta vectors on chosen entries (ftlab.methods.sparse), folded on export
-WHOLE_MODEL = ("full", "freeze", "hft", "ssf") + LAYER_SAMPLING + SPARSE  # export a plain model directory
-
-# per-method knobs that fit the tiny model (everything else: the YAML defaults). The YAML's lr_scale is tuned
-# for the tiny world's train.lr; here the test model's own LR (below) applies as is.
-UNSCALED = ["method.lr_scale=1.0"]
-OVERRIDES = {
-    **{m: ["method.r=4"] for m in LORA_FAMILY},
-    "corda": ["method.r=4", "method.calib_samples=8"],
-    "lora_ga": ["method.r=4", "method.calib_samples=8", "method.calib_batch_size=4"],
-    "prompt_tuning": ["method.num_virtual_tokens=4", *UNSCALED],
-    "ia3": UNSCALED, "lift": UNSCALED, "ssf": UNSCALED,
-    "freeze": ["method.train_top=1"],
-    "lisa": ["method.gamma=1", "method.interval=2"],
-    "owlore": ["method.gamma=1", "method.interval=2"],
-    "s2ft": ["method.heads=1", "method.channels=8", "method.attn_modules=[q_proj,k_proj,v_proj,o_proj]",
-             "method.ffn_modules=[gate_proj,up_proj,down_proj]", *UNSCALED],
-}
-LR = {"prompt_tuning": 0.1, "ia3": 0.05}
 STEPS = 8
 
 # ------------------------------------------------------------------------------------------ tiny model, data
@@ -99,9 +84,201 @@ def make_rows(n: int = 16, seed: int = 0) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------ expected trainable parameters
+# Each takes the trained row (`t`: cfg, method, model) and returns {parameter name: numel} that the method's
+# definition says train at step 0.
+HEAD = ("lm_head.weight", "model.norm.weight")
+EMBEDDINGS = ("model.embed_tokens.weight",)
+
+
+def _sub(mod: str) -> str:
+    return "self_attn" if mod in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+
+
+def _base_params() -> dict[str, int]:
+    return {n: p.numel() for n, p in make_model().named_parameters()}
+
+
+def _block(params: dict[str, int], i: int) -> dict[str, int]:
+    return {n: k for n, k in params.items() if n.startswith(f"model.layers.{i}.")}
+
+
+def every_parameter(t) -> dict[str, int]:
+    return _base_params()
+
+
+def lora_adapters(t, magnitude: bool = False) -> dict[str, int]:
+    """A and B of rank r on every target of every block (DoRA: and a magnitude per output feature)."""
+    out = {}
+    for i in range(LAYERS):
+        for mod in t.cfg.target_modules:
+            d_in, d_out = LINEAR[mod]
+            pre = f"base_model.model.model.layers.{i}.{_sub(mod)}.{mod}"
+            out[f"{pre}.lora_A.default.weight"] = t.cfg.r * d_in
+            out[f"{pre}.lora_B.default.weight"] = t.cfg.r * d_out
+            if magnitude:
+                out[f"{pre}.lora_magnitude_vector.default.weight"] = d_out
+    return out
+
+
+def dora_adapters(t) -> dict[str, int]:
+    return lora_adapters(t, magnitude=True)
+
+
+def ia3_vectors(t) -> dict[str, int]:
+    """One vector per target: its input size for feedforward modules, its output size for the others."""
+    out = {}
+    for i in range(LAYERS):
+        for mod in t.cfg.target_modules:
+            d_in, d_out = LINEAR[mod]
+            size = d_in if mod in t.cfg.feedforward_modules else d_out
+            out[f"base_model.model.model.layers.{i}.{_sub(mod)}.{mod}.ia3_l.default"] = size
+    return out
+
+
+def soft_prompt(t) -> dict[str, int]:
+    return {"peft_model.prompt_encoder.default.embedding.weight": t.cfg.num_virtual_tokens * HIDDEN}
+
+
+def top_blocks(t) -> dict[str, int]:
+    """freeze: the top train_top blocks, the head and final norm (train_head), the embeddings (train_embeddings)."""
+    params, c = _base_params(), t.cfg
+    out = {n: k for i in range(LAYERS - c.train_top, LAYERS) for n, k in _block(params, i).items()}
+    names = (HEAD if c.train_head else ()) + (EMBEDDINGS if c.train_embeddings else ())
+    return {**out, **{n: params[n] for n in names}}
+
+
+def sampled_blocks(t) -> dict[str, int]:
+    """LISA, OwLore: embeddings + head + final norm + the gamma blocks of the first draw."""
+    params = _base_params()
+    active = t.method.history[0][1]
+    assert len(active) == t.cfg.gamma
+    out = {n: params[n] for n in EMBEDDINGS + HEAD}
+    for i in active:
+        out.update(_block(params, i))
+    return out
+
+
+def _check_hft_selection(t):
+    from ftlab.methods.hft import block_units
+
+    base = make_model()
+    names = set(t.trainable0)
+    ffn_total = 0
+    for i, layer in enumerate(base.model.layers):
+        units = block_units(layer)
+        assert sorted(units) == ["attn", "mlp", "norm"]
+        trained_units = {cat: sorted(u for u in us if f"model.layers.{i}.{u}.weight" in names)
+                         for cat, us in units.items()}
+        assert len(units["attn"]) == 4 and len(trained_units["attn"]) == 2  # exactly half of q/k/v/o
+        assert len(units["norm"]) == 2 and len(trained_units["norm"]) == 1
+        assert len(trained_units["mlp"]) in (1, 2)
+        ffn_total += len(trained_units["mlp"])
+        assert trained_units == t.method.selection[i]
+    assert ffn_total == 3  # 2 blocks x 3 FFN matrices: exactly half
+    assert not names & {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    n_matrices = sum(1 for n in names if n.endswith(".weight"))
+    assert n_matrices == 2 * (2 + 1) + 3  # attn 2+2, norms 1+1, ffn 3
+
+
+def hft_half(t) -> dict[str, int]:
+    """Half of each block's attention matrices, FFN matrices and norms (the rules in _check_hft_selection)."""
+    _check_hft_selection(t)
+    base = make_model()
+    out = {}
+    for i, chosen in t.method.selection.items():
+        layer = base.model.layers[i]
+        for units in chosen.values():
+            for u in units:
+                for p, w in layer.get_submodule(u).named_parameters(recurse=False):
+                    out[f"model.layers.{i}.{u}.{p}"] = w.numel()
+    return out
+
+
+def lift_deltas(t) -> dict[str, int]:
+    """One delta of round(percent % of |W|) entries per target linear of every block."""
+    return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta":
+            round(t.cfg.percent / 100 * LINEAR[mod][0] * LINEAR[mod][1])
+            for i in range(LAYERS) for mod in t.cfg.target_modules}
+
+
+def ssf_vectors(t) -> dict[str, int]:
+    """A scale and a shift per output feature of every target linear."""
+    return {f"model.layers.{i}.{_sub(mod)}.{mod}.ssf_{k}": LINEAR[mod][1]
+            for i in range(LAYERS) for mod in t.cfg.target_modules for k in ("scale", "shift")}
+
+
+def s2ft_deltas(t) -> dict[str, int]:
+    """heads=1, channels=8: 8 rows of q; 8 rows of k and v (its kv head); 8 columns of o; 8 FFN channels."""
+    return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta": 8 * (
+            LINEAR[mod][1] if mod in ("o_proj", "down_proj") else LINEAR[mod][0])
+            for i in range(LAYERS) for mod in LINEAR}
+
+
+# ------------------------------------------------------------------------------------------------- the matrix
+@dataclass(frozen=True)
+class Row:
+    """One `method=` option: its knobs for the tiny model, what its definition predicts, how it exports."""
+
+    name: str
+    expect: Callable[[SimpleNamespace], dict[str, int]]  # {parameter: numel} that train at step 0
+    overrides: tuple[str, ...] = ()  # knobs that fit the tiny model (everything else: the YAML defaults)
+    export: str = "model"  # model: a plain model directory | adapter: a peft adapter (merges) | prompt: soft prompt
+    lr: float = 1e-2  # the test model's train.lr
+    rewrites_base: bool = False  # the init rewrites base weights; the export converts to the original W
+    refused: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()  # (overrides, words of the refusal)
+
+    @property
+    def samples_layers(self) -> bool:
+        """The trainable set changes while training (LISA's re-draws: `method.history` of active blocks)."""
+        return not METHODS.config(self.name).fixed_trainable_set
+
+
+# The YAML's lr_scale is tuned for the tiny world's train.lr; here the test model's own LR applies as is.
+UNSCALED = ("method.lr_scale=1.0",)
+R4 = ("method.r=4",)
+ROWS = [
+    Row("full", every_parameter),
+    Row("lora", lora_adapters, R4, "adapter"),
+    Row("rslora", lora_adapters, R4, "adapter"),
+    Row("dora", dora_adapters, R4, "adapter"),
+    Row("pissa", lora_adapters, R4, "adapter", rewrites_base=True,
+        refused=((("method.svd_niter=0",), ("method.svd_niter", ">= 1")),)),
+    Row("olora", lora_adapters, R4, "adapter", rewrites_base=True),
+    Row("corda", lora_adapters, R4 + ("method.calib_samples=8",), "adapter", rewrites_base=True,
+        refused=((("method.mode=both",), ("method.mode", "kpm, ipm")),
+                 (("method.calib_samples=0",), ("method.calib_samples",)))),
+    Row("lora_ga", lora_adapters, R4 + ("method.calib_samples=8", "method.calib_batch_size=4"), "adapter",
+        rewrites_base=True, refused=((("method.direction=up",), ("method.direction", "ArB2r")),)),
+    Row("ia3", ia3_vectors, UNSCALED, "adapter", lr=0.05,
+        refused=((("method.feedforward_modules=[up_proj]",), ("method.feedforward_modules",)),)),
+    Row("prompt_tuning", soft_prompt, ("method.num_virtual_tokens=4",) + UNSCALED, "prompt", lr=0.1,
+        refused=((("method.init=text",), ("method.init_text",)),
+                 (("method.num_virtual_tokens=0",), ("method.num_virtual_tokens",)))),
+    Row("freeze", top_blocks, ("method.train_top=1",), refused=((("method.llrd=0",), ("method.llrd",)),)),
+    Row("hft", hft_half, refused=((("method.ratio=1",), ("method.ratio",)),)),
+    Row("lisa", sampled_blocks, ("method.gamma=1", "method.interval=2"),
+        refused=((("method.interval=0",), ("method.interval",)),)),
+    Row("owlore", sampled_blocks, ("method.gamma=1", "method.interval=2"),
+        refused=((("method.outlier_m=0",), ("method.outlier_m",)),
+                 (("method.galore_rank=0",), ("method.galore_rank",)))),
+    Row("lift", lift_deltas, UNSCALED,
+        refused=((("method.percent=0",), ("method.percent", "(0, 100]")),
+                 (("method.target_modules=[]",), ("method.target_modules",)))),
+    Row("s2ft", s2ft_deltas, ("method.heads=1", "method.channels=8",
+                              "method.attn_modules=[q_proj,k_proj,v_proj,o_proj]",
+                              "method.ffn_modules=[gate_proj,up_proj,down_proj]", *UNSCALED),
+        refused=((("method.attn_modules=[w_proj]",), ("method.attn_modules", "q_proj, k_proj, v_proj, o_proj")),
+                 (("method.heads=0", "method.channels=0"), ("method.heads", "nothing trains")))),
+    Row("ssf", ssf_vectors, UNSCALED),
+]
+ROW = {r.name: r for r in ROWS}
+ALL = [r.name for r in ROWS]
+
+
 @functools.lru_cache(maxsize=None)  # composing is ~0.5 s; the configs are only read
 def method_cfg(name: str, *extra: str):
-    (run,) = check([f"method={name}", *OVERRIDES.get(name, []), *extra])
+    (run,) = check([f"method={name}", *ROW[name].overrides, *extra])
     return run.method
 
 
@@ -119,7 +296,7 @@ def logits_of(model, batch) -> torch.Tensor:
 
 def run_cfg(name: str, steps: int = STEPS, lr: float | None = None) -> LoopSettings:
     return LoopSettings(seed=0, train=TrainConfig(
-        max_steps=steps, lr=lr or LR.get(name, 1e-2), batch_size=8, warmup_steps=0, schedule="constant",
+        max_steps=steps, lr=lr or ROW[name].lr, batch_size=8, warmup_steps=0, schedule="constant",
         log_every=1, max_grad_norm=1.0))
 
 
@@ -161,93 +338,49 @@ def trained(tmp_path_factory):
     return get
 
 
-# ------------------------------------------------------------------------------ expected trainable parameters
-def _sub(mod: str) -> str:
-    return "self_attn" if mod in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-
-
-def expected_trainable(name: str, cfg) -> dict[str, int]:
-    """{parameter name: numel} that the method's definition says train (at step 0)."""
-    base = make_model()
-    params = {n: p.numel() for n, p in base.named_parameters()}
-    layer = lambda i: {n: k for n, k in params.items() if n.startswith(f"model.layers.{i}.")}  # noqa: E731
-    head = {"lm_head.weight": params["lm_head.weight"], "model.norm.weight": params["model.norm.weight"]}
-    emb = {"model.embed_tokens.weight": params["model.embed_tokens.weight"]}
-    if name == "full":
-        return params
-    if name in LORA_FAMILY:
-        out = {}
-        for i in range(LAYERS):
-            for mod in cfg.target_modules:
-                d_in, d_out = LINEAR[mod]
-                sub = "self_attn" if mod in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                pre = f"base_model.model.model.layers.{i}.{sub}.{mod}"
-                out[f"{pre}.lora_A.default.weight"] = cfg.r * d_in
-                out[f"{pre}.lora_B.default.weight"] = cfg.r * d_out
-                if name == "dora":
-                    out[f"{pre}.lora_magnitude_vector.default.weight"] = d_out
-        return out
-    if name == "ia3":
-        out = {}
-        for i in range(LAYERS):
-            for mod in cfg.target_modules:
-                d_in, d_out = LINEAR[mod]
-                sub = "self_attn" if mod in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                size = d_in if mod in cfg.feedforward_modules else d_out
-                out[f"base_model.model.model.layers.{i}.{sub}.{mod}.ia3_l.default"] = size
-        return out
-    if name == "prompt_tuning":
-        return {"peft_model.prompt_encoder.default.embedding.weight": cfg.num_virtual_tokens * HIDDEN}
-    if name == "freeze":  # train_top=1: the top block, the head and the final norm
-        return {**layer(LAYERS - 1), **head}
-    if name in LAYER_SAMPLING:  # embeddings + head + final norm + the gamma sampled blocks
-        return {**emb, **head}
-    if name == "hft":
-        return {}  # checked by its own rules below
-    if name == "lift":  # one delta of round(5% of |W|) entries per block linear
-        return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta":
-                round(cfg.percent / 100 * LINEAR[mod][0] * LINEAR[mod][1])
-                for i in range(LAYERS) for mod in cfg.target_modules}
-    if name == "ssf":  # a scale and a shift per output feature of every target linear
-        return {f"model.layers.{i}.{_sub(mod)}.{mod}.ssf_{k}": LINEAR[mod][1]
-                for i in range(LAYERS) for mod in cfg.target_modules for k in ("scale", "shift")}
-    if name == "s2ft":  # 1 head (8 rows of q; 8 rows of k and v: its kv head; 8 columns of o), 8 FFN channels
-        return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta": 8 * (
-                LINEAR[mod][1] if mod in ("o_proj", "down_proj") else LINEAR[mod][0])
-                for i in range(LAYERS) for mod in LINEAR}
-    raise AssertionError(f"no expectation for {name}")
-
-
-ALL = sorted(METHODS)
-
-
+# ------------------------------------------------------------------------------------------- registry and YAML
 def test_matrix_covers_every_registered_method():
-    from ftlab.methods.base import METHODS as REGISTERED
-
-    assert set(METHODS) == set(REGISTERED.names())
-    for name in METHODS:
-        first = (Path(__file__).parents[1] / "conf" / "method" / f"{name}.yaml").read_text().splitlines()[0]
-        assert first.startswith("# ") and len(first) > 10, name
+    assert sorted(ALL) == sorted(METHODS.names()), "one row per registered method (and no row without one)"
+    assert len(set(ALL)) == len(ALL)
+    for r in ROWS:
+        assert r.export in ("model", "adapter", "prompt"), r.name
 
 
+def test_every_method_has_a_yaml_and_every_yaml_names_a_method():
+    import yaml
+
+    yamls = {p.stem: p for p in (ROOT / "conf" / "method").glob("*.yaml")}
+    assert sorted(yamls) == sorted(METHODS.names())
+    for stem, path in yamls.items():
+        text = path.read_text()
+        first = text.splitlines()[0]
+        assert first.startswith("# ") and len(first) > 10, f"{path.name}: the first line says what the method is"
+        assert yaml.safe_load(text)["name"] == stem, f"{path.name}: `name:` is the file's own name"
+
+
+def test_method_discovery_imports_no_torch():
+    """Discovery imports every public module of ftlab.methods (validation does, on every `ftlab run`); none may
+    import torch, peft or transformers at module level. Each method's default config passes its own checks."""
+    code = ("import sys\n"
+            "from ftlab.methods.base import METHODS\n"
+            "names = METHODS.names()\n"
+            "for n in names:\n"
+            "    METHODS.config(n)().check()\n"
+            "print(len(names), [m for m in ('torch', 'peft', 'transformers') if m in sys.modules])\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().split(maxsplit=1) == [str(len(ALL)), "[]"], p.stdout
+
+
+# -------------------------------------------------------------------------------------------- every method
 @pytest.mark.parametrize("name", ALL)
 def test_trainable_parameters_match_definition(name, trained):
-    t = trained(name)
+    row, t = ROW[name], trained(name)
     got = {n: p.numel() for n, p in t.model.named_parameters() if n in t.trainable0}
-    if name == "hft":
-        _check_hft_selection(t)
-    elif name in LAYER_SAMPLING:
-        active = t.method.history[0][1]
-        assert len(active) == t.cfg.gamma
-        want = expected_trainable(name, t.cfg)
-        for i in active:
-            want.update({n: p.numel() for n, p in t.model.named_parameters() if n.startswith(f"model.layers.{i}.")})
-        assert got == want
-    else:
-        assert got == expected_trainable(name, t.cfg)
+    assert got == row.expect(t)
     assert t.stats.trainable_params == sum(got.values())
     assert t.stats.total_params == sum(p.numel() for p in t.model.parameters())
-    if name != "full":
+    if row.expect is not every_parameter:
         assert 0 < t.stats.trainable_params < t.stats.total_params
 
 
@@ -255,9 +388,10 @@ def test_trainable_parameters_match_definition(name, trained):
 def test_only_trainable_parameters_move(name, trained):
     t = trained(name)
     ever = set(t.trainable0)
-    if name in LAYER_SAMPLING:
+    if ROW[name].samples_layers:
         for _, active in t.method.history:
-            ever |= {n for n, _ in t.model.named_parameters() if any(n.startswith(f"model.layers.{i}.") for i in active)}
+            ever |= {n for n, _ in t.model.named_parameters()
+                     if any(n.startswith(f"model.layers.{i}.") for i in active)}
     moved = {n for n, p in t.model.named_parameters() if not torch.equal(p.detach(), t.start[n])}
     assert moved, f"{name}: nothing changed"
     assert moved <= ever, f"{name}: frozen parameters changed: {sorted(moved - ever)[:5]}"
@@ -276,12 +410,12 @@ def test_loss_falls(name, trained):
 def test_export_reloads_onto_original_base(name, trained, tmp_path):
     from peft import PeftModel
 
-    t = trained(name)
+    row, t = ROW[name], trained(name)
     batch = probe_batch()
     want = logits_of(t.model, batch)
     out = tmp_path / "export"
     t.method.export(t.model, out)
-    if name in WHOLE_MODEL:
+    if row.export == "model":
         from transformers import LlamaForCausalLM
 
         reloaded = LlamaForCausalLM.from_pretrained(out)
@@ -289,7 +423,7 @@ def test_export_reloads_onto_original_base(name, trained, tmp_path):
         return
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     reloaded = PeftModel.from_pretrained(make_model(), out)  # a fresh ORIGINAL base
-    if name == "prompt_tuning":
+    if row.export == "prompt":
         from ftlab.methods.prompt_tuning import PromptTunedLM
 
         assert (logits_of(PromptTunedLM(reloaded), batch) - want).abs().max() <= RELOAD_ATOL
@@ -300,7 +434,7 @@ def test_export_reloads_onto_original_base(name, trained, tmp_path):
     assert (logits_of(merged, batch) - want).abs().max() <= MERGE_ATOL
 
 
-@pytest.mark.parametrize("name", REWRITES_BASE)
+@pytest.mark.parametrize("name", [r.name for r in ROWS if r.rewrites_base])
 def test_rewriting_inits_export_plain_lora_for_the_original_base(name, trained, tmp_path):
     """These inits rewrite the base weights. The export is a plain LoRA adapter (init_lora_weights=true, rank
     2r) that any LoRA loader applies to the ORIGINAL W (the reload test above); the adapter saved naively is
@@ -323,6 +457,21 @@ def test_rewriting_inits_export_plain_lora_for_the_original_base(name, trained, 
     assert (logits_of(naive, batch) - logits_of(t.model, batch)).abs().max() > 10 * RELOAD_ATOL
 
 
+REG_REFUSED = [
+    (("reg=kl", "reg.weight=0"), ("reg.weight",)),
+    (("reg=l2sp", "reg.kind=l3"), ("reg.kind", "none, kl, l2sp")),
+]
+REFUSED = [((f"method={r.name}", *o), w) for r in ROWS for o, w in r.refused] + REG_REFUSED
+
+
+@pytest.mark.parametrize("overrides,words", REFUSED, ids=[" ".join(o) for o, _ in REFUSED])
+def test_method_and_reg_ranges_refused(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        check(list(overrides))
+    for w in words:
+        assert w in str(e.value)
+
+
 def test_corda_modes_differ():
     tok = make_tokenizer()
     ctx = MethodContext(tokenizer=tok, train_rows=make_rows(), seed=0, max_length=32)
@@ -334,28 +483,6 @@ def test_corda_modes_differ():
 
 
 # ------------------------------------------------------------------------------------------ method specifics
-def _check_hft_selection(t):
-    from ftlab.methods.hft import block_units
-
-    base = make_model()
-    names = set(t.trainable0)
-    ffn_total = 0
-    for i, layer in enumerate(base.model.layers):
-        units = block_units(layer)
-        assert sorted(units) == ["attn", "mlp", "norm"]
-        trained_units = {cat: sorted(u for u in us if f"model.layers.{i}.{u}.weight" in names)
-                         for cat, us in units.items()}
-        assert len(units["attn"]) == 4 and len(trained_units["attn"]) == 2  # exactly half of q/k/v/o
-        assert len(units["norm"]) == 2 and len(trained_units["norm"]) == 1
-        assert len(trained_units["mlp"]) in (1, 2)
-        ffn_total += len(trained_units["mlp"])
-        assert trained_units == t.method.selection[i]
-    assert ffn_total == 3  # 2 blocks x 3 FFN matrices: exactly half
-    assert not names & {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
-    n_matrices = sum(1 for n in names if n.endswith(".weight"))
-    assert n_matrices == 2 * (2 + 1) + 3  # attn 2+2, norms 1+1, ffn 3
-
-
 def test_hft_draw_is_seeded_and_redrawn_per_stage():
     tok = make_tokenizer()
 
@@ -417,7 +544,8 @@ def test_lisa_resamples_every_k_steps_and_releases_optimizer_state(tmp_path):
         def on_step_end(self, model, optimizer, step):
             super().on_step_end(model, optimizer, step)
             params = dict(model.named_parameters())
-            req = sorted({int(n.split(".")[2]) for n, p in params.items() if n.startswith("model.layers.") and p.requires_grad})
+            req = sorted({int(n.split(".")[2]) for n, p in params.items()
+                          if n.startswith("model.layers.") and p.requires_grad})
             state = sorted({int(n.split(".")[2]) for n, p in params.items()
                             if n.startswith("model.layers.") and p in optimizer.state})
             seen.append((step, req, state))
@@ -446,7 +574,7 @@ def test_optimizer_state_bytes_full_exact_and_layer_sampling_below(trained):
     full = trained("full")
     params = list(full.model.parameters())
     assert full.stats.optimizer_state_bytes == sum(8 * p.numel() + 4 for p in params)
-    for name in LAYER_SAMPLING:
+    for name in [r.name for r in ROWS if r.samples_layers]:
         t = trained(name)
         assert 0 < t.stats.optimizer_state_bytes < full.stats.optimizer_state_bytes, name
 
@@ -708,33 +836,6 @@ def test_unknown_method_knobs_are_refused():
         check(["reg=kl", "+reg.no_such_knob=1"])
 
 
-@pytest.mark.parametrize("overrides,words", [
-    (["method=pissa", "method.svd_niter=0"], ["method.svd_niter", ">= 1"]),
-    (["method=corda", "method.mode=both"], ["method.mode", "kpm, ipm"]),
-    (["method=corda", "method.calib_samples=0"], ["method.calib_samples"]),
-    (["method=lora_ga", "method.direction=up"], ["method.direction", "ArB2r"]),
-    (["method=ia3", "method.feedforward_modules=[up_proj]"], ["method.feedforward_modules"]),
-    (["method=prompt_tuning", "method.init=text"], ["method.init_text"]),
-    (["method=prompt_tuning", "method.num_virtual_tokens=0"], ["method.num_virtual_tokens"]),
-    (["method=hft", "method.ratio=1"], ["method.ratio"]),
-    (["method=lisa", "method.interval=0"], ["method.interval"]),
-    (["method=owlore", "method.outlier_m=0"], ["method.outlier_m"]),
-    (["method=owlore", "method.galore_rank=0"], ["method.galore_rank"]),
-    (["method=lift", "method.percent=0"], ["method.percent", "(0, 100]"]),
-    (["method=lift", "method.target_modules=[]"], ["method.target_modules"]),
-    (["method=s2ft", "method.attn_modules=[w_proj]"], ["method.attn_modules", "q_proj, k_proj, v_proj, o_proj"]),
-    (["method=s2ft", "method.heads=0", "method.channels=0"], ["method.heads", "nothing trains"]),
-    (["method=freeze", "method.llrd=0"], ["method.llrd"]),
-    (["reg=kl", "reg.weight=0"], ["reg.weight"]),
-    (["reg=l2sp", "reg.kind=l3"], ["reg.kind", "none, kl, l2sp"]),
-])
-def test_method_and_reg_ranges_refused(overrides, words):
-    with pytest.raises(ConfigError) as e:
-        check(overrides)
-    for w in words:
-        assert w in str(e.value)
-
-
 # ---------------------------------------------------------------------------------------------- regularisers
 @pytest.mark.parametrize("kind,name", [("kl", "full"), ("kl", "lora"), ("l2sp", "full"), ("l2sp", "lisa")])
 def test_regulariser_zero_at_step0_and_grows(kind, name, tmp_path):
@@ -797,7 +898,7 @@ def test_runner_end_to_end_new_method_with_reg(method, reg, tmp_path, local_mode
     (cfg,) = check([f"method={method}", f"reg={reg}", f"model.name_or_path={local_model_dir}", "data=gsm8k",
                     f"data.path={fixture}", "eval=target", "eval.limit=2", "data.max_new_tokens=2",
                     "model.max_length=128", "train.max_steps=4", "train.batch_size=4", "train.log_every=1",
-                    "train.warmup_steps=0", "hw.num_threads=1", *OVERRIDES.get(method, [])])
+                    "train.warmup_steps=0", "hw.num_threads=1", *ROW[method].overrides])
     run_dir = tmp_path / "run"
     prepare_run_dir(run_dir, cfg)
     result = run_from_dir(run_dir, progress=False)
@@ -806,7 +907,7 @@ def test_runner_end_to_end_new_method_with_reg(method, reg, tmp_path, local_mode
     assert 0 < tr["trainable_params"] < tr["total_params"]
     curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve] == [1, 2, 3, 4]
-    if reg == "l2sp" or method not in REWRITES_BASE:
+    if reg == "l2sp" or not ROW[method].rewrites_base:
         assert curve[0]["reg"] == 0.0
     else:  # the rewritten base + adapter equals the original only up to float rounding
         assert curve[0]["reg"] < 1e-6
@@ -833,7 +934,7 @@ def test_runner_end_to_end_records_method_and_optimizer_state(method, tmp_path, 
     (cfg,) = check([f"method={method}", f"model.name_or_path={local_model_dir}", "data=gsm8k",
                     f"data.path={fixture}", "eval=target", "eval.limit=2", "data.max_new_tokens=2",
                     "model.max_length=128", "train.max_steps=3", "train.batch_size=4", "train.warmup_steps=0",
-                    "hw.num_threads=1", *OVERRIDES.get(method, [])])
+                    "hw.num_threads=1", *ROW[method].overrides])
     run_dir = tmp_path / "run"
     prepare_run_dir(run_dir, cfg)
     result = run_from_dir(run_dir, progress=False)
