@@ -63,7 +63,7 @@ class LoraGa(Lora):
     def preprocess(self, model: nn.Module, config: peft.LoraConfig, ctx: MethodContext) -> None:
         import peft
 
-        from ftlab.train.batches import IGNORE, _response_loss, collate
+        from ftlab.train.batches import IGNORE, collate, response_loss
 
         rows = ctx.calibration_rows(self.cfg.calib_samples)
         bs = self.cfg.calib_batch_size
@@ -76,6 +76,6 @@ class LoraGa(Lora):
                 if not (batch["labels"][:, 1:] != IGNORE).any():
                     continue
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                _response_loss(out.logits, batch["labels"]).backward()
+                response_loss(out.logits, batch["labels"]).backward()
 
         peft.preprocess_loraga(model, config, train_step)

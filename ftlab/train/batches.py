@@ -68,19 +68,19 @@ class Batches:
         self._order = self._perm(self.epoch)
 
 
-def _response_tokens(rows: list[dict]) -> int:
+def response_tokens(rows: list[dict]) -> int:
     """Tokens the loss is taken on (labels != -100 after the shift by one), over encoded rows."""
     return sum(sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows)
 
 
-def _chunks(rows: list[dict], size: int | None) -> list[list[dict]]:
+def micro_batches(rows: list[dict], size: int | None) -> list[list[dict]]:
     """hw.micro_batch_size rows per forward (all at once when None)."""
     if not size or size >= len(rows):
         return [rows]
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
-def _response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over response tokens (labels != -100)."""
     logits = logits[:, :-1].float()
     target = labels[:, 1:]

@@ -21,10 +21,10 @@ from ftlab.train import distributed as dist
 from ftlab.train import preempt
 from ftlab.train.batches import (
     Batches,
-    _chunks,
-    _response_loss,
-    _response_tokens,
     collate,
+    micro_batches,
+    response_loss,
+    response_tokens,
 )
 from ftlab.train.errors import NonFiniteLoss
 from ftlab.utils.progress import Bar
@@ -157,18 +157,18 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
             step_loss = 0.0
             for _ in range(t.grad_accum):
                 rows = batches.next()  # the global batch: the same on every rank
-                n_resp = _response_tokens(rows)
+                n_resp = response_tokens(rows)
                 tokens += sum(len(r["input_ids"]) for r in rows)
-                for chunk in _chunks(rows[rank::world], micro):
+                for chunk in micro_batches(rows[rank::world], micro):
                     batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
                     # This chunk's share of the global batch's mean loss, times `world` because DDP/FSDP average
                     # gradients over ranks: the averaged gradient is the one-process one. One process, one
                     # chunk: both factors are exactly 1.0, so the loss is bit for bit the plain mean.
-                    tok_w = _response_tokens(chunk) / max(n_resp, 1) * world
+                    tok_w = response_tokens(chunk) / max(n_resp, 1) * world
                     row_w = len(chunk) / len(rows) * world
                     with autocast(device, settings.precision):
                         out = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                        loss = _response_loss(out.logits, batch["labels"]) * tok_w
+                        loss = response_loss(out.logits, batch["labels"]) * tok_w
                         if reg is not None:
                             reg_term = reg(model, batch, out)
                             loss = loss + reg_term * row_w
