@@ -119,3 +119,35 @@ def test_cfg_job_prints_the_composed_config(capfd):
     assert run_command(["--cfg", "job", "method=full"]) == 0
     out = capfd.readouterr().out
     assert "name: full" in out and "max_steps" in out
+
+
+def test_a_sweep_written_in_an_experiment_is_validated_before_any_job_starts(tmp_path):
+    """`-m +experiment=lora_vs_full` sweeps method x seed from the YAML's hydra.sweeper.params: every job is
+    composed and validated up front (the command line wins per key), so a job the sweep makes invalid refuses the
+    whole sweep before any run directory exists."""
+    jobs = check(["+experiment=lora_vs_full"], multirun=True)
+    assert sorted((j.method.name, j.seed) for j in jobs) == [(m, s) for m in ("full", "lora") for s in (0, 1, 2)]
+    assert sorted(j.seed for j in check(["+experiment=lora_vs_full", "seed=5"], multirun=True)) == [5, 5]
+    env = {**os.environ, "FTLAB_OUTPUTS": str(tmp_path / "out")}
+    p = subprocess.run([sys.executable, "-m", "ftlab", "run", "-m", "+experiment=lora_vs_full", "method.r=4"],
+                       env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and "method.r" in p.stderr, p.stderr[-2000:]  # method=full has no rank
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_is_validated_once_per_process(tmp_path, monkeypatch, ftlab_cache):
+    """`ftlab run` in one process: the CLI's check, the run directory's name, the Hydra job and the worker reading
+    config.yaml back all see the same config; it is checked once."""
+    from conftest import FAST
+
+    import ftlab.config.schema as schema
+
+    calls = []
+    real = schema._validate
+    monkeypatch.setattr(schema, "_validate", lambda cfg: calls.append(1) or real(cfg))
+    monkeypatch.setattr(schema, "_VALIDATED", {})
+    monkeypatch.setenv("FTLAB_OUTPUTS", str(tmp_path / "out"))
+    monkeypatch.chdir(tmp_path)
+    assert run_command([*FAST, "train.max_steps=2", "eval.limit=2", "seed=11"]) == 0
+    assert len(list((tmp_path / "out").glob("runs/*/result.json"))) == 1
+    assert len(calls) == 1

@@ -85,15 +85,6 @@ def model(tok):
 
 
 # --------------------------------------------------------------------------------------- built-in tasks
-def test_schema_names_agree_with_the_task_registry():
-    # A mirror check: delete it once ftlab.config.schema imports these lists from ftlab.eval.names.
-    from ftlab.config.schema import EVAL_BUILTIN_TASKS, EVAL_KIND_METRICS, PROMPT_FORMATS
-    from ftlab.eval import names
-
-    assert names.BUILTIN_TASK_KINDS == EVAL_BUILTIN_TASKS and names.KIND_METRICS == EVAL_KIND_METRICS
-    assert names.PROMPT_FORMATS == PROMPT_FORMATS
-
-
 def test_registries_refuse_an_unknown_name_with_the_closest_one():
     assert {k: ftask.KINDS.get(k).metrics for k in ("generation", "perplexity", "multiple_choice")} == \
         {"generation": ("exact_match",), "perplexity": ("perplexity",), "multiple_choice": ("acc", "acc_norm")}

@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SITECUSTOMIZE
-from conftest import FAST
+from conftest import FAST, SITECUSTOMIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
@@ -32,8 +31,8 @@ BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey")
 STEPS = 200
 CURVE_KEYS = ("step", "loss", "lr", "grad_norm", "tokens")
 # log every step (the driver watches progress), checkpoint every 50 (the signals land between those)
-SWEEP = [*(o for o in FAST if not o.startswith("train.max_steps=")), "hw=slurm_cpu", f"train.max_steps={STEPS}", "train.log_every=1", "train.save_every=50",
-         "eval.diagnostics=[]"]
+SWEEP = [*(o for o in FAST if not o.startswith("train.max_steps=")), "hw=slurm_cpu", f"train.max_steps={STEPS}",
+         "train.log_every=1", "train.save_every=50", "eval.diagnostics=[]"]
 
 MISSING = [b for b in BINARIES if not shutil.which(b)]
 if MISSING and os.environ.get("FTLAB_REQUIRE_SLURM") == "1":  # CI (.ci/run) must run these tests

@@ -20,7 +20,8 @@ commands:
   score TASK PREDS     score saved predictions with a task's metric, no model (ftlab score --help)
   version              print the version
 
-Config groups: model, data, method, eval, hw, logger, reg (see `ftlab run --help`).
+Config groups: model, data, method, eval, hw, logger, reg; overlays: +experiment=NAME, +debug=fast
+(see `ftlab run --help`).
 Environment: FTLAB_OUTPUTS (run directories, default ./outputs), FTLAB_CACHE (base models and base
 evaluations, default ~/.cache/ftlab).
 """

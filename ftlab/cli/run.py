@@ -69,7 +69,9 @@ def _split(args: list[str]) -> tuple[list[str], bool]:
     return overrides, multirun
 
 
-def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+def _job_overrides(overrides: list[str], multirun: bool, sweeper_params: dict) -> list[list[str]]:
+    """The overrides of every job, as Hydra's basic sweeper makes them: the sweep in the composed config's
+    `hydra.sweeper.params` (an experiment overlay's), then the command line's (which wins for the same key)."""
     if not multirun:
         return [overrides]
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -79,20 +81,31 @@ def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     if any(o.key_or_group.startswith("hydra/sweeper") for o in parsed):
         # Another sweeper decides the jobs itself; each job is still validated when it starts.
         return [[o.input_line for o in parsed if not o.is_sweep_override()]]
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    params = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in sweeper_params.items()])
+    return [job for batch in BasicSweeper.split_arguments(params + parsed, None) for job in batch]
 
 
 def check(overrides: list[str], multirun: bool = False) -> list:
-    """Compose and validate every job; return their typed configs. Raises ConfigError or Hydra's errors."""
+    """Compose and validate every job (those of a sweep written in an experiment's YAML too); return their typed
+    configs. Raises ConfigError or Hydra's errors."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from ftlab.config.schema import validate
 
     _register_resolvers()
     _register_schemas()
     out = []
+    overrides = stage_args(overrides)
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3", job_name="ftlab"):
-        for job in _job_overrides(stage_args(overrides), multirun):
+        params: dict = {}
+        if multirun:
+            fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
+                     if not o.is_sweep_override()]
+            master = compose(config_name="config", overrides=fixed, return_hydra_config=True)
+            swept = master.hydra.sweeper.get("params")
+            params = OmegaConf.to_container(swept, resolve=False) if swept else {}
+        for job in _job_overrides(overrides, multirun, params):
             cfg = compose(config_name="config", overrides=job)
             out.append(validate(cfg))
     return out
@@ -148,6 +161,8 @@ GROUPS = {
     "hw": "device, precision, processes; slurm_cpu / slurm_gpu submit to SLURM (hw.slurm.*)",
     "logger": "where metrics go besides the run directory",
     "reg": "a regulariser added to the training loss, with any method (reg.weight scales it)",
+    "experiment": "paper recipes (overlays): +experiment=NAME; with -m the sweep in its YAML runs",
+    "debug": "tiny, fast overlays for plumbing checks: +debug=fast",
 }
 
 
@@ -160,12 +175,12 @@ def run_help() -> str:
     defaults = OmegaConf.load(root / "config.yaml").defaults
     chosen = {k: v for d in defaults if isinstance(d, dict) or hasattr(d, "items") for k, v in d.items()}
     for group, what in GROUPS.items():
-        lines.append(f"  {group:<7} {what}")
+        lines.append(f"  {group:<10} {what}")
         for f in sorted((root / group).glob("*.yaml")):
-            first = f.read_text().splitlines()[0] if f.read_text() else ""
-            note = first.lstrip("# ").strip() if first.startswith("#") else ""
+            comments = [ln for ln in f.read_text().splitlines() if ln.startswith("#") and "@package" not in ln]
+            note = comments[0].lstrip("# ").strip() if comments else ""
             mark = "*" if chosen.get(group) == f.stem else " "
-            lines.append(f"        {mark} {f.stem:<16} {note}"[:150])
+            lines.append(f"           {mark} {f.stem:<19} {note}"[:150])
     lines += ["", "Common knobs: seed, train.max_steps, train.lr, train.batch_size, train.grad_accum,",
               "              train.save_every (0: checkpoint only at the end), eval.limit (examples per task)",
               "Every key: ftlab run --cfg job.   Hydra's own flags: ftlab run --hydra-help.", "",

@@ -4,7 +4,8 @@ data formats.
 A registry maps a name to an entry (a class, a function, a spec) and, optionally, to its config schema. Entries are
 registered beside their code (`@METHODS.register("lora", config=LoraConfig)`); a registry that must be complete
 before validation names the package whose modules register into it (`discover=`), and imports every public
-module of that package (not those starting with `_`) the first time a name is asked for. Such packages keep
+module of that package (not those starting with `_`; or the one module, when it names a module) the first time
+a name is asked for. Such packages keep
 their modules free of heavy imports at module level (torch, peft are imported where they are used), so
 validating a config stays fast and torch-free.
 
@@ -52,6 +53,8 @@ class Registry(Generic[T]):
             return
         self._discovered = True  # before importing: a module that asks for names while registering sees no loop
         pkg = importlib.import_module(self._discover)
+        if not hasattr(pkg, "__path__"):  # a module, not a package: it registers everything itself
+            return
         for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
             if not m.name.startswith("_"):
                 importlib.import_module(f"{self._discover}.{m.name}")

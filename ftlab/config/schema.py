@@ -7,6 +7,7 @@ ftlab.config.method.METHODS, each method's schema beside its code in ftlab/metho
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -18,7 +19,15 @@ from omegaconf.errors import OmegaConfBaseException
 from ftlab.config.checks import at_least as _at_least
 from ftlab.config.checks import choice as _choice
 from ftlab.config.method import METHODS, MethodConfig
-from ftlab.config.registry import ConfigError
+from ftlab.config.names import (
+    BUILTIN_TASK_KINDS,
+    DIAGNOSTICS,
+    KIND_METRICS,
+    PRETRAIN_SKILLS,
+    PROMPT_FORMATS,
+    TARGET_SKILLS,
+)
+from ftlab.config.registry import ConfigError, Registry
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -101,11 +110,12 @@ class RegConfig:
     weight: float = 0.0
 
 
-REG_KINDS = ("none", "kl", "l2sp")
+# kind -> the Regulariser class, registered beside its code in ftlab.train.regularisers (torch-free at import).
+REGULARISERS: Registry = Registry("regulariser", "reg.kind", discover="ftlab.train.regularisers")
 
 
 def _check_reg(reg: RegConfig) -> None:
-    _choice("reg.kind", reg.kind, REG_KINDS)
+    REGULARISERS.check(reg.kind)
     if not (isinstance(reg.weight, (int, float)) and reg.weight >= 0):
         raise ConfigError(f"reg.weight: must be >= 0, got {reg.weight!r}")
     if reg.kind != "none" and reg.weight == 0:
@@ -116,16 +126,6 @@ def _check_reg(reg: RegConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- eval
-# Built-in benchmark tasks (ftlab.eval.builtin.BUILTINS; a test checks they agree) and the metrics of each kind.
-EVAL_BUILTIN_TASKS = {
-    "arc_challenge": "multiple_choice", "arc_easy": "multiple_choice", "hellaswag": "multiple_choice",
-    "winogrande": "multiple_choice", "boolq": "multiple_choice", "mmlu": "multiple_choice",
-    "wikitext": "perplexity", "gsm8k": "generation",
-}
-EVAL_KIND_METRICS = {"multiple_choice": ("acc", "acc_norm"), "generation": ("exact_match",),
-                     "perplexity": ("perplexity",)}
-
-
 @dataclass
 class EvalTaskOptions:
     """Per-task options of a built-in task (eval.tasks.<task>.<option>); null: the default."""
@@ -165,9 +165,9 @@ class EvalConfig:
     batch_size: int = 64
     cache_base: bool = True
     # eval.paths.<task>=FILE.jsonl: a built-in task's rows from a local file (the hub dataset's fields).
-    paths: dict[str, Optional[str]] = field(default_factory=lambda: {t: None for t in EVAL_BUILTIN_TASKS})
+    paths: dict[str, Optional[str]] = field(default_factory=lambda: {t: None for t in BUILTIN_TASK_KINDS})
     tasks: dict[str, EvalTaskOptions] = field(
-        default_factory=lambda: {t: EvalTaskOptions() for t in EVAL_BUILTIN_TASKS})
+        default_factory=lambda: {t: EvalTaskOptions() for t in BUILTIN_TASK_KINDS})
     lm_eval: LmEvalOptions = field(default_factory=LmEvalOptions)
     # In-training probes (ftlab.eval.probes): every probe_every steps (0: off), perplexity and KL to the base on
     # probe_n held-out general texts (model=tiny: the world's pretraining text; else wikitext).
@@ -181,18 +181,18 @@ class EvalConfig:
     diagnostics_n: int = 64  # TuCo prompts per role (target, forget), spread over the role's tasks
 
     def __post_init__(self) -> None:
-        synth = {"data", "world", "synth_ppl"} | {f"synth_{s}" for s in WORLD_SKILLS + WORLD_TARGET_SKILLS}
+        synth = {"data", "world", "synth_ppl"} | {f"synth_{s}" for s in PRETRAIN_SKILLS + TARGET_SKILLS}
         for role in ("target", "forget"):
             for name in getattr(self, role):
-                if name not in synth and name not in EVAL_BUILTIN_TASKS and not (
+                if name not in synth and name not in BUILTIN_TASK_KINDS and not (
                         name.startswith("lm_eval:") and len(name) > len("lm_eval:")):
                     raise ConfigError(f"eval.{role}: unknown task {name!r}; valid: data, world, synth_ppl, "
-                                      f"synth_<skill>, {', '.join(EVAL_BUILTIN_TASKS)}, lm_eval:<task>")
+                                      f"synth_<skill>, {', '.join(BUILTIN_TASK_KINDS)}, lm_eval:<task>")
         for key in ("paths", "tasks"):
             for name in getattr(self, key):
-                if name not in EVAL_BUILTIN_TASKS:
+                if name not in BUILTIN_TASK_KINDS:
                     raise ConfigError(f"eval.{key}.{name}: unknown built-in task; valid: "
-                                      f"{', '.join(EVAL_BUILTIN_TASKS)}")
+                                      f"{', '.join(BUILTIN_TASK_KINDS)}")
         _at_least("eval.lm_eval.num_fewshot", self.lm_eval.num_fewshot, 0, allow_none=True)
         if self.lm_eval.include_path is not None and not os.path.isdir(os.path.expanduser(self.lm_eval.include_path)):
             raise ConfigError(f"eval.lm_eval.include_path: directory {self.lm_eval.include_path!r} does not exist")
@@ -215,7 +215,7 @@ class EvalConfig:
             if o.format is not None:
                 _choice(f"{k}.format", o.format, PROMPT_FORMATS)
             if o.metric is not None:
-                _choice(f"{k}.metric", o.metric, EVAL_KIND_METRICS[EVAL_BUILTIN_TASKS[name]])
+                _choice(f"{k}.metric", o.metric, KIND_METRICS[BUILTIN_TASK_KINDS[name]])
             if o.subset is not None and name != "mmlu":
                 raise ConfigError(f"{k}.subset: only mmlu has subsets, got {o.subset!r}")
             if o.fewshot_path is not None and not os.path.isfile(os.path.expanduser(o.fewshot_path)):
@@ -316,11 +316,6 @@ SCHEDULES = ("cosine", "linear", "constant")
 LOGGERS = ("console", "wandb")
 LOGGER_MODES = ("offline", "online", "disabled")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-PROMPT_FORMATS = ("plain", "chat")
-# Kept here, not imported from ftlab.world, so validation stays free of torch; tests check they agree.
-WORLD_SKILLS = ("add", "rev", "copy", "sort", "succ", "cnt", "fact")
-WORLD_TARGET_SKILLS = ("sub", "rot1")
-DIAGNOSTICS = ("intruder", "update", "tuco")  # ftlab.eval.diagnostics.DIAGNOSTICS (a test checks they agree)
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -339,13 +334,30 @@ def _typed(key: str, schema: type, node: Any) -> Any:
         raise ConfigError(f"{full}: {msg} (valid keys of {key}: {valid})") from None
 
 
+# Validated configs of this process, by their composed (unresolved) text: the CLI's check before Hydra starts, the
+# run directory's name and the Hydra job itself all validate the same composed config; it is checked once.
+_VALIDATED: dict[str, RunConfig] = {}
+
+
 def validate(cfg: DictConfig | dict) -> RunConfig:
-    """Check a composed config; return it as typed dataclasses. Raises ConfigError naming the full key."""
+    """Check a composed config; return it as typed dataclasses. Raises ConfigError naming the full key.
+
+    Once per process and config: a config validated before is returned again (a copy), not re-checked."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
     cfg.pop("hydra", None)
+    key = OmegaConf.to_yaml(cfg)
+    if key not in _VALIDATED:
+        run = _validate(cfg)
+        _VALIDATED[key] = run
+        # the frozen form too (what config.yaml holds): a worker in this process reads it back without re-checking
+        _VALIDATED[OmegaConf.to_yaml(OmegaConf.create(to_container(run)))] = run
+    return copy.deepcopy(_VALIDATED[key])
+
+
+def _validate(cfg: DictConfig) -> RunConfig:
     top_keys = {f.name for f in dataclasses.fields(RunConfig)}
     for k in cfg.keys():
         if k not in top_keys:
@@ -479,7 +491,7 @@ def _check_ranges(c: RunConfig) -> None:
             raise ConfigError("model.world: model.name_or_path=tiny needs a world section (use model=tiny)")
         w = m.world
         for s in w.skills:
-            _choice("model.world.skills", s, WORLD_SKILLS)
+            _choice("model.world.skills", s, PRETRAIN_SKILLS)
         if len(set(w.skills)) != len(w.skills) or not w.skills:
             raise ConfigError(f"model.world.skills: must be a non-empty list without repeats, got {w.skills}")
         for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "batch_size"):
@@ -502,8 +514,8 @@ def _check_ranges(c: RunConfig) -> None:
     _at_least("data.max_new_tokens", d.max_new_tokens, 1)
     if d.source == "synth":
         if d.skill is None:
-            raise ConfigError("data.skill: synth data needs a skill; valid: " + ", ".join(WORLD_TARGET_SKILLS + WORLD_SKILLS))
-        _choice("data.skill", d.skill, WORLD_TARGET_SKILLS + WORLD_SKILLS)
+            raise ConfigError("data.skill: synth data needs a skill; valid: " + ", ".join(TARGET_SKILLS + PRETRAIN_SKILLS))
+        _choice("data.skill", d.skill, TARGET_SKILLS + PRETRAIN_SKILLS)
         if m.name_or_path != "tiny":
             raise ConfigError(
                 f"data.source: synth data ({d.name}) is written in the tiny world's alphabet and needs model=tiny, "
@@ -611,7 +623,7 @@ def _check_mix(d: DataConfig, m: ModelConfig) -> None:
                           "dataset id (e.g. data.mix_source=Salesforce/wikitext data.mix_name=wikitext-103-raw-v1)")
     if not d.mix_skills:
         raise ConfigError("data.mix_skills: replay needs at least one pretraining skill, e.g. data.mix_skills=[add,rev]")
-    learnt = m.world.skills if m.world is not None else WORLD_SKILLS
+    learnt = m.world.skills if m.world is not None else PRETRAIN_SKILLS
     for s in d.mix_skills:
         if s not in learnt:
             raise ConfigError(f"data.mix_skills: {s!r} is not a pretraining skill of this world (model.world.skills="

@@ -23,7 +23,7 @@ Eval rows keep their file/split order; ``limit`` takes the first ``limit`` of th
 which rows a file or hub eval uses; synth evals are generated from the seed). ``n_train`` picks that many rows
 without replacement with ``random.Random(seed)``, kept in file order (the trainer shuffles).
 
-Formatting is a hook per data name (`register_format`); ``gsm8k`` writes ``"Question: {question}\\nAnswer:"`` and
+Formatting is a hook per data name (`FORMATS.register`); ``gsm8k`` writes ``"Question: {question}\\nAnswer:"`` and
 ``" {answer}"`` (rationale and ``#### N`` line kept), reference = the number after ``####``. The generic default
 uses the prompt field as the prompt and the response field as the response.
 """
@@ -38,13 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from ftlab.config.registry import Registry
 from ftlab.config.schema import DataConfig
 from ftlab.data.answers import extract_number
 
 __all__ = [
     "load_train",
     "load_eval",
-    "register_format",
     "FORMATS",
     "heldout_split",
     "MissingFieldError",
@@ -84,12 +84,8 @@ class RawRow:
 # A format hook turns a raw record into {"prompt", "response", "reference"}; `field(name, key)` reads a field
 # with a clear error when it is missing.
 Formatter = Callable[[dict, DataConfig, Callable[[str, str], str]], dict]
-FORMATS: dict[str, Formatter] = {}
-
-
-def register_format(name: str, fn: Formatter) -> None:
-    """Register the prompt/response formatting of the data config named `name` (``data.name``)."""
-    FORMATS[name] = fn
+# data.name -> its Formatter; a data config without one reads prompt_field / response_field as they are.
+FORMATS: Registry = Registry("data format", "data.name")
 
 
 def _default_format(rec: dict, cfg: DataConfig, field: Callable[[str, str], str]) -> dict:
@@ -105,15 +101,15 @@ def _gsm8k_format(rec: dict, cfg: DataConfig, field: Callable[[str, str], str]) 
     return {"prompt": f"Question: {question}\nAnswer:", "response": f" {answer}", "reference": extract_number(answer)}
 
 
-register_format("gsm8k", _gsm8k_format)
+FORMATS.register("gsm8k", _gsm8k_format)
 _FORMAT_BY_HF_PATH = {"openai/gsm8k": "gsm8k", "gsm8k": "gsm8k"}
 
 
 def _formatter(cfg: DataConfig) -> Formatter:
     if cfg.name in FORMATS:
-        return FORMATS[cfg.name]
+        return FORMATS.get(cfg.name)
     alias = _FORMAT_BY_HF_PATH.get((cfg.hf_path or "").lower())
-    return FORMATS[alias] if alias else _default_format
+    return FORMATS.get(alias) if alias else _default_format
 
 
 def _format(cfg: DataConfig, raw: RawRow, *, for_eval: bool) -> dict:

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ftlab.config.names import BUILTIN_TASK_KINDS, KIND_METRICS
 from ftlab.config.registry import Registry
-from ftlab.eval.names import BUILTIN_TASK_KINDS, KIND_METRICS
 from ftlab.utils.files import sha256_file
 
 __all__ = ["BUILTINS", "Builtin", "TaskSource", "load_builtin", "render_fewshot"]
@@ -157,7 +157,7 @@ def _gsm8k(rec: dict) -> Optional[dict]:
     def field_(name: str, key: str) -> str:
         return str(rec[name])
 
-    out = FORMATS["gsm8k"](rec, DataConfig(name="gsm8k", answer="number"), field_)
+    out = FORMATS.get("gsm8k")(rec, DataConfig(name="gsm8k", answer="number"), field_)
     return {"prompt": out["prompt"], "reference": out["reference"], "response": out["response"]}
 
 
@@ -182,11 +182,11 @@ for _b in [
             answer="number", max_new_tokens=256, doc="GSM8K grade-school math, final-number exact match"),
 ]:
     if _b.name not in BUILTIN_TASK_KINDS or _b.metric not in KIND_METRICS[_b.kind]:
-        raise RuntimeError(f"built-in task {_b.name!r}: not in ftlab.eval.names.BUILTIN_TASK_KINDS, or its metric "
+        raise RuntimeError(f"built-in task {_b.name!r}: not in ftlab.config.names.BUILTIN_TASK_KINDS, or its metric "
                            f"{_b.metric!r} is not one of its kind's")
     BUILTINS.register(_b.name, _b)
 if set(BUILTINS.names()) != set(BUILTIN_TASK_KINDS):
-    raise RuntimeError("ftlab.eval.names.BUILTIN_TASK_KINDS names a task without a spec in ftlab.eval.builtin")
+    raise RuntimeError("ftlab.config.names.BUILTIN_TASK_KINDS names a task without a spec in ftlab.eval.builtin")
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -32,7 +32,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ftlab.eval.names import DIAGNOSTICS  # what eval.diagnostics may list
+from ftlab.config.names import DIAGNOSTICS  # what eval.diagnostics may list
 from ftlab.models.structure import decoder_layers, eval_mode, model_device, pad_id
 from ftlab.utils.padding import right_pad
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ftlab.eval.names import KIND_METRICS
+from ftlab.config.names import KIND_METRICS
 from ftlab.eval.prompts import apply_format
 from ftlab.eval.scoring import by_id, mean
 from ftlab.eval.task import Kind, Task, register_kind

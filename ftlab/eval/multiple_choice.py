@@ -10,7 +10,7 @@ import copy
 import inspect
 from typing import Any, Optional
 
-from ftlab.eval.names import KIND_METRICS
+from ftlab.config.names import KIND_METRICS
 from ftlab.eval.prompts import apply_format
 from ftlab.eval.scoring import by_id, mean
 from ftlab.eval.task import Kind, Task, model_max_length, register_kind

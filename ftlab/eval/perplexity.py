@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ftlab.eval.names import KIND_METRICS
+from ftlab.config.names import KIND_METRICS
 from ftlab.eval.scoring import by_id
 from ftlab.eval.task import Kind, Task, model_max_length, register_kind
 

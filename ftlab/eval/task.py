@@ -20,8 +20,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ftlab.config.names import PROMPT_FORMATS as FORMATS
 from ftlab.config.registry import Registry
-from ftlab.eval.names import PROMPT_FORMATS as FORMATS
 
 __all__ = ["Task", "Kind", "KINDS", "register_kind", "model_max_length", "EVAL_VERSION", "EVAL_SEED", "FORMATS"]
 

@@ -1,5 +1,6 @@
-"""`python -m ftlab.launch.worker RUN_DIR`: one rank of a torchrun launch (ftlab.launch.torchrun.launch). Reads RUN_DIR/config.yaml;
-never imports Hydra. Exit code 0: completed; 1: failed (result.json says why); 3: preempted (resumes on restart)."""
+"""`python -m ftlab.launch.worker RUN_DIR`: one rank of a torchrun launch (ftlab.launch.torchrun.launch). Reads
+RUN_DIR/config.yaml; never imports Hydra. Exit code 0: completed; 1: failed (result.json says why); 3: preempted
+(resumes on restart)."""
 
 from __future__ import annotations
 

@@ -18,13 +18,13 @@ The runner builds the regulariser from `cfg.reg` (`build_regulariser`), calls `c
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from ftlab.config.schema import REGULARISERS
 
-IGNORE = -100
-
+if TYPE_CHECKING:  # torch is imported where it is used: discovering the registry at validation stays torch-free
+    import torch
+    from torch import nn
 
 class Regulariser:
     kind = "none"
@@ -53,6 +53,10 @@ class Regulariser:
         return self.weight * self.value(model, batch, outputs)
 
 
+REGULARISERS.register("none", Regulariser)  # no term: build_regulariser returns None
+
+
+@REGULARISERS.register("kl")
 class KLToBase(Regulariser):
     kind = "kl"
 
@@ -62,6 +66,8 @@ class KLToBase(Regulariser):
             p.requires_grad_(False)
 
     def value(self, model: nn.Module, batch: dict, outputs: Any) -> torch.Tensor:
+        import torch
+
         with torch.no_grad():
             ref_logits = self.ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return token_kl(outputs.logits, ref_logits, batch["labels"])
@@ -70,6 +76,10 @@ class KLToBase(Regulariser):
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over response positions of KL(softmax(logits) ‖ softmax(ref_logits)), aligned as the task loss is
     (logits at t predict labels at t+1). Exactly 0 when the logits are equal."""
+    import torch
+
+    from ftlab.train.batches import IGNORE
+
     mask = labels[:, 1:] != IGNORE
     lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[mask]
     lq = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)[mask]
@@ -78,6 +88,7 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tenso
     return (lp.exp() * (lp - lq)).sum(-1).mean()
 
 
+@REGULARISERS.register("l2sp")
 class L2SP(Regulariser):
     kind = "l2sp"
 
@@ -102,6 +113,8 @@ class L2SP(Regulariser):
     def value(self, model: nn.Module, batch: dict, outputs: Any) -> torch.Tensor:
         self._anchor_new(model)
         params = dict(model.named_parameters())
+        import torch
+
         total = outputs.logits.new_zeros((), dtype=torch.float32)
         for n, a in self.anchors.items():
             total = total + (params[n].float() - a.float()).pow(2).sum()
@@ -112,7 +125,4 @@ def build_regulariser(cfg: Any) -> Regulariser | None:
     """From the `reg` config section; None for kind=none."""
     if cfg is None or cfg.kind == "none":
         return None
-    kinds = {"kl": KLToBase, "l2sp": L2SP}
-    if cfg.kind not in kinds:
-        raise KeyError(f"reg.kind: unknown regulariser {cfg.kind!r}; valid: none, {', '.join(kinds)}")
-    return kinds[cfg.kind](cfg.weight)
+    return REGULARISERS.get(cfg.kind)(cfg.weight)

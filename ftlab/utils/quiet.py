@@ -6,7 +6,8 @@ Dropped (measured on a default `ftlab run`, transformers 5.25, peft 0.21, bitsan
   that the hub is offline (two WARNING lines before anything else);
 - transformers' weight-loading and shard-writing progress bars (ftlab draws its own bars);
 - transformers' deprecation of the `past_key_values` keyword, which ftlab's KV-cache decoding and scoring still
-  pass (moving to the `cache` keyword belongs with pinning transformers to a tested range).
+  pass (moving to the `cache` keyword belongs with pinning transformers to a tested range), and of
+  `is_gradient_checkpointing`, which peft 0.21's `get_peft_model` reads.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-_DEPRECATED_KV = r".*`past_key_values`.*deprecated"
+_DEPRECATED = (r".*`past_key_values`.*deprecated", r".*`is_gradient_checkpointing` is deprecated")
 
 
 class _DropKvDeprecation(logging.Filter):
@@ -27,7 +28,8 @@ def quiet_third_party() -> None:
     """Call before torch/transformers are imported (idempotent)."""
     for name in ("kernels", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=_DEPRECATED_KV, category=FutureWarning)
+    for message in _DEPRECATED:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -22,8 +22,8 @@ import string
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
-PRETRAIN_SKILLS = ("add", "rev", "copy", "sort", "succ", "cnt", "fact")
-TARGET_SKILLS = ("sub", "rot1")
+from ftlab.config.names import PRETRAIN_SKILLS, TARGET_SKILLS
+
 ALL_SKILLS = PRETRAIN_SKILLS + TARGET_SKILLS
 # The default pretraining mix (ftlab.config.schema.WorldConfig.skills mirrors it; a test checks they agree).
 DEFAULT_SKILLS = ("add", "rev", "copy", "sort", "succ", "cnt")

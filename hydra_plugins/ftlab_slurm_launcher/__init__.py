@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ftlab.launch.slurm_job import EVENTS, Job, append_event, read_events
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
     SlurmLauncher as _HydraSlurmLauncher,
 )
-
-from ftlab.launch.slurm_job import EVENTS, Job, append_event, read_events
 
 LAUNCHER = "ftlab_slurm"
 
@@ -159,8 +158,9 @@ class SlurmLauncher(_HydraSlurmLauncher):
         if todo:
             executor = submitit.AutoExecutor(cluster="slurm", folder=self.params["submitit_folder"],
                                              slurm_max_num_timeout=self.params["max_num_timeout"])
-            from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
             from omegaconf import OmegaConf
+
+            from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
             base = set(OmegaConf.structured(BaseQueueConf).keys())
             skip = {"submitit_folder", "max_num_timeout"}

@@ -1,11 +1,12 @@
-"""The evaluation names a config can pick, owned here: the eval code builds its registries from them and
-`ftlab.config.schema` validates ``eval.*`` against them. Plain data that imports nothing (no torch, nothing of
-ftlab), so validating a config never loads the eval code.
+"""Names a config can pick whose code lives in layers above config, owned here: the eval code builds its
+registries from them, the world generates its skills by them, and `ftlab.config.schema` validates ``eval.*``,
+``model.world.skills`` and ``data.skill`` against them. Plain data that imports nothing (no torch, nothing of
+ftlab), so validating a config never loads the eval or world code.
 """
 
 from __future__ import annotations
 
-__all__ = ["KIND_METRICS", "BUILTIN_TASK_KINDS", "PROMPT_FORMATS", "DIAGNOSTICS"]
+__all__ = ["KIND_METRICS", "BUILTIN_TASK_KINDS", "PROMPT_FORMATS", "DIAGNOSTICS", "PRETRAIN_SKILLS", "TARGET_SKILLS"]
 
 # The built-in task kinds (ftlab.eval.generation, .perplexity, .multiple_choice) and their metrics; the first is a
 # task's default primary metric. Plug-in kinds (lm_eval) register their own metrics in ftlab.eval.task.KINDS.
@@ -27,3 +28,8 @@ PROMPT_FORMATS = ("plain", "chat")
 
 # What eval.diagnostics may list (ftlab.eval.diagnostics.diagnose_run).
 DIAGNOSTICS = ("intruder", "update", "tuco")
+
+# The embedded world's skills (ftlab.world.skills makes their examples): what pretraining can teach, and the
+# fine-tuning targets held out of it.
+PRETRAIN_SKILLS = ("add", "rev", "copy", "sort", "succ", "cnt", "fact")
+TARGET_SKILLS = ("sub", "rot1")
