@@ -347,7 +347,7 @@ def diagnose_run(tuned, base, tokenizer, tasks, out_dir, which: Sequence[str] = 
     tasks of each role). Full tables go to `out_dir` (weights.json, tuco.jsonl); returns the summary for
     result.json's `diagnostics` section.
 
-    `base` is the pre-trained model itself (the runner reloads it), so every method is compared with the same
+    `base` is the pre-trained model itself (the pipeline reloads it), so every method is compared with the same
     W: a PEFT model is merged for its ΔW, and TuCo's pre-training component runs the base's own layers (right
     for PiSSA/OLoRA/CorDA too, whose frozen residual is not W)."""
     import json

@@ -15,7 +15,7 @@ The training loop checkpoints at the end of the step and raises Preempted; here 
   - USR2 only: `scontrol requeue` of this job, unless it has already been restarted hw.slurm.max_requeues times
     (SLURM_RESTART_COUNT), in which case the run is recorded as failed, saying so;
   - TERM: a clean exit; SLURM itself requeues a job it preempts or that `scontrol requeue` names.
-The requeued job runs the same run directory; the runner finds its newest complete checkpoint and continues
+The requeued job runs the same run directory; the pipeline finds its newest complete checkpoint and continues
 exactly (ftlab.pipeline). Every submission, start, stop and end is appended to RUN_DIR/slurm.jsonl.
 """
 

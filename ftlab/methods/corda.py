@@ -53,16 +53,14 @@ class Corda(Lora):
         import torch
         from peft.tuners.lora.corda import preprocess_corda
 
+        from ftlab.models.structure import eval_mode, model_device
+
         rows = ctx.calibration_rows(self.cfg.calib_samples)
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
+        device = model_device(model)
 
         def run_model() -> None:
             for r in rows:  # batch size 1 (G7)
                 model(input_ids=torch.tensor([r["input_ids"]], device=device))
 
-        try:
+        with eval_mode(model):
             preprocess_corda(model, config, run_model=run_model)
-        finally:
-            model.train(was_training)

@@ -63,12 +63,12 @@ class LoraGa(Lora):
     def preprocess(self, model: nn.Module, config: peft.LoraConfig, ctx: MethodContext) -> None:
         import peft
 
+        from ftlab.models.structure import model_device, pad_id
         from ftlab.train.batches import IGNORE, collate, response_loss
 
         rows = ctx.calibration_rows(self.cfg.calib_samples)
         bs = self.cfg.calib_batch_size
-        device = next(model.parameters()).device
-        pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
+        device, pad = model_device(model), pad_id(ctx.tokenizer)
 
         def train_step() -> None:
             for i in range(0, len(rows), bs):

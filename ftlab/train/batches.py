@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ftlab.utils.padding import pad_batch
+
 IGNORE = -100
 
 
@@ -22,16 +24,10 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> di
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # right padding
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    """Right-padded [rows, longest] input_ids, labels (IGNORE past each row) and attention mask."""
+    return {"input_ids": pad_batch([r["input_ids"] for r in rows], pad_id),
+            "labels": pad_batch([r["labels"] for r in rows], IGNORE),
+            "attention_mask": pad_batch([[1] * len(r["input_ids"]) for r in rows], 0)}
 
 
 class Batches:

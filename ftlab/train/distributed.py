@@ -95,23 +95,20 @@ def wrap(model, hw) -> Any:
     if hw.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        dev = next(model.parameters()).device
+        from ftlab.models.structure import model_device
+
+        dev = model_device(model)
         return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dev = next(model.parameters()).device
-    mesh = init_device_mesh(dev.type, (size,))
-    for block in decoder_blocks(model):
+    from ftlab.models.structure import decoder_layers, model_device
+
+    mesh = init_device_mesh(model_device(model).type, (size,))
+    for block in decoder_layers(model)[1]:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def decoder_blocks(model) -> list:
-    from ftlab.models.structure import decoder_layers
-
-    return list(decoder_layers(model)[1])
 
 
 def full_tensor(t):

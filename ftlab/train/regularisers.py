@@ -10,7 +10,7 @@
   adapter methods. A parameter that starts training later (LISA) is anchored when it first requires grad,
   which is its untouched pretrained value. Exactly 0 at step 0.
 
-The runner builds the regulariser from `cfg.reg` (`build_regulariser`), calls `capture_base` before
+The pipeline builds the regulariser from `cfg.reg` (`build_regulariser`), calls `capture_base` before
 `method.prepare` and `capture_start` after it, and passes it to `ftlab.train.loop.train`, whose loop adds
 `reg(model, batch, outputs)` to the loss in one place and logs its mean as `reg` in metrics.jsonl.
 """
