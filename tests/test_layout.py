@@ -15,15 +15,18 @@ def test_kernels_folder_has_no_init():
 
 
 def test_repo_kernels_does_not_shadow_an_installed_kernels_package(tmp_path):
-    # A stand-in for the PyPI package, placed on sys.path AFTER the repo root: the real package must win.
+    # A stand-in for the PyPI package, placed on sys.path AFTER the repo root: a real package must win over the
+    # repo's folder (the stand-in, or the PyPI package itself where it is installed: transformers 5 requires it).
     fake = tmp_path / "site" / "kernels"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("__version__ = '9.9.9'\nREAL = True\n")
+    (fake / "__init__.py").write_text("__version__ = '9.9.9'\n")
     code = ("import sys; sys.path[:0] = [sys.argv[1]]; sys.path.append(sys.argv[2]); import kernels; "
-            "print(getattr(kernels, 'REAL', False))")
+            "print(kernels.__file__)")
     p = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "site")], capture_output=True,
                        text=True, cwd=ROOT)
-    assert p.stdout.strip() == "True", p.stderr
+    assert p.returncode == 0, p.stderr
+    found = Path(p.stdout.strip()).resolve()
+    assert found.name == "__init__.py" and ROOT / "kernels" not in found.parents, found
 
 
 def test_transformers_does_not_see_a_kernels_package_from_the_repo_root():
