@@ -55,12 +55,12 @@ def main(argv=None) -> int:
     t_import = time.perf_counter()
     import torch
 
-    from ftlab.world import base
+    from ftlab.world import base, pretrain
 
     import_s = time.perf_counter() - t_import
     world = base.world_config(_parse_set(args.set))
     print(f"world {base.world_hash(world)}: {json.dumps(world)}", file=sys.stderr)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, pretraining threads {base._num_threads()}, "
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, pretraining threads {pretrain._num_threads()}, "
           f"imports {import_s:.1f} s", file=sys.stderr)
     rows = []
     for i in range(args.runs):

@@ -171,7 +171,7 @@ def _reference_decode(model, tok, prompt, max_new, eos):
 
 
 def _random_model(tok, layers=2):
-    from ftlab.world.base import build_model
+    from ftlab.world.model import build_model
 
     model = build_model({"hidden_size": 32, "num_heads": 4, "num_layers": layers, "intermediate_size": 64,
                          "seed": 1}, tok)
@@ -304,7 +304,7 @@ def test_pretraining_is_deterministic():
 
 
 def test_thread_governor_schedule():
-    from ftlab.world.base import _ThreadGovernor
+    from ftlab.world.pretrain import _ThreadGovernor
 
     g = _ThreadGovernor(2, adaptive=True, every=10, at=2, length=2)
     plan = []
