@@ -8,7 +8,8 @@ import time
 import pytest
 
 from ftlab.cli.run import _hydra_message, check, run_command
-from ftlab.config.schema import ConfigError, validate
+from ftlab.config.registry import ConfigError
+from ftlab.config.validate import validate
 
 BAD = [
     # (overrides, words the message must contain)
@@ -140,7 +141,7 @@ def test_a_config_is_validated_once_per_process(tmp_path, monkeypatch, ftlab_cac
     config.yaml back all see the same config; it is checked once."""
     from conftest import FAST
 
-    import ftlab.config.schema as schema
+    import ftlab.config.validate as schema
 
     calls = []
     real = schema._validate

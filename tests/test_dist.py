@@ -168,7 +168,7 @@ def test_a_checkpoint_of_another_world_size_is_refused(assets, tmp_path, ftlab_c
 
 def test_batch_that_does_not_split_over_processes_is_refused():
     from ftlab.cli.run import check
-    from ftlab.config.schema import ConfigError
+    from ftlab.config.registry import ConfigError
 
     with pytest.raises(ConfigError, match="train.batch_size: 5 does not split over 2"):
         check(["hw=cpu2_ddp", "train.batch_size=5"])

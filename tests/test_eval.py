@@ -471,7 +471,7 @@ def test_suites_build_their_tasks_from_local_files():
 ])
 def test_eval_config_refusals(override, message):
     from ftlab.cli.run import check
-    from ftlab.config.schema import ConfigError
+    from ftlab.config.registry import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         check([override])

@@ -132,7 +132,7 @@ def test_diagnostics_agree_with_a_direct_computation_on_the_saved_weights(tmp_pa
 
 
 def test_diagnostics_config_is_checked_at_compose_time():
-    from ftlab.config.schema import ConfigError
+    from ftlab.config.registry import ConfigError
     with pytest.raises(ConfigError, match="eval.diagnostics: unknown value 'intruders'"):
         check(["eval.diagnostics=[intruders]"])
     with pytest.raises(ConfigError, match="eval.diagnostics_n: must be >= 1"):
@@ -256,7 +256,7 @@ def test_continual_run_resumes_exactly(method, where, short_runs, tmp_path, monk
 
 
 def test_continual_stages_are_checked_at_compose_time():
-    from ftlab.config.schema import ConfigError
+    from ftlab.config.registry import ConfigError
 
     (cfg,) = check(["data=[synth_sub,synth_rot1]", "data.n_train=256"])
     assert [s.name for s in cfg.stages] == ["synth_sub", "synth_rot1"] and cfg.data == cfg.stages[0]

@@ -223,7 +223,7 @@ def test_validating_a_config_imports_no_torch_and_no_cli(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(to_container(check(["method=owlore"])[0])))
     code = ("import sys, yaml\n"
-            "from ftlab.config.schema import validate\n"
+            "from ftlab.config.validate import validate\n"
             "run = validate(yaml.safe_load(open(sys.argv[1]).read()))\n"
             "bad = [m for m in ('torch', 'transformers', 'peft', 'hydra', 'ftlab.cli') if m in sys.modules]\n"
             "print(run.method.name, bad)\n")

@@ -32,7 +32,8 @@ import pytest
 import torch
 
 from ftlab.cli.run import check
-from ftlab.config.schema import ConfigError, TrainConfig
+from ftlab.config.registry import ConfigError
+from ftlab.config.schema import TrainConfig
 from ftlab.methods import METHODS, MethodContext, build_method
 from ftlab.train.batches import Batches, collate, encode_example
 from ftlab.train.loop import LoopSettings, train

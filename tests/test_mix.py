@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ftlab.cli.run import check
-from ftlab.config.schema import ConfigError
+from ftlab.config.registry import ConfigError
 from ftlab.data.sources import load_train, mix_count
 from ftlab.train.batches import Batches
 

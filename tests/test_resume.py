@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftlab.cli.run import check
-from ftlab.config.schema import ConfigError
+from ftlab.config.registry import ConfigError
 from ftlab.pipeline import run_from_dir
 from ftlab.rundir.layout import prepare_run_dir
 from ftlab.train.checkpoint import (

@@ -329,7 +329,7 @@ def test_signal_lead_without_time_to_train_is_refused_up_front(extra, key, tmp_p
 
 def test_a_sweep_shares_one_slurm_setting():
     from ftlab.cli.run import _slurm_args, check
-    from ftlab.config.schema import ConfigError
+    from ftlab.config.registry import ConfigError
 
     jobs = check(["hw=slurm_cpu", "hw.slurm.time_min=10,20"], multirun=True)
     with pytest.raises(ConfigError, match="hw.slurm: the jobs of a sweep are one SLURM array"):

@@ -27,7 +27,8 @@ def _register_resolvers() -> None:
 
 
 def _run_name_of(*, _root_) -> str:
-    from ftlab.config.schema import to_container, validate
+    from ftlab.config.schema import to_container
+    from ftlab.config.validate import validate
     from ftlab.rundir.identity import run_name
 
     return run_name(to_container(validate(_root_)))
@@ -91,7 +92,7 @@ def check(overrides: list[str], multirun: bool = False) -> list:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from ftlab.config.schema import validate
+    from ftlab.config.validate import validate
 
     _register_resolvers()
     _register_schemas()
@@ -202,7 +203,7 @@ def run_command(args: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ftlab.config.schema import ConfigError
+    from ftlab.config.registry import ConfigError
 
     args = stage_args(args)
     if not any(a in _INFO_FLAGS or a.split("=")[0] in _INFO_FLAGS for a in args):
@@ -226,7 +227,7 @@ def run_command(args: list[str]) -> int:
 def _slurm_args(args: list[str], jobs: list, multirun: bool) -> list[str]:
     """hw=slurm_*: every job goes to SLURM through ftlab's submitit launcher (ftlab.launch.slurm_job), which submits and
     returns at once; a single run is submitted as a one-job sweep."""
-    from ftlab.config.schema import ConfigError
+    from ftlab.config.registry import ConfigError
 
     slurm = [j.hw.slurm for j in jobs]
     if all(s is None for s in slurm):
@@ -246,7 +247,8 @@ def _task(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from ftlab.config.schema import ConfigError, validate
+    from ftlab.config.registry import ConfigError
+    from ftlab.config.validate import validate
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

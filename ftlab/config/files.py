@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from ftlab.config.schema import RunConfig, from_container
+from ftlab.config.schema import RunConfig
+from ftlab.config.validate import from_container
 
 CONFIG = "config.yaml"  # the frozen, resolved config in every run directory; workers read only this
 

@@ -1,24 +1,22 @@
-"""Config schemas: one dataclass per config group option, validated once, right after Hydra composes.
+"""Config schemas: one dataclass per config group, each refusing unknown keys and wrong types when Hydra composes
+(they sit under the YAML in Hydra's ConfigStore) and checking its own fields where it can.
 
-Pure Python (no torch): `ftlab run` refuses a bad config before any heavy import. YAML files in conf/ name
-things (`method: lora`); the registries say which names exist and which schema each one has (methods:
-ftlab.config.method.METHODS, each method's schema beside its code in ftlab/methods/; the rest: the lists below).
+Pure Python (no torch). Validation of a whole composed config (ranges across groups, continual stages) is
+ftlab.config.validate; each method's schema lives beside its code (ftlab/methods/, ftlab.config.method.METHODS);
+the reg group's is ftlab.config.reg.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
-from ftlab.config.checks import at_least as _at_least
-from ftlab.config.checks import choice as _choice
-from ftlab.config.method import METHODS, MethodConfig
+from ftlab.config.bounds import at_least as _at_least
+from ftlab.config.bounds import choice as _choice
 from ftlab.config.names import (
     BUILTIN_TASK_KINDS,
     DIAGNOSTICS,
@@ -27,7 +25,8 @@ from ftlab.config.names import (
     PROMPT_FORMATS,
     TARGET_SKILLS,
 )
-from ftlab.config.registry import ConfigError, Registry
+from ftlab.config.reg import RegConfig
+from ftlab.config.registry import ConfigError
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -96,33 +95,6 @@ class DataConfig:
     mix_split: str = "train"
     mix_field: str = "text"
     mix_skills: Optional[list[str]] = None  # synth YAMLs: ${model.world.skills}, the skills the base learnt
-
-
-# ==================================================================================================== methods
-# The "methods" part: the `method` group's schemas live beside each method's code (ftlab/methods/, registered in
-# ftlab.config.method.METHODS with their range checks, `MethodConfig.check`); here, the `reg` group's schema and
-# its range checks (`_check_reg`, called by `_check_ranges`). A knob that is not a field is refused at compose time.
-@dataclass
-class RegConfig:
-    """A regulariser added to the training loss, composable with any method (config group `reg`)."""
-
-    kind: str = "none"  # none | kl (KL to the frozen base on the batch) | l2sp (L2 pull to the start weights)
-    weight: float = 0.0
-
-
-# kind -> the Regulariser class, registered beside its code in ftlab.train.regularisers (torch-free at import).
-REGULARISERS: Registry = Registry("regulariser", "reg.kind", discover="ftlab.train.regularisers")
-
-
-def _check_reg(reg: RegConfig) -> None:
-    REGULARISERS.check(reg.kind)
-    if not (isinstance(reg.weight, (int, float)) and reg.weight >= 0):
-        raise ConfigError(f"reg.weight: must be >= 0, got {reg.weight!r}")
-    if reg.kind != "none" and reg.weight == 0:
-        raise ConfigError(f"reg.weight: reg.kind={reg.kind} needs a weight > 0 (e.g. reg.weight=0.1), got 0")
-
-
-# ================================================================================================ end methods
 
 
 # ----------------------------------------------------------------------------------------------------- eval
@@ -307,339 +279,6 @@ class RunConfig:
     stages: list[Any] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------------------------------------ registries
-DATA_SOURCES = ("synth", "hf", "jsonl")
-ANSWER_KINDS = ("exact", "number")
-PRECISIONS = ("fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-SCHEDULES = ("cosine", "linear", "constant")
-LOGGERS = ("console", "wandb")
-LOGGER_MODES = ("offline", "online", "disabled")
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-
-
-# ------------------------------------------------------------------------------------------------ validation
-def _typed(key: str, schema: type, node: Any) -> Any:
-    """Merge a config node into its dataclass schema: unknown keys and wrong types are refused."""
-    try:
-        if isinstance(node, DictConfig):  # plain data: a node already typed by Hydra may carry `+` additions
-            node = OmegaConf.to_container(node, resolve=True)
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        sub = getattr(e, "full_key", None) or ""
-        full = f"{key}.{sub}" if sub else key
-        msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
-        valid = ", ".join(f.name for f in dataclasses.fields(schema))
-        raise ConfigError(f"{full}: {msg} (valid keys of {key}: {valid})") from None
-
-
-# Validated configs of this process, by their composed (unresolved) text: the CLI's check before Hydra starts, the
-# run directory's name and the Hydra job itself all validate the same composed config; it is checked once.
-_VALIDATED: dict[str, RunConfig] = {}
-
-
-def validate(cfg: DictConfig | dict) -> RunConfig:
-    """Check a composed config; return it as typed dataclasses. Raises ConfigError naming the full key.
-
-    Once per process and config: a config validated before is returned again (a copy), not re-checked."""
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.create(cfg)
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    cfg.pop("hydra", None)
-    key = OmegaConf.to_yaml(cfg)
-    if key not in _VALIDATED:
-        run = _validate(cfg)
-        _VALIDATED[key] = run
-        # the frozen form too (what config.yaml holds): a worker in this process reads it back without re-checking
-        _VALIDATED[OmegaConf.to_yaml(OmegaConf.create(to_container(run)))] = run
-    return copy.deepcopy(_VALIDATED[key])
-
-
-def _validate(cfg: DictConfig) -> RunConfig:
-    top_keys = {f.name for f in dataclasses.fields(RunConfig)}
-    for k in cfg.keys():
-        if k not in top_keys:
-            raise ConfigError(f"{k}: unknown top-level key; valid keys: {', '.join(sorted(top_keys))}")
-    method_node = cfg.get("method")
-    if not isinstance(method_node, DictConfig) or "name" not in method_node:
-        raise ConfigError("method: missing; pick one with method=<name>; valid choices: " + ", ".join(METHODS))
-    method: MethodConfig = _typed("method", METHODS.config(method_node.name, "method.name"), method_node)
-    _expand_stages(cfg)
-    rest = {k: v for k, v in cfg.items() if k != "method"}
-    try:
-        OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {getattr(e, 'msg', e)}") from None
-    run = RunConfig(
-        seed=rest.get("seed", 0),
-        out_dir=rest.get("out_dir", "outputs"),
-        model=_typed("model", ModelConfig, rest.get("model", {})),
-        data=_typed("data", DataConfig, rest.get("data", {})),
-        method=method,
-        eval=_typed("eval", EvalConfig, rest.get("eval", {})),
-        hw=_typed("hw", HwConfig, rest.get("hw", {})),
-        logger=_typed("logger", LoggerConfig, rest.get("logger", {})),
-        train=_typed("train", TrainConfig, rest.get("train", {})),
-        reg=_typed("reg", RegConfig, rest.get("reg", {})),
-        stages=[_typed(f"stages[{i}]", DataConfig, s) for i, s in enumerate(rest.get("stages") or [])],
-    )
-    if not isinstance(run.seed, int) or isinstance(run.seed, bool):
-        raise ConfigError(f"seed: must be an integer, got {run.seed!r}")
-    _check_ranges(run)
-    _check_stages(run)
-    return run
-
-
-# ------------------------------------------------------------------------------------------ continual stages
-def data_options() -> list[str]:
-    """The `data` group's options (conf/data/*.yaml)."""
-    from pathlib import Path
-
-    from ftlab.config.conf import conf_dir
-
-    return sorted(p.stem for p in (Path(conf_dir()) / "data").glob("*.yaml"))
-
-
-def _expand_stages(cfg: DictConfig) -> None:
-    """`stages` given as data option names become full data configs, in place: option i's YAML over the schema
-    defaults plus the user's `data.*` overrides (the keys where the composed `data` differs from its own
-    option), so `data=[a,b] data.n_train=256` trains 256 rows in every stage, as `data=a` and `data=b` would.
-    `data` becomes stage 0. Stages that are already data configs (a run directory's config.yaml) stay."""
-    from pathlib import Path
-
-    from ftlab.config.conf import conf_dir
-
-    stages = cfg.get("stages")
-    if not stages or all(isinstance(s, (dict, DictConfig)) for s in stages):
-        return
-    if not all(isinstance(s, str) for s in stages):
-        raise ConfigError(f"stages: give data option names, e.g. stages=[synth_sub,synth_rot1] (or "
-                          f"data=[synth_sub,synth_rot1]), got {OmegaConf.to_container(stages)}")
-    valid = data_options()
-    for i, name in enumerate(stages):
-        _choice(f"stages[{i}]", name, valid)
-    root = Path(conf_dir()) / "data"
-
-    def option(name: str) -> DictConfig:
-        return OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(root / f"{name}.yaml"))
-
-    data = cfg.get("data")
-    composed = OmegaConf.to_container(data, resolve=False) if data is not None else {}
-    own = OmegaConf.to_container(option(composed["name"]), resolve=False) if composed.get("name") in valid else {}
-    overrides = {k: v for k, v in composed.items() if k not in own or own[k] != v}
-    expanded = [data if data is not None and name == composed.get("name") else OmegaConf.merge(option(name), overrides)
-                for name in stages]
-    cfg.stages = expanded
-    cfg.data = expanded[0]
-
-
-def _check_stages(c: RunConfig) -> None:
-    """A continual run: at least two distinct stages, `data` is stage 0, every stage passes the data checks, the
-    eval scores every stage's target; one process (stage evaluations run between stages on rank 0 only)."""
-    if not c.stages:
-        return
-    names = [s.name for s in c.stages]
-    if len(names) < 2:
-        raise ConfigError(f"stages: a continual run needs at least two stages, got {names}; for one, use data={names[0]}")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError(f"stages: {dup} appear more than once in {names}; each stage's target is scored under its "
-                          "data name, so stage names must differ")
-    if c.data != c.stages[0]:
-        raise ConfigError(f"data: a continual run's data is its first stage ({names[0]}), got data.name={c.data.name}; "
-                          f"set the stages with data=[{','.join(names)}]")
-    if "data" not in c.eval.target:
-        raise ConfigError(f"eval.target: a continual run scores every stage's held-out split after each stage; "
-                          f"include data, e.g. eval.target=[data], got {c.eval.target}")
-    if c.hw.nproc * c.hw.nnodes > 1:
-        raise ConfigError(f"stages: continual runs use one process for now (stage evaluations run between "
-                          f"stages); got hw.nproc={c.hw.nproc} x hw.nnodes={c.hw.nnodes}")
-    for i, stage in enumerate(c.stages[1:], 1):
-        try:
-            _check_ranges(dataclasses.replace(c, data=stage, stages=[]))
-        except ConfigError as e:
-            raise ConfigError(f"stages[{i}] ({stage.name}): {e}") from None
-
-
-def _check_ranges(c: RunConfig) -> None:
-    t = c.train
-    _at_least("train.max_steps", t.max_steps, 1)
-    if not t.lr > 0:
-        raise ConfigError(f"train.lr: must be > 0, got {t.lr!r}")
-    _at_least("train.batch_size", t.batch_size, 1)
-    _at_least("train.grad_accum", t.grad_accum, 1)
-    _at_least("train.warmup_steps", t.warmup_steps, 0)
-    _at_least("train.weight_decay", t.weight_decay, 0)
-    _at_least("train.max_grad_norm", t.max_grad_norm, 0)
-    _at_least("train.save_every", t.save_every, 0)
-    _at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
-    _at_least("train.log_every", t.log_every, 1)
-    for k in ("adam_beta1", "adam_beta2"):
-        v = getattr(t, k)
-        if not 0 <= v < 1:
-            raise ConfigError(f"train.{k}: must be in [0, 1), got {v!r}")
-    _choice("train.schedule", t.schedule, SCHEDULES)
-
-    m = c.model
-    _choice("model.dtype", m.dtype, DTYPES)
-    _choice("model.prompt_format", m.prompt_format, PROMPT_FORMATS)
-    _at_least("model.max_length", m.max_length, 8)
-    if m.name_or_path == "tiny":
-        if m.world is None:
-            raise ConfigError("model.world: model.name_or_path=tiny needs a world section (use model=tiny)")
-        w = m.world
-        for s in w.skills:
-            _choice("model.world.skills", s, PRETRAIN_SKILLS)
-        if len(set(w.skills)) != len(w.skills) or not w.skills:
-            raise ConfigError(f"model.world.skills: must be a non-empty list without repeats, got {w.skills}")
-        for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "batch_size"):
-            _at_least(f"model.world.{k}", getattr(w, k), 1)
-        if w.hidden_size % w.num_heads:
-            raise ConfigError(
-                f"model.world.hidden_size: {w.hidden_size} is not divisible by model.world.num_heads={w.num_heads}"
-            )
-        _choice("model.world.precision", w.precision, PRECISIONS)
-    elif _looks_like_path(m.name_or_path) and not os.path.isdir(os.path.expanduser(m.name_or_path)):
-        raise ConfigError(
-            f"model.name_or_path: local directory {m.name_or_path!r} does not exist; "
-            "give an existing directory with config.json, or a hub id like 'Qwen/Qwen2.5-0.5B'"
-        )
-
-    d = c.data
-    _choice("data.source", d.source, DATA_SOURCES)
-    _choice("data.answer", d.answer, ANSWER_KINDS)
-    _at_least("data.n_train", d.n_train, 1, allow_none=True)
-    _at_least("data.max_new_tokens", d.max_new_tokens, 1)
-    if d.source == "synth":
-        if d.skill is None:
-            raise ConfigError("data.skill: synth data needs a skill; valid: " + ", ".join(TARGET_SKILLS + PRETRAIN_SKILLS))
-        _choice("data.skill", d.skill, TARGET_SKILLS + PRETRAIN_SKILLS)
-        if m.name_or_path != "tiny":
-            raise ConfigError(
-                f"data.source: synth data ({d.name}) is written in the tiny world's alphabet and needs model=tiny, "
-                f"got model.name_or_path={m.name_or_path!r}; pick real data (e.g. data=gsm8k) for real models"
-            )
-    if d.source == "jsonl" and not d.path:
-        raise ConfigError("data.path: data.source=jsonl needs data.path=FILE.jsonl")
-    _check_mix(d, m)
-    if d.source == "hf" and not (d.hf_path or d.path):
-        raise ConfigError("data.hf_path: data.source=hf needs data.hf_path (a hub dataset id) or data.path=FILE.jsonl")
-    for key in ("path", "eval_path"):
-        p = getattr(d, key)
-        if p is not None and not os.path.isfile(os.path.expanduser(p)):
-            raise ConfigError(f"data.{key}: file {p!r} does not exist; give a .jsonl with fields "
-                              f"'{d.prompt_field}' and '{d.response_field}'")
-
-    e = c.eval
-    _at_least("eval.limit", e.limit, 1, allow_none=True)
-    _at_least("eval.batch_size", e.batch_size, 1)
-    for task in e.forget:
-        if task == "world" and m.name_or_path != "tiny":
-            raise ConfigError("eval.forget: 'world' is the tiny world's forgetting suite and needs model=tiny; "
-                              "pick another eval suite for real models")
-
-    h = c.hw
-    _choice("hw.device", h.device, DEVICES)
-    _choice("hw.precision", h.precision, PRECISIONS)
-    _at_least("hw.nproc", h.nproc, 1)
-    _at_least("hw.nnodes", h.nnodes, 1)
-    _choice("hw.strategy", h.strategy, ("ddp", "fsdp"))
-    _at_least("hw.micro_batch_size", h.micro_batch_size, 1, allow_none=True)
-    procs = h.nproc * h.nnodes
-    if procs > 1 and c.train.batch_size % procs:
-        raise ConfigError(f"train.batch_size: {c.train.batch_size} does not split over {procs} processes "
-                          f"(hw.nproc={h.nproc} x hw.nnodes={h.nnodes}); use a multiple of {procs}")
-    if procs > 1 and not c.method.fixed_trainable_set:
-        raise ConfigError(f"method={c.method.name}: changes its trainable parameters during training, which "
-                          f"DDP/FSDP cannot follow yet; run it with hw.nproc=1 (hw=cpu or hw=gpu)")
-    _at_least("hw.num_threads", h.num_threads, 1, allow_none=True)
-    if h.slurm is not None:
-        _check_slurm(c)
-
-    lg = c.logger
-    _choice("logger.name", lg.name, LOGGERS)
-    _choice("logger.mode", lg.mode, LOGGER_MODES)
-
-    c.method.check()
-    _check_reg(c.reg)
-
-
-# The stop signal must leave time to finish the step in flight and write a training-state checkpoint (seconds for
-# the tiny world, tens of seconds for a billion parameters on a network file system); slurmctld also checks
-# signal times only on a ~30 s tick.
-MIN_SIGNAL_LEAD_S = 30
-# sbatch(1): "the signal may be sent up to 60 seconds earlier than specified".
-SIGNAL_EARLY_S = 60
-
-
-def _check_slurm(c: RunConfig) -> None:
-    s, h = c.hw.slurm, c.hw
-    _at_least("hw.slurm.gpus_per_node", s.gpus_per_node, 0)
-    _at_least("hw.slurm.cpus_per_task", s.cpus_per_task, 1, allow_none=True)
-    _at_least("hw.slurm.mem_gb", s.mem_gb, 1, allow_none=True)
-    _at_least("hw.slurm.time_min", s.time_min, 1)
-    _at_least("hw.slurm.max_requeues", s.max_requeues, 0)
-    _at_least("hw.slurm.array_parallelism", s.array_parallelism, 1)
-    limit = s.time_min * 60
-    if s.signal_lead_s >= limit:
-        raise ConfigError(f"hw.slurm.signal_lead_s: {s.signal_lead_s} s is not shorter than the time limit "
-                          f"hw.slurm.time_min={s.time_min} ({limit} s): the job would be told to stop before it "
-                          "trains; raise hw.slurm.time_min or lower hw.slurm.signal_lead_s")
-    if s.signal_lead_s < MIN_SIGNAL_LEAD_S:
-        raise ConfigError(f"hw.slurm.signal_lead_s: {s.signal_lead_s} s leaves no time to finish the current step "
-                          f"and write a checkpoint before the time limit; use at least {MIN_SIGNAL_LEAD_S}")
-    if s.signal_lead_s + SIGNAL_EARLY_S > limit / 2:
-        raise ConfigError(
-            f"hw.slurm.signal_lead_s: {s.signal_lead_s} s with hw.slurm.time_min={s.time_min} leaves too little time "
-            f"to train: SLURM may signal up to {SIGNAL_EARLY_S} s early, so an allocation could train only "
-            f"{max(limit - s.signal_lead_s - SIGNAL_EARLY_S, 0)} s of its {limit} s before it checkpoints and "
-            f"requeues; keep signal_lead_s + {SIGNAL_EARLY_S} <= half the time limit (raise hw.slurm.time_min "
-            "or lower hw.slurm.signal_lead_s)")
-    if not s.save_on_signal and c.train.save_every == 0:
-        raise ConfigError("train.save_every: 0 with hw.slurm.save_on_signal=false: a preempted or timed-out job "
-                          "would restart from step 0; set train.save_every=N or hw.slurm.save_on_signal=true")
-    if h.device == "cuda" and s.gpus_per_node < h.nproc:
-        raise ConfigError(f"hw.slurm.gpus_per_node: {s.gpus_per_node} GPU(s) per node for hw.nproc={h.nproc} "
-                          f"processes per node; set hw.slurm.gpus_per_node={h.nproc}")
-
-
-def _check_mix(d: DataConfig, m: ModelConfig) -> None:
-    if not (isinstance(d.mix, (int, float)) and 0 <= d.mix < 1):
-        raise ConfigError(f"data.mix: must be in [0, 1) (the share of general rows in the training stream), got {d.mix!r}")
-    if d.mix == 0:
-        return
-    if d.mix_source is not None:
-        src = os.path.expanduser(d.mix_source)
-        if (_looks_like_path(d.mix_source) or d.mix_source.endswith((".jsonl", ".json"))) and not (
-                os.path.isfile(src) or os.path.isdir(src)):
-            raise ConfigError(f"data.mix_source: file {d.mix_source!r} does not exist; give a .jsonl of general "
-                              f"text (field data.mix_field={d.mix_field!r}) or a hub dataset id")
-        return
-    if d.source != "synth":
-        raise ConfigError("data.mix_source: data.mix > 0 needs a source of general text for non-synthetic data: "
-                          "data.mix_source=FILE.jsonl (one object per line, text in field data.mix_field) or a hub "
-                          "dataset id (e.g. data.mix_source=Salesforce/wikitext data.mix_name=wikitext-103-raw-v1)")
-    if not d.mix_skills:
-        raise ConfigError("data.mix_skills: replay needs at least one pretraining skill, e.g. data.mix_skills=[add,rev]")
-    learnt = m.world.skills if m.world is not None else PRETRAIN_SKILLS
-    for s in d.mix_skills:
-        if s not in learnt:
-            raise ConfigError(f"data.mix_skills: {s!r} is not a pretraining skill of this world (model.world.skills="
-                              f"[{', '.join(learnt)}]); replay only what the base learnt")
-
-
-def _looks_like_path(s: str) -> bool:
-    # "org/name" is a hub id; "./x", "/x", "~/x" and "a/b/c" are paths.
-    return s.startswith((".", "/", "~")) or s.count("/") >= 2
-
-
 def to_container(run: RunConfig) -> dict:
     """The resolved config as plain data (what config.yaml in a run directory holds)."""
     return dataclasses.asdict(run)
-
-
-def from_container(d: dict) -> RunConfig:
-    """Read a run directory's config.yaml back (workers never see Hydra)."""
-    return validate(OmegaConf.create(d))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from ftlab.config.checks import at_least
+from ftlab.config.bounds import at_least
 from ftlab.config.registry import ConfigError
 from ftlab.methods.base import METHODS, Method, MethodConfig, MethodContext
 

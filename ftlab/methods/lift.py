@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ftlab.config.checks import at_least
+from ftlab.config.bounds import at_least
 from ftlab.config.registry import ConfigError
 from ftlab.methods.base import ALL_LINEAR, METHODS, Method, MethodConfig, MethodContext
 

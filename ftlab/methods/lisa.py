@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ftlab.config.checks import at_least
+from ftlab.config.bounds import at_least
 from ftlab.methods.base import METHODS, Method, MethodConfig, MethodContext
 
 if TYPE_CHECKING:

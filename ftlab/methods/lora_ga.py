@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ftlab.config.checks import at_least, choice
+from ftlab.config.bounds import at_least, choice
 from ftlab.config.registry import ConfigError
 from ftlab.methods.base import METHODS, MethodContext
 from ftlab.methods.lora import Lora, LoraConfig

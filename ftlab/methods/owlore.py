@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ftlab.config.checks import at_least
+from ftlab.config.bounds import at_least
 from ftlab.config.registry import ConfigError
 from ftlab.methods.base import METHODS, MethodContext
 from ftlab.methods.lisa import Lisa, LisaConfig

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ftlab.config.checks import at_least, choice
+from ftlab.config.bounds import at_least, choice
 from ftlab.config.registry import ConfigError
 from ftlab.methods.base import METHODS, Method, MethodConfig, MethodContext
 

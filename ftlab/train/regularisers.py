@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
-from ftlab.config.schema import REGULARISERS
+from ftlab.config.reg import REGULARISERS
 
 if TYPE_CHECKING:  # torch is imported where it is used: discovering the registry at validation stays torch-free
     import torch

@@ -125,7 +125,7 @@ class SlurmLauncher(_HydraSlurmLauncher):
         from hydra.core.hydra_config import HydraConfig
         from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 
-        from ftlab.config.schema import validate
+        from ftlab.config.validate import validate
         from ftlab.rundir.identity import ResumeRefused
         from ftlab.rundir.layout import completed_record, prepare_run_dir
 
