@@ -225,8 +225,8 @@ def run_command(args: list[str]) -> int:
 
 
 def _slurm_args(args: list[str], jobs: list, multirun: bool) -> list[str]:
-    """hw=slurm_*: every job goes to SLURM through ftlab's submitit launcher (ftlab.launch.slurm_job), which submits and
-    returns at once; a single run is submitted as a one-job sweep."""
+    """hw=slurm_*: every job goes to SLURM through ftlab's submitit launcher (hydra_plugins.ftlab_slurm_launcher),
+    which submits and returns at once; a single run is submitted as a one-job sweep."""
     from ftlab.config.registry import ConfigError
 
     slurm = [j.hw.slurm for j in jobs]
