@@ -807,12 +807,12 @@ def test_prompt_tuning_cached_decoding_matches_full_forward():
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         step_logits = [out.logits[:, -1]]
-        cache, next_pos = out.past_key_values, pos[:, -1:] + 1
+        cache, next_pos = out.cache, pos[:, -1:] + 1  # transformers' cache API (past_key_values is deprecated)
         for t in range(3, 6):
             mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], 1)
             out = model(input_ids=seq[:, t:t + 1], attention_mask=mask, position_ids=next_pos,
-                        past_key_values=cache, use_cache=True)
-            cache, next_pos = out.past_key_values, next_pos + 1
+                        cache=cache, use_cache=True)
+            cache, next_pos = out.cache, next_pos + 1
             step_logits.append(out.logits[:, -1])
     got = torch.stack(step_logits, 1)
     assert (got - full[:, 2:6]).abs().max() <= RELOAD_ATOL

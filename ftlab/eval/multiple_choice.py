@@ -1,7 +1,9 @@
 """The ``multiple_choice`` task kind: the log-likelihood of each continuation after its context; acc and acc_norm.
 
-A context's choices share one pass over the context (its KV cache), packed into one row where they are short;
-see `mc_loglikelihoods`.
+A context's choices share one pass over the context (its KV cache, passed with transformers' `cache=` keyword), packed
+into one row where they are short; see `mc_loglikelihoods`. The continuations' log-likelihoods apply the output head a
+chunk of positions at a time (ftlab.models.logits): a large vocabulary's [rows x positions x vocabulary] logits are
+never held at once.
 """
 
 from __future__ import annotations
@@ -121,11 +123,17 @@ def mc_loglikelihoods(model, tokenizer, requests: list[tuple[list[int], list[int
     return out
 
 
-def _gather_ll(logits, targets, mask):
-    """Sum over positions of log_softmax(logits)[target], where mask is 1; logits [B,T,V], targets/mask [B,T]."""
-    logits = logits.float()
-    tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return (tok * mask).sum(-1)
+def _token_lls(hidden, head, targets):
+    """log_softmax(logits)[target] at every position, the head applied a chunk of positions at a time: hidden
+    [B,T,H] (the logits when `head` is None), targets [B,T] or [B,T,K] (K targets per position) -> the same shape."""
+    from ftlab.models.logits import chunk_positions, map_tokens, token_logprob, vocab_size
+
+    vocab = vocab_size(head) if head is not None else hidden.shape[-1]
+    chunk = chunk_positions(vocab, rows=hidden.shape[0])
+    if targets.dim() == 2:
+        return map_tokens(hidden, head, lambda lg, t: token_logprob(lg, t.unsqueeze(-1)).squeeze(-1), targets,
+                          chunk=chunk)
+    return map_tokens(hidden, head, token_logprob, targets, chunk=chunk)
 
 
 _LOGITS_BUDGET = 1 << 25  # logits kept by the context pass of multiple choice: 32 M floats (128 MB in fp32)
@@ -145,6 +153,7 @@ def _trim_context(ctx: list[int], longest: int, max_length: int) -> list[int]:
 def _mc_shared(model, requests, batch_size, max_length, keep, device, pad, out) -> bool:
     import torch
 
+    from ftlab.models.logits import head_split
     from ftlab.utils.padding import left_pad, pad_batch, right_pad
 
     groups: dict[tuple, list[int]] = {}
@@ -185,7 +194,7 @@ def _mc_shared(model, requests, batch_size, max_length, keep, device, pad, out) 
                     rest.append((b, j))
         if not rest:
             continue
-        cache = res.past_key_values
+        cache = res.cache
         if not _can_share(model, cache):
             return False
         ctx_len = mask.sum(-1)
@@ -202,9 +211,10 @@ def _mc_shared(model, requests, batch_size, max_length, keep, device, pad, out) 
             tgt = pad_batch([c[1:] for c in conts], 0).to(device)
             attn = torch.cat([mask[idx], cmask], dim=1)
             cpos = ctx_len[idx].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
-            r2 = model(input_ids=inp, attention_mask=attn, position_ids=cpos,
-                       past_key_values=_select_cache(cache, idx), use_cache=True)
-            lls = _gather_ll(r2.logits, tgt, cmask).tolist()
+            with head_split(model) as head:
+                hidden = model(input_ids=inp, attention_mask=attn, position_ids=cpos, cache=_select_cache(cache, idx),
+                               use_cache=True).logits
+            lls = (_token_lls(hidden, head, tgt) * cmask).sum(-1).tolist()
             for (_, j), v in zip(part, lls):
                 out[j] += v
     return True
@@ -222,6 +232,8 @@ def _packed_rest(model, requests, rest, n_ctx, cache, mask, ctx_len, pad, device
     causal 4D mask). The cache is used once, as it is: no copy of it per choice. False (nothing done) when a
     packed row would be long, or the model takes no 4D mask."""
     import torch
+
+    from ftlab.models.logits import head_split
 
     rows: list[list[tuple[int, list[int]]]] = [[] for _ in range(n_ctx)]  # per context: (request, its tokens)
     for b, j in rest:
@@ -248,9 +260,10 @@ def _packed_rest(model, requests, rest, n_ctx, cache, mask, ctx_len, pad, device
             at += m
     dtype = next(model.parameters()).dtype
     bias = torch.zeros(allow.shape, dtype=dtype).masked_fill_(~allow, torch.finfo(dtype).min)
-    logits = model(input_ids=inp.to(device), attention_mask=bias[:, None].to(device), position_ids=pos.to(device),
-                   past_key_values=cache, use_cache=True).logits.float()
-    ll = logits.gather(-1, tgt.to(device).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    with head_split(model) as head:
+        hidden = model(input_ids=inp.to(device), attention_mask=bias[:, None].to(device), position_ids=pos.to(device),
+                       cache=cache, use_cache=True).logits
+    ll = _token_lls(hidden, head, tgt.to(device))
     for b, at, m, j in spans:
         out[j] += float(ll[b, at:at + m].sum())
     return True
@@ -259,6 +272,7 @@ def _packed_rest(model, requests, rest, n_ctx, cache, mask, ctx_len, pad, device
 def _mc_full(model, requests, batch_size, max_length, keep, device, pad, out) -> None:
     import torch
 
+    from ftlab.models.logits import head_split
     from ftlab.utils.padding import left_pad
 
     # identical inputs (same context + continuation[:-1], same length) run once: single-token choices share
@@ -278,14 +292,19 @@ def _mc_full(model, requests, batch_size, max_length, keep, device, pad, out) ->
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         n = max(g[1] for g in part)
         kw = {"logits_to_keep": n} if keep else {}
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw).logits[:, -n:]
+        with head_split(model) as head:
+            hidden = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw).logits[:, -n:]
+        # the requests of a group share their input and differ in the last token: K targets per position
+        k_max = max(len(groups[g]) for g in part)
+        tgt = torch.zeros((len(part), n, k_max), dtype=torch.long)
         for b, g in enumerate(part):
-            for j in groups[g]:
+            for k, j in enumerate(groups[g]):
                 cont = requests[j][1]
-                m = len(cont)
-                row = logits[b, n - m:].float()
-                lp = row.gather(-1, torch.tensor(cont, device=device).unsqueeze(-1)).squeeze(-1) - row.logsumexp(-1)
-                out[j] = float(lp.sum())
+                tgt[b, n - len(cont):, k] = torch.tensor(cont)
+        lps = _token_lls(hidden, head, tgt.to(device))
+        for b, g in enumerate(part):
+            for k, j in enumerate(groups[g]):
+                out[j] = float(lps[b, n - len(requests[j][1]):, k].contiguous().sum())
 
 
 def predict_multiple_choice(model, tokenizer, task: Task, batch_size: int,

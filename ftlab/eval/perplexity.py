@@ -15,10 +15,12 @@ def predict_perplexity(model, tokenizer, task: Task, batch_size: int) -> list[di
     """Summed NLL and token count of every text; every token after the first is predicted once.
 
     A text longer than the window (task.max_length or the model's) is cut into windows that overlap by one
-    token: window j reads tokens [j(L-1), j(L-1)+L) and predicts all but its first.
+    token: window j reads tokens [j(L-1), j(L-1)+L) and predicts all but its first. The logits are computed a chunk
+    of positions at a time (ftlab.models.logits): never [batch x window x vocabulary] at once for a large vocabulary.
     """
     import torch
 
+    from ftlab.models.logits import chunk_positions, head_split, map_tokens, vocab_size
     from ftlab.models.structure import eval_mode, model_device, pad_id
     from ftlab.utils.padding import right_pad
 
@@ -53,13 +55,24 @@ def predict_perplexity(model, tokenizer, task: Task, batch_size: int) -> list[di
                 lo = max(first[i] - s, 1)
                 mask[b, lo:len(w)] = 1
             ids, mask, attn = ids.to(device), mask.to(device), attn.to(device)
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-            tok_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            # the head applied a chunk of positions at a time (ftlab.models.logits); one chunk: the model's own ops
+            with head_split(model) as head:
+                hidden = model(input_ids=ids, attention_mask=attn).logits
+            per = chunk_positions(vocab_size(head) if head is not None else hidden.shape[-1], rows=ids.shape[0])
+            targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)  # the last position predicts none
+            tok_nll = map_tokens(hidden, head, _nll, targets, chunk=per)[:, :-1]
             sums = (tok_nll * mask[:, 1:]).sum(-1).tolist()
             for (i, _, _), v in zip(chunk, sums):
                 nll[i] += v
     return [{"id": r["id"], "nll": v, "n_tokens": max(len(e) - f, 0)}
             for r, e, f, v in zip(task.rows, enc, first, nll)]
+
+
+def _nll(logits, targets):
+    """Per-position NLL of a chunk: logits [B, t, V] (float32), targets [B, t]."""
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
 
 
 def score_perplexity(task: Task, predictions: list[dict]) -> tuple[dict, list[dict]]:

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from ftlab.models.logits import chunk_positions, head_split, vocab_size
 from ftlab.models.structure import eval_mode, model_device, pad_id
 from ftlab.utils.padding import right_pad
 
@@ -77,28 +78,48 @@ class Probes:
 
     @torch.inference_mode()
     def _logprobs(self, model):
-        """Per batch: (log-probs [B,T-1,V] float32, targets [B,T-1], mask [B,T-1])."""
+        """Per batch, per chunk of positions (ftlab.models.logits; one chunk while the batch's logits are within
+        its budget): (batch number, log-probs [B,t,V] float32, targets [B,t], mask [B,t], the chunk's first
+        position), over the T-1 positions that predict a token. The whole [B, T, V] log-probs are never held for a
+        large vocabulary."""
         with eval_mode(model):
-            for ids, mask, scored in self._batches(model_device(model)):
-                # prompt-learning PEFT models prepend virtual tokens to the logits: keep the text's positions
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:-1].float()
-                yield logits.log_softmax(-1), ids[:, 1:], scored[:, 1:]
+            for nb, (ids, mask, scored) in enumerate(self._batches(model_device(model))):
+                with head_split(model) as head:
+                    # prompt-learning PEFT models prepend virtual tokens to the outputs: keep the text's positions
+                    hidden = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:]
+                vocab = vocab_size(head) if head is not None else hidden.shape[-1]
+                chunk, n = chunk_positions(vocab, rows=ids.shape[0]), ids.shape[1] - 1
+                if chunk >= ids.shape[1]:  # one chunk: the head on the whole hidden state, as the model would
+                    logits = (hidden if head is None else head(hidden))[:, :-1].float()
+                    yield nb, logits.log_softmax(-1), ids[:, 1:], scored[:, 1:], 0
+                    continue
+                for s in range(0, n, chunk):
+                    e = min(s + chunk, n)
+                    h = hidden[:, s:e]
+                    logits = (h if head is None else head(h)).float()
+                    yield nb, logits.log_softmax(-1), ids[:, s + 1:e + 1], scored[:, s + 1:e + 1], s
 
     def capture_base(self, model) -> dict:
         """Run the base model on the probe set and keep what the KL needs. Returns the base's numbers."""
         self.base = []
         nll = count = 0.0
-        for logp, tgt, m in self._logprobs(model):
+        parts: list[list[tuple]] = []  # per batch, its chunks' (idx, logp)
+        for nb, logp, tgt, m, _ in self._logprobs(model):
             nll += float((-logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * m).sum())
             count += float(m.sum())
+            if nb == len(parts):
+                parts.append([])
             if logp.shape[-1] <= self.full_vocab_max:
-                self.base.append({"idx": None, "logp": logp.to("cpu")})
+                parts[-1].append((None, logp.to("cpu")))
             else:
                 top, idx = logp.topk(self.topk, dim=-1)
                 rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6)).unsqueeze(-1)
                 # int32 indices: half the bytes in every checkpoint that carries the reference
-                self.base.append({"idx": idx.to("cpu", torch.int32),
-                                  "logp": torch.cat([top, rest], -1).to("cpu", torch.float16)})
+                parts[-1].append((idx.to("cpu", torch.int32), torch.cat([top, rest], -1).to("cpu", torch.float16)))
+        for chunks in parts:  # one reference per batch, whatever the chunking (checkpoints keep this layout)
+            idx = None if chunks[0][0] is None else torch.cat([c[0] for c in chunks], 1)
+            self.base.append({"idx": idx, "logp": chunks[0][1] if len(chunks) == 1 else torch.cat([c[1] for c in
+                                                                                                   chunks], 1)})
         self.base_ppl = math.exp(nll / count)
         return {"probe_ppl": self.base_ppl, "probe_kl": 0.0}
 
@@ -135,14 +156,16 @@ class Probes:
         if self.base is None:
             raise RuntimeError("probes: call capture_base(base model) before training")
         nll = count = kl = 0.0
-        for b, (logp, tgt, m) in zip(self.base, self._logprobs(model)):
+        for nb, logp, tgt, m, s in self._logprobs(model):
+            b = self.base[nb]
             nll += float((-logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * m).sum())
             count += float(m.sum())
-            base = b["logp"].to(logp.device, torch.float32)
+            t = logp.shape[1]
+            base = b["logp"][:, s:s + t].to(logp.device, torch.float32)
             if b["idx"] is None:
                 per_tok = (base.exp() * (base - logp)).sum(-1)
             else:
-                idx = b["idx"].to(logp.device, torch.long)
+                idx = b["idx"][:, s:s + t].to(logp.device, torch.long)
                 top = logp.gather(-1, idx)
                 rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6)).unsqueeze(-1)
                 cur = torch.cat([top, rest], -1)

@@ -24,11 +24,13 @@ class PromptTunedLM(nn.Module):
         return self.peft_model.active_peft_config.num_virtual_tokens
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None, **kwargs):
+                position_ids: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
+        """`cache`: transformers' KV cache keyword (`past_key_values`, its deprecated name, is taken too)."""
+        cache = cache if cache is not None else past_key_values
         pm = self.peft_model
         n, b = self.num_virtual_tokens, input_ids.shape[0]
         embeds = pm.word_embeddings(input_ids)
-        first = past_key_values is None or past_key_values.get_seq_length() == 0
+        first = cache is None or cache.get_seq_length() == 0
         if first:
             prompts = pm.get_prompt(batch_size=b).to(embeds.dtype)
             embeds = torch.cat((prompts, embeds), dim=1)
@@ -41,7 +43,7 @@ class PromptTunedLM(nn.Module):
                 prefix = torch.arange(n, device=position_ids.device).expand(b, n)
                 position_ids = torch.cat((prefix, position_ids), dim=1)
         out = pm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, **kwargs)
+                            cache=cache, **kwargs)
         # logits of the real tokens only: the last input_ids.shape[1] positions (with `logits_to_keep`, as
         # ftlab.models.generate asks at prefill, the model returns fewer, all of them real tokens)
         out.logits = out.logits[:, -input_ids.shape[1]:]

@@ -7,7 +7,7 @@ peft would load one by name).
 
 peft's own forward for prompt tuning returns logits for the virtual tokens too and prepends the prompt again on
 every cached decoding step; ftlab's loop and its greedy decoder call `model(input_ids, attention_mask,
-position_ids, past_key_values)` like a plain causal LM. `PromptTunedLM` (in ftlab.methods._prompt, importable
+position_ids, cache)` like a plain causal LM. `PromptTunedLM` (in ftlab.methods._prompt, importable
 from here too) is the thin adapter between the two: it uses peft's prompt encoder and base model, prepends the
 prompt on the first (uncached) call only, shifts positions and the attention mask by the prompt length, and
 returns logits for the real tokens only.

@@ -35,7 +35,7 @@ def _decode_batch(model, enc: list[list[int]], max_new_tokens: int, pad: int, eo
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     except TypeError:  # a model whose forward predates `logits_to_keep`
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     next_pos = pos[:, -1:] + 1
     done = torch.zeros(b, dtype=torch.bool, device=device)
     new = []
@@ -47,9 +47,8 @@ def _decode_batch(model, enc: list[list[int]], max_new_tokens: int, pad: int, eo
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True)
+        cache = out.cache
         next_pos = next_pos + 1
     gen = torch.stack(new, dim=1).tolist()  # [b, steps]
     eos_set = set(eos.tolist())
@@ -69,8 +68,9 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
     `max_new_tokens` tokens. The model's train/eval mode is restored afterwards.
 
     Args:
-        model: a HF causal LM (``model(input_ids, attention_mask, position_ids, past_key_values)``), e.g.
-            ``LlamaForCausalLM`` or a peft ``PeftModel`` around one.
+        model: a HF causal LM (``model(input_ids, attention_mask, position_ids, cache)``: transformers' current
+            cache keyword; ``past_key_values`` is deprecated), e.g. ``LlamaForCausalLM`` or a peft ``PeftModel``
+            around one (peft passes ``cache`` through to the model).
         tokenizer: its tokenizer; needs a pad or eos token.
         prompts: the prompts, as text.
         max_new_tokens: cap on generated tokens per prompt (eos included).

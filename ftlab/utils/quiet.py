@@ -5,9 +5,10 @@ Dropped (measured on a default `ftlab run`, transformers 5.25, peft 0.21, bitsan
 - bitsandbytes' CPU backend asking the `kernels` package for a hub kernel at import, and both of their warnings
   that the hub is offline (two WARNING lines before anything else);
 - transformers' weight-loading and shard-writing progress bars (ftlab draws its own bars);
-- transformers' deprecation of the `past_key_values` keyword, which ftlab's KV-cache decoding and scoring still
-  pass (moving to the `cache` keyword belongs with pinning transformers to a tested range), and of
-  `is_gradient_checkpointing`, which peft 0.21's `get_peft_model` reads.
+- transformers' deprecation of `is_gradient_checkpointing`, which peft 0.21's `get_peft_model` reads.
+
+ftlab's KV-cache decoding and scoring pass transformers' current `cache=` keyword (not the deprecated
+`past_key_values`), so that deprecation is not silenced: if it shows, something still uses the old keyword.
 """
 
 from __future__ import annotations
@@ -15,13 +16,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-_DEPRECATED = (r".*`past_key_values`.*deprecated", r".*`is_gradient_checkpointing` is deprecated")
-
-
-class _DropKvDeprecation(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not ("past_key_values" in msg and "deprecated" in msg)
+_DEPRECATED = (r".*`is_gradient_checkpointing` is deprecated",)
 
 
 def quiet_third_party() -> None:
@@ -33,8 +28,3 @@ def quiet_third_party() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    logger = hf_logging.get_logger("transformers")
-    if not any(isinstance(f, _DropKvDeprecation) for f in logger.filters):
-        logger.addFilter(_DropKvDeprecation())
-        for h in logger.handlers:
-            h.addFilter(_DropKvDeprecation())
