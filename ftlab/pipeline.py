@@ -26,6 +26,7 @@ from ftlab.continual import continual_section, stage_totals, train_stages
 from ftlab.models.structure import pad_id, resolve_device
 from ftlab.rundir.layout import completed_record, locked
 from ftlab.rundir.record import RunRecord
+from ftlab.utils.memory import PhasePeaks
 from ftlab.utils.quiet import quiet_third_party
 
 
@@ -157,6 +158,7 @@ class _Run:
     ctx: Any = None
     reg: Any = None
     forward: Any = None
+    memory: Any = None  # ftlab.utils.memory.PhasePeaks: peak memory of training, base and tuned evaluation
 
 
 def _load(r: _Run) -> None:
@@ -187,8 +189,9 @@ def _evaluate_base(r: _Run) -> None:
         return
     cache = cache_root() / "base_eval" if r.cfg.eval.cache_base else None
     fp = model_fingerprint(r.model) if cache is not None else None
-    r.base = evaluate(r.model, r.tok, r.tasks, r.cfg.eval.batch_size, stage="base", run_dir=r.run_dir,
-                      cache_dir=cache, fingerprint=fp, progress=r.progress)
+    with r.memory.phase("eval_base"):
+        r.base = evaluate(r.model, r.tok, r.tasks, r.cfg.eval.batch_size, stage="base", run_dir=r.run_dir,
+                          cache_dir=cache, fingerprint=fp, progress=r.progress)
 
 
 def _prepare(r: _Run) -> None:
@@ -226,13 +229,14 @@ def _train(r: _Run):
     kw = dict(device=r.device, pad_id=pad_id(r.tok), run_dir=r.run_dir, on_log=r.logger.log, progress=r.progress,
               reg=r.reg, probes=r.probes, forward=r.forward)
     stage_log = None
-    if cfg.stages:  # continual: the stages in order, every stage's target scored after each (R[i][j])
-        stage_log = train_stages(cfg, r.model, r.method, r.tok, r.tasks, r.resume, **kw)
-        stats = stage_totals(stage_log)
-    else:
-        r.method.on_stage_start(r.model, 0)
-        stats = train(r.model, r.method, Batches(r.encoded, cfg.train.batch_size, cfg.seed), LoopSettings.of(cfg),
-                      resume_from=r.resume, **kw)
+    with r.memory.phase("train"):  # train.peak_mem_bytes is this phase's peak too
+        if cfg.stages:  # continual: the stages in order, every stage's target scored after each (R[i][j])
+            stage_log = train_stages(cfg, r.model, r.method, r.tok, r.tasks, r.resume, **kw)
+            stats = stage_totals(stage_log)
+        else:
+            r.method.on_stage_start(r.model, 0)
+            stats = train(r.model, r.method, Batches(r.encoded, cfg.train.batch_size, cfg.seed),
+                          LoopSettings.of(cfg), resume_from=r.resume, **kw)
     if dist.is_sharded(r.model):  # FSDP2: rank 0 continues on a whole copy of the trained model
         r.model = _unsharded_copy(cfg, r.model, r.method, r.ctx, r.device)
     return stats, stage_log
@@ -246,8 +250,9 @@ def _evaluate_tuned_and_record(r: _Run, stats, stage_log, t_start: float) -> Non
 
     cfg, base, record = r.cfg, r.base, r.record
     save_checkpoint(r.model, r.method, r.run_dir / "checkpoints" / "final")
-    tuned = evaluate(r.model, r.tok, r.tasks, cfg.eval.batch_size, stage="tuned", run_dir=r.run_dir,
-                     progress=r.progress)
+    with r.memory.phase("eval_tuned"):
+        tuned = evaluate(r.model, r.tok, r.tasks, cfg.eval.batch_size, stage="tuned", run_dir=r.run_dir,
+                         progress=r.progress)
     if cfg.eval.diagnostics:
         record.update(diagnostics=_diagnostics(cfg, r.model, r.tok, r.tasks, r.run_dir, r.device))
     table = {t.name: {**task_entry(t.role, t.metric, t.higher_is_better, t.unit, base[t.name]["score"],
@@ -257,7 +262,7 @@ def _evaluate_tuned_and_record(r: _Run, stats, stage_log, t_start: float) -> Non
              for t in r.tasks}
     if stage_log is not None:
         record.update(continual=continual_section(cfg, stage_log, base, tuned, r.tasks))
-    record.update(summary=summarize(table), tasks=table,
+    record.update(summary=summarize(table), tasks=table, memory=r.memory.record(),
                   train={**dataclasses.asdict(stats), "run_wall_s": time.perf_counter() - t_start,
                          **({"stages": [{"stage": x["stage"], "name": x["name"], **x["train"]}
                                         for x in stage_log]} if stage_log is not None else {})})
@@ -301,7 +306,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None 
     device = dist.init(resolve_device(cfg.hw))
     record.start(run_dir.name, config, env_info(device, world_size=world))
     record.update(config_sha256=config_sha256(run_dir), resumed_from=None if resume is None else resume.path.name)
-    r = _Run(cfg, run_dir, record, device, main, progress and main, resume)
+    r = _Run(cfg, run_dir, record, device, main, progress and main, resume, memory=PhasePeaks(device))
     try:
         t_start = time.perf_counter()
         r.logger = build_logger(cfg, run_dir, config, run_dir.name) if main else _Quiet()

@@ -50,6 +50,9 @@ def test_result_json_contract(lora_run):
     for k in ("steps", "tokens", "tokens_per_s", "peak_mem_bytes", "trainable_params", "total_params", "wall_s"):
         assert k in train
     assert train["steps"] == 20 and 0 < train["trainable_params"] < train["total_params"]
+    memory = on_disk["memory"]  # peak memory per phase, each measured from its own start (ftlab.utils.memory)
+    assert all(isinstance(memory[k], int) and memory[k] > 0 for k in ("train", "eval_base", "eval_tuned"))
+    assert memory["how"] and 0 < train["peak_mem_bytes"] <= memory["train"]
     for k in ("python", "torch", "transformers", "peft", "ftlab", "git_sha", "git_dirty", "device", "world_size"):
         assert k in on_disk["env"]
 

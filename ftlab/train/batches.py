@@ -4,6 +4,8 @@ loss. Public: methods use them for calibration; the loop uses them for training.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ftlab.utils.padding import pad_batch
@@ -76,9 +78,30 @@ def micro_batches(rows: list[dict], size: int | None) -> list[list[dict]]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
-def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens (labels != -100)."""
-    logits = logits[:, :-1].float()
+def response_loss(logits: torch.Tensor, labels: torch.Tensor, head: Optional[torch.nn.Module] = None,
+                  chunk: Optional[int] = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens (labels != -100); 0 when there are none (a micro-batch
+    of prompt-only rows: zero loss, zero gradient, still connected to the graph so every rank's backward runs).
+
+    `head` (from ftlab.models.logits.head_split): `logits` are the final hidden states and the head is applied here.
+    While the whole [positions x vocabulary] logits fit `chunk` positions (default: ftlab.models.logits.LOGITS_BUDGET
+    elements), they are computed at once and the loss is the plain mean, bit for bit as without a head; above it, the
+    response positions alone go through the head `chunk` at a time, each chunk's logits recomputed in backward
+    (torch.utils.checkpoint), and the loss is the sum of the chunks' sums over the count (summation order only)."""
+    from ftlab.models.logits import chunk_positions, map_tokens, token_nll, vocab_size
+
     target = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                             ignore_index=IGNORE)
+    if chunk is None:
+        chunk = chunk_positions(vocab_size(head) if head is not None else logits.shape[-1])
+    if head is None or target.numel() <= chunk:
+        if head is not None:
+            logits = head(logits)
+        logits = logits[:, :-1].float()
+        flat, tgt = logits.reshape(-1, logits.size(-1)), target.reshape(-1)
+        if not bool((tgt != IGNORE).any()):  # the mean would be 0/0
+            return torch.nn.functional.cross_entropy(flat, tgt, ignore_index=IGNORE, reduction="sum")
+        return torch.nn.functional.cross_entropy(flat, tgt, ignore_index=IGNORE)
+    mask = target != IGNORE
+    rows, tgt = logits[:, :-1][mask], target[mask]  # [N, H] hidden states of the response positions, their targets
+    nll = map_tokens(rows, head, token_nll, tgt, chunk=chunk, checkpoint=True)
+    return nll.sum() / nll.numel() if nll.numel() else nll.sum()

@@ -88,10 +88,17 @@ def gather_objects(obj: Any) -> list[Any]:
 def wrap(model, hw) -> Any:
     """The module the loop calls forward on. DDP: a wrapper around `model` (parameters stay `model`'s own, so
     methods, checkpoints and exports see the plain module). FSDP2: `fully_shard` on each decoder block and the
-    root, in place; parameters become DTensors sharded on dim 0."""
+    root, in place; parameters become DTensors sharded on dim 0.
+
+    hw.precision bf16/fp16: first the trained parameters become float32 masters (ftlab.train.precision; the wrappers
+    fix their dtypes), and FSDP2 gets a MixedPrecisionPolicy (`fsdp_options`): it all-gathers the shards in the half
+    type for compute and reduces gradients in float32, the sharded masters and optimizer state stay float32."""
     rank, size, local = world()
     if size == 1:
         return model
+    from ftlab.train.precision import to_master
+
+    to_master([p for p in model.parameters() if p.requires_grad], hw.precision)
     if hw.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -105,10 +112,24 @@ def wrap(model, hw) -> Any:
     from ftlab.models.structure import decoder_layers, model_device
 
     mesh = init_device_mesh(model_device(model).type, (size,))
+    options = fsdp_options(hw.precision)
     for block in decoder_layers(model)[1]:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)
     return model
+
+
+def fsdp_options(precision: str) -> dict:
+    """fully_shard's keyword arguments for hw.precision: under bf16/fp16 a MixedPrecisionPolicy (parameters
+    all-gathered in that type for the forward and backward, gradients reduce-scattered in float32); none under fp32."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return {}
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
 
 
 def full_tensor(t):

@@ -17,7 +17,9 @@ from torch import nn
 
 from ftlab.config.schema import RunConfig, TrainConfig
 from ftlab.methods.base import Method, count_params
+from ftlab.models.logits import fits_at_once, head_split, vocab_size
 from ftlab.train import distributed as dist
+from ftlab.train import precision as mixed
 from ftlab.train import preempt
 from ftlab.train.batches import (
     Batches,
@@ -27,6 +29,7 @@ from ftlab.train.batches import (
     response_tokens,
 )
 from ftlab.train.errors import NonFiniteLoss
+from ftlab.utils.memory import peak_bytes
 from ftlab.utils.progress import Bar
 
 # ------------------------------------------------------------------------------------------------ tokenizing
@@ -57,14 +60,9 @@ def autocast(device: str, precision: str):
 
 
 def _peak_mem(device: str) -> int:
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated())
-    try:  # CPU: the process's peak resident set (Linux reports KiB)
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    except (ImportError, OSError):
-        return 0
+    """CUDA: peak allocated bytes; CPU: the process's peak resident set; both since the last reset (the pipeline
+    resets them when training starts: ftlab.utils.memory)."""
+    return peak_bytes(device)
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,96 @@ class LoopSettings:
     def of(cls, cfg: RunConfig) -> "LoopSettings":
         return cls(train=cfg.train, seed=cfg.seed, precision=cfg.hw.precision,
                    micro_batch_size=cfg.hw.micro_batch_size)
+
+
+@dataclass
+class HeadOutputs:
+    """What a regulariser gets of the training forward: the final hidden states and the output head
+    (ftlab.models.logits.head_split; `head` None: `hidden` holds the logits), and the model's own output."""
+
+    hidden: torch.Tensor
+    head: Optional[nn.Module]
+    raw: Any = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The whole logits (materialised: [tokens x vocabulary]); chunked code uses hidden and head."""
+        return self.hidden if self.head is None else self.head(self.hidden)
+
+
+def forward_backward(model: nn.Module, rows: list[dict], settings: LoopSettings, *, device: str, pad_id: int,
+                     forward: nn.Module | None = None, reg: Callable | None = None, step: int = 0,
+                     ) -> tuple[list[float], list[float]]:
+    """Forward and backward of one global batch (`rows`, the same on every rank): this rank's rows `rank::world`, in
+    hw.micro_batch_size micro-batches; gradients accumulate into `.grad`, divided by train.grad_accum.
+
+    Each micro-batch's loss is its share of the batch's mean over response tokens (its response tokens / the batch's,
+    times the world size, which DDP/FSDP average away), so any split gives the un-split batch's loss and gradient up
+    to float summation order; a micro-batch without response tokens contributes exactly zero loss and zero gradient.
+    Returns, per micro-batch, the loss and the regulariser's share, each summed over ranks."""
+    rank, world, _ = dist.world()
+    fwd = forward if forward is not None else model
+    n_resp = response_tokens(rows)
+    parts = micro_batches(rows[rank::world], settings.micro_batch_size)
+    losses, regs = [], []
+    for i, chunk in enumerate(parts):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        # This chunk's share of the global batch's mean loss, times `world` because DDP/FSDP average gradients over
+        # ranks: the averaged gradient is the one-process one. One process, one chunk: both factors are exactly 1.0,
+        # so the loss is bit for bit the plain mean.
+        n_chunk = response_tokens(chunk)
+        tok_w = n_chunk / max(n_resp, 1) * world
+        row_w = len(chunk) / len(rows) * world
+        reg_value = None
+        with autocast(device, settings.precision):
+            # the output head applied in chunks (ftlab.models.logits): the loss never holds the whole logits. Only the
+            # forward runs with the head split off; the model is whole again for the loss and the regulariser.
+            with head_split(model) as head:
+                out = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            hidden = out.logits
+            if head is not None and fits_at_once(hidden.shape[0] * hidden.shape[1], vocab_size(head)):
+                hidden, head = head(hidden), None  # small: the whole logits once, shared by loss and regulariser
+            task = response_loss(hidden, batch["labels"], head=head)
+            loss = task * tok_w
+            if reg is not None:
+                reg_term = reg(model, batch, HeadOutputs(hidden, head, out))
+                loss = loss + reg_term * row_w
+                reg_value = reg_term.item()
+                regs.append(dist.all_sum(reg_value * row_w / world))
+        local = loss.item()
+        loss_all = dist.all_sum(local / world)  # every rank sees a NaN anywhere
+        if not math.isfinite(loss_all):
+            raise NonFiniteLoss(_nan_message(step, loss_all, local, task.item(), reg_value, i, len(parts), n_chunk,
+                                             n_resp, settings))
+        (loss / settings.train.grad_accum).backward()
+        losses.append(loss_all)
+    return losses, regs
+
+
+def _nan_message(step: int, loss_all: float, local: float, task: float, reg_value: Optional[float], i: int,
+                 n_parts: int, n_chunk: int, n_resp: int, settings: LoopSettings) -> str:
+    """What happened, said as it is: where, which term, whether the batch had response tokens, and what helps."""
+    where = f"loss is {loss_all} at step {step} (micro-batch {i + 1} of {n_parts} of this process)"
+    if math.isfinite(local):
+        what = [f"this process's loss is finite ({local:.6g}): another process's was not"]
+    else:
+        what = [f"the response-token loss is {task}"]
+        if reg_value is not None:
+            what.append(f"the regulariser's term is {reg_value}")
+    what.append(f"this micro-batch has {n_chunk} of the batch's {n_resp} response tokens"
+                + (" (none in the whole batch: every row's answer was cut; raise model.max_length)"
+                   if n_resp == 0 else ""))
+    t = settings.train
+    if step <= 1:
+        why = ("this is the first step, before any update, so not the learning rate: the model's forward is not "
+               "finite on this batch (the loaded weights" + (f", or an overflow in hw.precision={settings.precision}: "
+                                                            "try hw.precision=fp32)" if settings.precision != "fp32"
+                                                            else ")"))
+    else:
+        why = (f"after {step - 1} updates the weights diverged: lower train.lr (now {t.lr:g})"
+               + (f", set train.max_grad_norm (now {t.max_grad_norm:g})" if t.max_grad_norm <= 0 else "")
+               + (", or use hw.precision=fp32" if settings.precision != "fp32" else ""))
+    return f"{where}: {'; '.join(what)}; {why}"
 
 
 def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSettings, *, device: str, pad_id: int,
@@ -108,9 +196,9 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
     torch.manual_seed(settings.seed)
     rank, world, _ = dist.world()
     main = rank == 0  # rank 0 alone writes the curve, logs and checkpoints (ftlab.train.distributed)
-    micro = settings.micro_batch_size
-    fwd = forward if forward is not None else model
     groups = method.param_groups(model, t.weight_decay)
+    # hw.precision bf16/fp16: the trained weights are float32 masters (ftlab.train.precision), back after training
+    mixed.to_master([p for g in groups for p in g["params"]], settings.precision)
     lr = method_lr(method.cfg, t.lr)
     if lr != t.lr and main:
         print(f"ftlab: method={method.name} trains at lr {lr:g} = train.lr {t.lr:g} x method.lr_scale "
@@ -157,34 +245,23 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
             step_loss = 0.0
             for _ in range(t.grad_accum):
                 rows = batches.next()  # the global batch: the same on every rank
-                n_resp = response_tokens(rows)
                 tokens += sum(len(r["input_ids"]) for r in rows)
-                for chunk in micro_batches(rows[rank::world], micro):
-                    batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-                    # This chunk's share of the global batch's mean loss, times `world` because DDP/FSDP average
-                    # gradients over ranks: the averaged gradient is the one-process one. One process, one
-                    # chunk: both factors are exactly 1.0, so the loss is bit for bit the plain mean.
-                    tok_w = response_tokens(chunk) / max(n_resp, 1) * world
-                    row_w = len(chunk) / len(rows) * world
-                    with autocast(device, settings.precision):
-                        out = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                        loss = response_loss(out.logits, batch["labels"]) * tok_w
-                        if reg is not None:
-                            reg_term = reg(model, batch, out)
-                            loss = loss + reg_term * row_w
-                            window_reg += dist.all_sum(reg_term.item() * row_w / world) / t.grad_accum
-                    loss_all = dist.all_sum(loss.item() / world)  # every rank sees a NaN anywhere
-                    if not math.isfinite(loss_all):
-                        raise NonFiniteLoss(f"loss is {loss_all} at step {step}; lower train.lr, "
-                                            "or use hw.precision=fp32")
-                    (loss / t.grad_accum).backward()
-                    step_loss += loss_all / t.grad_accum
+                losses, regs = forward_backward(model, rows, settings, device=device, pad_id=pad_id, forward=forward,
+                                                reg=reg, step=step)
+                for x in regs:
+                    window_reg += x / t.grad_accum
+                for x in losses:
+                    step_loss += x / t.grad_accum
             grad_norm = None
             if t.max_grad_norm > 0:
                 grad_norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(
                     [p for g in opt.param_groups for p in g["params"]], t.max_grad_norm)))
                 if not math.isfinite(grad_norm):
-                    raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {step}; lower train.lr")
+                    raise NonFiniteLoss(
+                        f"gradient norm is {grad_norm} at step {step} while the loss was finite ({step_loss:.6g}): "
+                        "the backward overflowed" + (" before any update" if step == 1 else "")
+                        + (f" (hw.precision={settings.precision}: try hw.precision=fp32)"
+                           if settings.precision != "fp32" else "") + f"; or lower train.lr (now {t.lr:g})")
             opt.step()
             opt_state_peak = max(opt_state_peak, optimizer_state_bytes(opt))
             sched.step()
@@ -206,7 +283,8 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
                     row["stage"] = stage
                 if probe_now:
                     tp = time.perf_counter()
-                    row.update(probes(model))
+                    with autocast(device, settings.precision):  # the trained weights may be float32 masters
+                        row.update(probes(model))
                     row["probe_s"] = time.perf_counter() - tp
                 curve.write(json.dumps(row) + "\n")
                 curve.flush()
@@ -232,6 +310,7 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
                 raise preempt.Preempted(stop, step=step_offset + step, run_dir=run_dir,
                                         checkpoint=f"step_{step_offset + step:06d}")
     wall = time.perf_counter() - t0
+    mixed.to_storage(model)  # masters back to the loaded dtype: the tuned model is evaluated as the base was
     return TrainResult(steps=t.max_steps, tokens=tokens, tokens_per_s=tokens / max(wall, 1e-9),
                        peak_mem_bytes=_peak_mem(device), trainable_params=trainable, total_params=total,
                        wall_s=wall, final_loss=loss_value, optimizer_state_bytes=opt_state_peak,

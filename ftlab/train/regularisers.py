@@ -12,7 +12,9 @@
 
 The pipeline builds the regulariser from `cfg.reg` (`build_regulariser`), calls `capture_base` before
 `method.prepare` and `capture_start` after it, and passes it to `ftlab.train.loop.train`, whose loop adds
-`reg(model, batch, outputs)` to the loss in one place and logs its mean as `reg` in metrics.jsonl.
+`reg(model, batch, outputs)` to the loss in one place and logs its mean as `reg` in metrics.jsonl. `outputs` is a
+ftlab.train.loop.HeadOutputs: the final hidden states and the output head (ftlab.models.logits, applied in chunks
+for a large vocabulary), `.logits` when the whole logits are wanted.
 """
 
 from __future__ import annotations
@@ -68,24 +70,57 @@ class KLToBase(Regulariser):
     def value(self, model: nn.Module, batch: dict, outputs: Any) -> torch.Tensor:
         import torch
 
-        with torch.no_grad():
-            ref_logits = self.ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_kl(outputs.logits, ref_logits, batch["labels"])
+        from ftlab.models.logits import head_split
+
+        with torch.no_grad(), head_split(self.ref) as ref_head:
+            ref = self.ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return token_kl(outputs.hidden, ref, batch["labels"], head=outputs.head, ref_head=ref_head)
 
 
-def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over response positions of KL(softmax(logits) ‖ softmax(ref_logits)), aligned as the task loss is
-    (logits at t predict labels at t+1). Exactly 0 when the logits are equal."""
+def _kl_rows(lp_logits: torch.Tensor, lq_logits: torch.Tensor) -> torch.Tensor:
     import torch
 
+    lp, lq = torch.log_softmax(lp_logits, dim=-1), torch.log_softmax(lq_logits, dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, head: nn.Module | None = None,
+             ref_head: nn.Module | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Mean over response positions of KL(softmax(logits) ‖ softmax(ref_logits)), aligned as the task loss is
+    (logits at t predict labels at t+1). Exactly 0 when the logits are equal.
+
+    With `head` / `ref_head` (ftlab.models.logits.head_split), `logits` / `ref_logits` are final hidden states and
+    the heads are applied here: at once while the [positions x vocabulary] logits fit `chunk` positions (the same ops
+    as with logits given), else over the response positions only, `chunk` at a time, the model's side recomputed
+    in backward (torch.utils.checkpoint): the same per-token KL, the whole logits never held."""
+    import torch
+
+    from ftlab.models.logits import chunk_positions, map_tokens, vocab_size
     from ftlab.train.batches import IGNORE
 
     mask = labels[:, 1:] != IGNORE
-    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[mask]
-    lq = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)[mask]
-    if lp.numel() == 0:
-        return logits.sum() * 0.0
-    return (lp.exp() * (lp - lq)).sum(-1).mean()
+    if chunk is None:
+        chunk = chunk_positions(vocab_size(head) if head is not None else logits.shape[-1])
+    if (head is None and ref_head is None) or mask.numel() <= chunk:
+        if head is not None:
+            logits = head(logits)
+        if ref_head is not None:
+            ref_logits = ref_head(ref_logits)
+        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[mask]
+        lq = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)[mask]
+        if lp.numel() == 0:
+            return logits.sum() * 0.0
+        return (lp.exp() * (lp - lq)).sum(-1).mean()
+    rows, ref_rows = logits[:, :-1][mask], ref_logits[:, :-1][mask]
+    if rows.shape[0] == 0:
+        return rows.sum() * 0.0
+
+    def kl(lg: torch.Tensor, ref_h: torch.Tensor) -> torch.Tensor:  # one chunk: the reference's logits beside it
+        with torch.no_grad():
+            lq = (ref_h if ref_head is None else ref_head(ref_h)).float()
+        return _kl_rows(lg, lq)
+
+    return map_tokens(rows, head, kl, ref_rows.detach(), chunk=chunk, checkpoint=True).mean()
 
 
 @REGULARISERS.register("l2sp")
@@ -115,7 +150,7 @@ class L2SP(Regulariser):
         params = dict(model.named_parameters())
         import torch
 
-        total = outputs.logits.new_zeros((), dtype=torch.float32)
+        total = outputs.hidden.new_zeros((), dtype=torch.float32)
         for n, a in self.anchors.items():
             total = total + (params[n].float() - a.float()).pow(2).sum()
         return 0.5 * total
