@@ -178,6 +178,13 @@ def test_bf16_training_moves_weights_like_float32(tmp_path, monkeypatch):
     assert n_pure < 0.25 * n_ref and (d_pure - d_ref).norm() > 0.5 * d_ref.norm()
 
 
+def test_half_weights_under_fp32_precision_are_warned_about(tmp_path, capsys):
+    _train_full(tiny().to(torch.bfloat16), "fp32", tmp_path, steps=1)
+    assert "the trained weights are torch.bfloat16 and hw.precision=fp32" in capsys.readouterr().err
+    _train_full(tiny().to(torch.bfloat16), "bf16", tmp_path / "bf16", steps=1)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_fsdp_mixed_precision_policy_follows_hw_precision():
     from torch.distributed.fsdp import MixedPrecisionPolicy
 

@@ -199,6 +199,11 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
     groups = method.param_groups(model, t.weight_decay)
     # hw.precision bf16/fp16: the trained weights are float32 masters (ftlab.train.precision), back after training
     mixed.to_master([p for g in groups for p in g["params"]], settings.precision)
+    half = sorted({str(p.dtype) for g in groups for p in g["params"] if p.dtype in mixed.HALF})
+    if half and main:  # hw.precision=fp32 on weights loaded in a half type: no autocast, no masters
+        print(f"ftlab: warning: the trained weights are {', '.join(half)} and hw.precision={settings.precision}: "
+              "AdamW updates them in that type, where most small updates round away; set hw.precision=bf16 "
+              "(float32 master weights) or model.dtype=float32", file=sys.stderr)
     lr = method_lr(method.cfg, t.lr)
     if lr != t.lr and main:
         print(f"ftlab: method={method.name} trains at lr {lr:g} = train.lr {t.lr:g} x method.lr_scale "
