@@ -171,9 +171,18 @@ def check_slurm(c: RunConfig) -> None:
                           f"processes per node; set hw.slurm.gpus_per_node={h.nproc}")
 
 
+# data.mix above this would add more than 9 general rows per task row (0.9999999: ~1e7 per row, ~4e10 rows for the
+# synth default): the task is lost in replay, and the stream may not fit in memory
+MIX_MAX = 0.9
+
+
 def check_mix(d: DataConfig, m: ModelConfig) -> None:
     if not (isinstance(d.mix, (int, float)) and 0 <= d.mix < 1):
         raise ConfigError(f"data.mix: must be in [0, 1) (the share of general rows in the training stream), got {d.mix!r}")
+    if d.mix > MIX_MAX:
+        raise ConfigError(f"data.mix: {d.mix!r} would add {d.mix / (1 - d.mix):.3g} general rows per task row "
+                          f"(n task rows get n * mix / (1 - mix) general rows beside them); use at most {MIX_MAX} "
+                          "(9 general rows per task row)")
     if d.mix == 0:
         return
     if d.mix_source is not None:
