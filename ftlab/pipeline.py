@@ -176,6 +176,11 @@ def _load(r: _Run) -> None:
     r.tasks = build_tasks(cfg) if r.main else []  # rank 0 alone evaluates (continual runs are one process)
     r.probes = build_probes(cfg, r.tok)  # None unless eval.probe_every > 0
     r.train_rows = load_train(cfg.data, cfg.seed)
+    if r.main:  # what the run trains on, and how much of it each target task's eval shares (issue 11)
+        from ftlab.eval.overlap import measure_overlap
+
+        r.record.note_train_rows(r.train_rows)
+        r.record.update(overlap=measure_overlap(r.train_rows, r.tasks, allow=cfg.data.allow_overlap))
     r.encoded = [encode_example(r.tok, x["prompt"], x["response"], cfg.model.max_length) for x in r.train_rows]
 
 

@@ -97,6 +97,7 @@ def check_ranges(c: RunConfig) -> None:
         if p is not None and not os.path.isfile(os.path.expanduser(p)):
             raise ConfigError(f"data.{key}: file {p!r} does not exist; give a .jsonl with fields "
                               f"'{d.prompt_field}' and '{d.response_field}'")
+    check_eval_file(d)
 
     e = c.eval
     at_least("eval.limit", e.limit, 1, allow_none=True)
@@ -169,6 +170,22 @@ def check_slurm(c: RunConfig) -> None:
     if h.device == "cuda" and s.gpus_per_node < h.nproc:
         raise ConfigError(f"hw.slurm.gpus_per_node: {s.gpus_per_node} GPU(s) per node for hw.nproc={h.nproc} "
                           f"processes per node; set hw.slurm.gpus_per_node={h.nproc}")
+
+
+def check_eval_file(d: DataConfig) -> None:
+    """data.eval_path that is data.path itself (the same file, or a copy of it) would score the training rows:
+    refused unless data.allow_overlap (partial overlap is measured after the data loads: ftlab.eval.overlap)."""
+    if not (d.path and d.eval_path) or d.allow_overlap:
+        return
+    from ftlab.utils.files import sha256_file
+
+    a, b = os.path.expanduser(d.path), os.path.expanduser(d.eval_path)
+    if os.path.samefile(a, b) or sha256_file(a) == sha256_file(b):
+        what = "the same file as" if os.path.samefile(a, b) else "a byte-identical copy of"
+        raise ConfigError(f"data.eval_path: {d.eval_path!r} is {what} data.path ({d.path!r}): the evaluation would "
+                          "score the training rows (memorisation, not learning); give held-out rows, or drop "
+                          "data.eval_path (a held-out slice of data.path is scored), or set data.allow_overlap=true "
+                          "to run it anyway")
 
 
 # data.mix above this would add more than 9 general rows per task row (0.9999999: ~1e7 per row, ~4e10 rows for the

@@ -95,6 +95,10 @@ class DataConfig:
     mix_split: str = "train"
     mix_field: str = "text"
     mix_skills: Optional[list[str]] = None  # synth YAMLs: ${model.world.skills}, the skills the base learnt
+    # Train/eval overlap (exact match of normalised prompts) is measured and recorded (result.json `overlap`); full
+    # overlap (data.eval_path the same file as data.path, or every eval prompt also a training prompt) is refused
+    # unless this is true: such a score measures memorisation, not learning.
+    allow_overlap: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------- eval

@@ -38,8 +38,9 @@ def prepare_run_dir(run_dir: Path, run: RunConfig) -> None:
 
 
 def completed_record(run_dir: Path) -> dict | None:
-    """result.json of a run that already completed (None otherwise); refused if the config changed since."""
-    from ftlab.rundir.identity import ResumeRefused, config_sha256
+    """result.json of a run that already completed (None otherwise); refused if the config or the content of an
+    input file (result.json `inputs`, ftlab.rundir.identity.input_digests) changed since."""
+    from ftlab.rundir.identity import ResumeRefused, changed_inputs, config_sha256, run_dir_config
 
     data = RunRecord.read(run_dir).data
     if data.get("status") != "completed":
@@ -48,6 +49,13 @@ def completed_record(run_dir: Path) -> dict | None:
     if saved is not None and saved != config_sha256(run_dir):
         raise ResumeRefused(f"{run_dir}: this run already completed under a different config.yaml "
                             f"(sha256 {saved[:12]}…); start the changed config in a new directory")
+    changes = changed_inputs(data.get("inputs"), run_dir_config(run_dir) or {})
+    if changes:
+        raise ResumeRefused(
+            f"{run_dir}: this run completed on other content of its input file(s): {'; '.join(changes)}; its record "
+            "describes the old content, so it is not returned as done. Run the new content in a new directory "
+            "(`ftlab run` names one by the files' content: without hydra.run.dir it picks a new one by itself), or "
+            "restore the file(s) to use this record")
     return data
 
 

@@ -5,6 +5,7 @@ Field names are a contract (DESIGN section 5): readers such as `ftlab report` an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -12,21 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftlab.rundir.identity import hub_inputs, input_digests
 from ftlab.utils.files import atomic_write_json
 
 RESULT = "result.json"
 CURVE = "metrics.jsonl"
 RECORDS = "records"  # records/<base|tuned>/<task>.jsonl, one row per example
-
-
-
-
-
-
-
-
-
-
 
 
 def git_info() -> tuple[str | None, bool | None]:
@@ -104,8 +96,20 @@ class RunRecord:
             "tasks": {},
             "train": {},
             "env": env,
+            # sha256 of every input file and what the hub data is pinned to (ftlab.rundir.identity): a completed
+            # run whose files changed since is not returned as done
+            "inputs": {**input_digests(config), **hub_inputs(config)},
         }
         self.flush()
+
+    def note_train_rows(self, rows: list[dict]) -> None:
+        """`inputs.data.rows`: how many training rows the run read and a sha256 of their text (prompt, response,
+        reference, in order): the fingerprint of hub data, whose content no config key pins."""
+        text = json.dumps([[r.get("prompt"), r.get("response"), r.get("reference")] for r in rows],
+                          ensure_ascii=False)
+        inputs = dict(self.data.get("inputs") or {})
+        inputs["data.rows"] = {"n": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        self.update(inputs=inputs)
 
     def update(self, **fields: Any) -> None:
         self.data.update(fields)

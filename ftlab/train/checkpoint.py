@@ -14,7 +14,8 @@ bit from the end of step N:
                          (`ftlab.eval.probes.Probes.state_dict()`): a resumed run's KL is against the same numbers;
 - `state.json`           step, data position (epoch, index; the permutation of an epoch is derived from
                          seed + epoch), the loss-window accumulators, tokens so far, the elapsed time, the
-                         sha256 of the run's config.yaml, and the sha256 of every file above;
+                         sha256 of the run's config.yaml and of its input files (`inputs`: a resume on changed
+                         data is refused), and the sha256 of every file above;
 - `config.yaml`          the run config the checkpoint was taken under (to name what changed on a refusal);
 - `COMPLETE`             written last. A directory without it is never used.
 
@@ -41,7 +42,14 @@ import torch
 from torch import nn
 
 from ftlab.methods.base import Method
-from ftlab.rundir.identity import ResumeRefused, config_changes, config_sha256  # noqa: F401 - re-exported
+from ftlab.rundir.identity import (  # noqa: F401 - ResumeRefused, config_sha256 re-exported
+    ResumeRefused,
+    changed_inputs,
+    config_changes,
+    config_sha256,
+    input_digests,
+    run_dir_config,
+)
 from ftlab.train.errors import NonFiniteLoss
 from ftlab.utils.files import COMPLETE, atomic_dir, fsync_dir, fsync_file, sha256_file  # noqa: F401
 
@@ -161,7 +169,8 @@ def _write_state(tmp: Path, named, opt_state, rngs, scheduler, method, reg, prob
         shutil.copyfile(cfg, tmp / "config.yaml")
     files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
     state = {"format": FORMAT, **progress, "data": batches.position, "world_size": len(rngs),
-             "config_sha256": config_sha256(run_dir), "files": files}
+             "config_sha256": config_sha256(run_dir), "inputs": input_digests(run_dir_config(run_dir) or {}),
+             "files": files}
     (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
 
 
@@ -264,18 +273,23 @@ def latest(run_dir: Path) -> Loaded | None:
 
 # ------------------------------------------------------------------------------------------------ checks
 def check_same_config(ck: Loaded, run_dir: Path) -> None:
-    """Refuse to resume when config.yaml differs from the one the checkpoint was taken under."""
+    """Refuse to resume when config.yaml differs from the one the checkpoint was taken under, or when the content
+    of an input file differs from its digest in the checkpoint's state.json (`inputs`)."""
     current = config_sha256(run_dir)
-    if ck.state.get("config_sha256") == current:
-        return
-    saved = ck.path / "config.yaml"
-    changes = (config_changes(saved.read_text(), (Path(run_dir) / "config.yaml").read_text())
-               if saved.is_file() else ["(the checkpoint holds no config.yaml)"])
-    if not changes:  # same values, different text (formatting): the same config
-        return
-    raise ResumeRefused(
-        f"{run_dir}: refusing to resume from {ck.path.name}: the config changed since it was written: "
-        + "; ".join(changes) + ". Restore the config, or start the run in a new directory.")
+    if ck.state.get("config_sha256") != current:
+        saved = ck.path / "config.yaml"
+        changes = (config_changes(saved.read_text(), (Path(run_dir) / "config.yaml").read_text())
+                   if saved.is_file() else ["(the checkpoint holds no config.yaml)"])
+        if changes:  # none: same values, different text (formatting): the same config
+            raise ResumeRefused(
+                f"{run_dir}: refusing to resume from {ck.path.name}: the config changed since it was written: "
+                + "; ".join(changes) + ". Restore the config, or start the run in a new directory.")
+    changed = changed_inputs(ck.state.get("inputs"), run_dir_config(run_dir) or {})
+    if changed:
+        raise ResumeRefused(
+            f"{run_dir}: refusing to resume from {ck.path.name}: input file(s) changed since it was written: "
+            + "; ".join(changed) + ". Its weights were trained on the old content; restore the file(s) to resume, "
+            "or train the new content in a new directory (`ftlab run` names one by the files' content).")
 
 
 # ----------------------------------------------------------------------------------------------- restore
