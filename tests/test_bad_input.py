@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,214 @@ def test_hub_data_is_recorded_by_revision(tmp_path):
     assert rec.data["inputs"]["data.hf_path"]["pinned"] is True
     rec.note_train_rows([{"prompt": "p", "response": "r", "reference": "r"}])
     assert rec.data["inputs"]["data.rows"]["n"] == 1
+
+
+def test_base_cache_key_covers_the_fewshot_file(tmp_path):
+    from ftlab.eval.cache import cache_key
+    from ftlab.eval.suites import load_task
+
+    dev = tmp_path / "dev.jsonl"
+    dev.write_bytes((EVAL_FIX / "mmlu_dev.jsonl").read_bytes())
+    kw = dict(path=str(EVAL_FIX / "mmlu.jsonl"), few_shot=1, fewshot_path=str(dev))
+    a = load_task("mmlu", **kw)
+    dev.write_bytes(dev.read_bytes() + b"\n")  # the same examples, another file
+    b = load_task("mmlu", **kw)
+    assert a.rows == b.rows and cache_key(a, "fp") != cache_key(b, "fp")
+    assert len(b.meta["fewshot_sha256"]) == 64
+
+
+# ------------------------------------------------------------------------- items validated when loaded
+ARC = {"id": "x", "question": "Q?", "choices": {"text": ["a", "b", "c", "d"], "label": ["A", "B", "C", "D"]},
+       "answerKey": "B"}
+HS = {"activity_label": "A", "ctx_a": "x.", "ctx_b": "y", "endings": ["a", "b", "c", "d"], "label": "1"}
+MMLU = {"question": "Q?", "subject": "anatomy", "choices": ["a", "b", "c", "d"], "answer": 1}
+WG = {"sentence": "A then _ went.", "option1": "x", "option2": "y", "answer": "1"}
+BQ = {"question": "q", "passage": "p", "answer": True}
+
+
+def _with(base: dict, **changes) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in changes.items():
+        if v is _DROP:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+_DROP = object()
+
+BAD_ITEMS = [  # (task, good record, bad record, field named in the message)
+    ("arc_easy", ARC, _with(ARC, choices={"text": [], "label": []}), "choices"),
+    ("arc_easy", ARC, _with(ARC, answerKey="Z"), "answerKey"),
+    ("arc_easy", ARC, _with(ARC, choices={"text": ["a", "b", "c", "d"], "label": ["A", "B", "C"]}), "choices"),
+    ("arc_easy", ARC, _with(ARC, choices=_DROP), "choices"),
+    ("arc_challenge", ARC, _with(ARC, question=None), "question"),
+    ("hellaswag", HS, _with(HS, label=_DROP), "label"),
+    ("hellaswag", HS, _with(HS, label="7"), "label"),
+    ("hellaswag", HS, _with(HS, label=-1), "label"),
+    ("hellaswag", HS, _with(HS, label="5"), "label"),
+    ("hellaswag", HS, _with(HS, endings=[]), "endings"),
+    ("mmlu", MMLU, _with(MMLU, answer=7), "answer"),
+    ("mmlu", MMLU, _with(MMLU, answer=-1), "answer"),
+    ("mmlu", MMLU, _with(MMLU, answer="B"), "answer"),
+    ("mmlu", MMLU, _with(MMLU, answer=True), "answer"),
+    ("mmlu", MMLU, _with(MMLU, choices=[]), "choices"),
+    ("winogrande", WG, _with(WG, sentence="no blank here"), "sentence"),
+    ("winogrande", WG, _with(WG, answer="3"), "answer"),
+    ("winogrande", WG, _with(WG, option2=_DROP), "option2"),
+    ("boolq", BQ, _with(BQ, answer="maybe"), "answer"),
+    ("boolq", BQ, _with(BQ, passage=_DROP), "passage"),
+    ("wikitext", {"text": "some text"}, {"txt": "x"}, "text"),
+    ("gsm8k", {"question": "q", "answer": "so #### 4"}, {"question": "q", "answer": "no number"}, "answer"),
+    ("gsm8k", {"question": "q", "answer": "so #### 4"}, {"question": "q"}, "answer"),
+]
+
+
+@pytest.mark.parametrize("task, good, bad, field", BAD_ITEMS,
+                         ids=[f"{t}-{i}" for i, (t, *_rest) in enumerate(BAD_ITEMS)])
+def test_malformed_items_are_refused_with_file_line_and_field(tmp_path, task, good, bad, field):
+    from ftlab.eval.suites import load_task
+
+    f = write_jsonl(tmp_path / f"{task}.jsonl", [good, good, bad])
+    with pytest.raises(ValueError) as e:
+        load_task(task, path=str(f), few_shot=0)
+    msg = str(e.value)
+    assert f"{f}:3" in msg and repr(field) in msg and "\n" not in msg, msg
+
+
+def test_a_hellaswag_file_without_labels_names_the_missing_field(tmp_path):
+    from ftlab.eval.suites import load_task
+
+    f = write_jsonl(tmp_path / "hs.jsonl", [_with(HS, label=_DROP)] * 3)
+    with pytest.raises(ValueError, match=rf"{f}:1: .*'label'"):
+        load_task("hellaswag", path=str(f))
+
+
+def test_a_bad_fewshot_item_is_named_too(tmp_path):
+    from ftlab.eval.suites import load_task
+
+    dev = write_jsonl(tmp_path / "dev.jsonl", [MMLU, _with(MMLU, answer=9)])
+    with pytest.raises(ValueError, match=rf"fewshot_path: {dev}:2: .*'answer'"):
+        load_task("mmlu", path=str(EVAL_FIX / "mmlu.jsonl"), few_shot=1, fewshot_path=str(dev))
+
+
+@pytest.mark.parametrize("row, what", [
+    ({"id": "a", "context": "Q", "choices": [], "label": 0}, "choices"),
+    ({"id": "a", "context": "Q", "choices": ["x", "y"], "label": 7}, "label"),
+    ({"id": "a", "context": "Q", "choices": ["x", "y"], "label": -1}, "label"),
+    ({"id": "a", "context": "Q", "choices": ["x", "y"], "label": "1"}, "label"),
+    ({"id": "a", "contexts": ["x"], "continuation": "c", "label": 0}, "contexts"),
+])
+def test_scoring_refuses_items_that_cannot_be_scored(row, what):
+    """Whatever built the task: an item with no choices never counts as correct, a label out of range or of the
+    wrong type never scores 0 silently."""
+    from ftlab.eval.scoring import score_predictions
+    from ftlab.eval.task import Task
+
+    task = Task("t", "forget", "multiple_choice", [row], metric="acc")
+    n = len(row.get("choices", row.get("contexts")))
+    with pytest.raises(ValueError, match=rf"task 't' item 'a': .*'{what}'"):
+        score_predictions(task, [{"id": "a", "loglikelihoods": [-1.0] * n}])
+
+
+# ------------------------------------------------------------------------------ broken models, never cached
+@pytest.fixture(scope="module")
+def nan_model():
+    import torch
+    from test_eval import make_tokenizer, tiny_model
+
+    tok = make_tokenizer()
+    model = tiny_model(tok)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    return model, tok
+
+
+@pytest.mark.parametrize("name", ["mmlu", "wikitext"])
+def test_a_nan_model_fails_the_evaluation_and_nothing_is_cached(nan_model, tmp_path, name, one_thread):
+    from ftlab.eval.evaluate import evaluate
+    from ftlab.eval.suites import load_task
+
+    model, tok = nan_model
+    task = load_task(name, "forget", path=str(EVAL_FIX / f"{name}.jsonl"), n=3)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=rf"task '{name}' item '{name}/\d+': .*nan"):
+        evaluate(model, tok, [task], 4, stage="base", run_dir=tmp_path, cache_dir=cache, fingerprint="fp",
+                 progress=False)
+    assert not cache.exists() or not list(cache.glob("*.json"))
+
+
+def test_a_cached_entry_with_non_finite_values_is_not_trusted(tmp_path):
+    from ftlab.eval.cache import read_cached, write_cached
+    from ftlab.eval.task import Task
+
+    task = Task("t", "forget", "multiple_choice",
+                [{"id": "a", "context": "Q", "choices": ["x", "y"], "label": 0}], metric="acc")
+    items = [{"id": "a", "label": 0, "loglikelihoods": [float("nan"), float("nan")], "prediction": 0, "acc": 100.0,
+              "acc_norm": 100.0, "score": 100.0}]
+    (tmp_path / "k.json").write_text(json.dumps({"score": 100.0, "metrics": {"acc": 100.0, "acc_norm": 100.0},
+                                                 "items": items, "signature": task.signature()}))
+    assert read_cached(tmp_path, "k") is None  # written by an older version: recomputed, not trusted
+    with pytest.raises(ValueError, match="non-finite"):
+        write_cached(tmp_path, "k2", task, {"acc": math.nan, "acc_norm": math.nan}, items)
+    assert not (tmp_path / "k2.json").exists()
+
+
+# ------------------------------------------------------------------------------------ ftlab score, per line
+def _score(args, capsys):
+    from ftlab.cli import main
+
+    code = main(["score", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, line, field", [
+    ("gsm8k", {"prediction": 27}, "prediction"),
+    ("mmlu", {"loglikelihoods": [-1.0, None, -2.0, -3.0]}, "loglikelihoods"),
+    ("mmlu", {"loglikelihoods": [-1.0, "NaN", -2.0, -3.0]}, "loglikelihoods"),
+    ("mmlu", {"loglikelihoods": [-1.0, math.nan, -2.0, -3.0]}, "loglikelihoods"),
+    ("mmlu", {"loglikelihoods": "-1,-2"}, "loglikelihoods"),
+    ("mmlu", {}, "loglikelihoods"),
+    ("wikitext", {"nll": -3.0, "n_tokens": 4}, "nll"),
+    ("wikitext", {"nll": math.inf, "n_tokens": 4}, "nll"),
+    ("wikitext", {"nll": 3.0, "n_tokens": -4}, "n_tokens"),
+    ("wikitext", {"nll": 3.0, "n_tokens": "4"}, "n_tokens"),
+    ("wikitext", {"nll": None, "n_tokens": 4}, "nll"),
+    ("mmlu", "not an object", None),
+    ("mmlu", [1, 2], None),
+    ("mmlu", {"loglikelihoods": [-1.0, -2.0, -3.0, -4.0], "id": None}, "id"),
+])
+def test_score_validates_every_prediction_line(tmp_path, capsys, task, line, field):
+    from ftlab.eval.suites import load_task
+
+    path = str(FIX / "gsm8k_mini.jsonl") if task == "gsm8k" else str(EVAL_FIX / f"{task}.jsonl")
+    t = load_task(task, path=path, few_shot=0, n=3)
+    good = {"gsm8k": {"prediction": "#### 1"}, "mmlu": {"loglikelihoods": [-1.0, -2.0, -3.0, -4.0]},
+            "wikitext": {"nll": 3.0, "n_tokens": 4}}[task]
+    lines = [json.dumps({"id": r["id"], **good}) for r in t.rows]
+    lines[1] = json.dumps({"id": t.rows[1]["id"], **line} if isinstance(line, dict) else line)
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("\n".join(lines) + "\n")
+    code, err = _score([task, str(preds), "--path", path, "--few-shot", "0", "-n", "3"], capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and f"{preds}:2" in err and "Traceback" not in err, err
+    if field:
+        assert repr(field) in err, err
+
+
+def test_score_refuses_a_file_that_is_not_utf8_and_accepts_a_bom(tmp_path, capsys):
+    from ftlab.eval.suites import load_task
+
+    path = str(EVAL_FIX / "mmlu.jsonl")
+    t = load_task("mmlu", path=path, few_shot=0, n=2)
+    text = "".join(json.dumps({"id": r["id"], "loglikelihoods": [-1.0, -2.0, -3.0, -4.0]}) + "\n" for r in t.rows)
+    preds = tmp_path / "preds.jsonl"
+    preds.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert _score(["mmlu", str(preds), "--path", path, "--few-shot", "0", "-n", "2"], capsys)[0] == 0
+    preds.write_bytes(text.encode()[:-3] + b"\xff\n")
+    code, err = _score(["mmlu", str(preds), "--path", path, "--few-shot", "0", "-n", "2"], capsys)
+    assert code == 2 and f"{preds}: not UTF-8" in err and err.count("\n") == 1, err
 
 
 # ----------------------------------------------------------------------------------------- train/eval overlap

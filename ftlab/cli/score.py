@@ -18,6 +18,9 @@ PREDICTIONS: one JSON object per line, matched to the task's items by id (<task>
                             {"id", "prediction": index | choice text}    -> acc
   perplexity (wikitext)     {"id", "nll": summed NLL, "n_tokens"}         -> perplexity
 ftlab's own records (records/<stage>/<task>.jsonl in a run directory) are valid predictions.
+Every line is checked: an object with the item's id; a generation is a JSON string; log-likelihoods, nll and
+n_tokens are finite numbers (nll >= 0, n_tokens an integer >= 0), one log-likelihood per choice. A line that is
+not is refused (exit 2) with the file, line and field.
 --path FILE reads the task's rows from a local .jsonl (the hub dataset's fields) instead of the hub; -n and
 --few-shot must match the evaluation that produced the predictions (few-shot changes prompts, not ids).
 Prints {task, metric, score, metrics, n, higher_is_better, source} as JSON.
@@ -29,7 +32,7 @@ def score_command(args: list[str]) -> int:
     import argparse
     import sys
 
-    from ftlab.eval.scoring import read_predictions, score_predictions
+    from ftlab.eval.scoring import read_predictions_at, score_predictions
     from ftlab.eval.suites import load_task
     from ftlab.utils.files import write_jsonl
 
@@ -58,9 +61,11 @@ def score_command(args: list[str]) -> int:
                                     "revision": a.revision,
                                     "subset": a.subset.split(",") if a.subset else None}.items() if v}
         task = load_task(a.task, "target", n=a.n, few_shot=a.few_shot, metric=a.metric, **source)
-        res = score_predictions(task, read_predictions(a.predictions))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"ftlab score: {e}", file=sys.stderr)
+        rows, where = read_predictions_at(a.predictions)
+        res = score_predictions(task, rows, where=where)  # each line checked: file, line and field on a refusal
+    except (ValueError, OSError, KeyError) as e:
+        text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split("\n"))
+        print(f"ftlab score: {text}", file=sys.stderr)
         return 2
     if a.items:
         write_jsonl(Path(a.items), res["items"])

@@ -51,6 +51,7 @@ from typing import Callable, Optional, Sequence
 
 from ftlab.config.names import BUILTIN_TASK_KINDS, KIND_METRICS
 from ftlab.config.registry import Registry
+from ftlab.eval.scoring import row_problem
 from ftlab.utils.files import sha256_file
 
 __all__ = ["BUILTINS", "Builtin", "TaskSource", "load_builtin", "render_fewshot"]
@@ -92,14 +93,77 @@ class TaskSource:
 
 
 # -------------------------------------------------------------------------------------------- formatting
+# Each formatter reads a raw record of its dataset, checking every field it uses: a record that cannot become a
+# scorable item raises RowError naming the field (the loader adds the file and line, or the hub row).
+class RowError(ValueError):
+    """A record that cannot become an item; the message names the field."""
+
+
+def _fields(rec: dict) -> str:
+    return ", ".join(map(repr, rec)) or "(none)"
+
+
+def _text(rec: dict, field: str) -> str:
+    if field not in rec:
+        raise RowError(f"field {field!r} is missing; fields there: {_fields(rec)}")
+    v = rec[field]
+    if not isinstance(v, str):
+        raise RowError(f"field {field!r} must be a text, got {v!r}"[:200])
+    return v
+
+
+def _texts(rec: dict, field: str, lo: int = 2, hi: int = 100) -> list[str]:
+    if field not in rec:
+        raise RowError(f"field {field!r} is missing; fields there: {_fields(rec)}")
+    v = rec[field]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise RowError(f"field {field!r} must be a list of texts, got {v!r}"[:200])
+    if not lo <= len(v) <= hi:
+        raise RowError(f"field {field!r} has {len(v)} choices; an item needs {lo} to {hi}")
+    return list(v)
+
+
+def _index(rec: dict, field: str, n: int, offset: int = 0, unlabelled: str = "") -> int:
+    """The label `field`: an integer, or its digits as text (the hub stores HellaSwag's and WinoGrande's as
+    strings), counted from `offset`; in range for n choices."""
+    if rec.get(field) in (None, ""):
+        raise RowError(f"field {field!r} is {'missing' if field not in rec else 'empty'}: the item cannot be "
+                       f"scored{unlabelled}")
+    v = rec[field]
+    digits = isinstance(v, str) and v.strip().lstrip("-").isdigit()
+    if isinstance(v, bool) or not (isinstance(v, int) or digits):
+        raise RowError(f"field {field!r} must be the index of the correct choice (an integer), got {v!r}")
+    i = int(v) - offset
+    if not 0 <= i < n:
+        raise RowError(f"field {field!r} is {v!r}: out of range for {n} choices ({offset}..{n - 1 + offset})")
+    return i
+
+
+_ARC_NUMERIC = {"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}
+
+
 def _arc(rec: dict) -> Optional[dict]:
-    choices = rec["choices"]
-    texts, labels = list(choices["text"]), [str(x) for x in choices["label"]]
+    question = _text(rec, "question")
+    choices = rec.get("choices")
+    if not (isinstance(choices, dict) and isinstance(choices.get("text"), list)
+            and isinstance(choices.get("label"), list)):
+        raise RowError(f"field 'choices' must be {{'text': [...], 'label': [...]}}, got {choices!r}"[:200]
+                       if "choices" in rec else f"field 'choices' is missing; fields there: {_fields(rec)}")
+    texts, labels = choices["text"], [str(x) for x in choices["label"]]
+    if len(texts) < 2 or not all(isinstance(t, str) for t in texts):
+        raise RowError(f"field 'choices' must hold at least 2 texts, got {texts!r}"[:200])
+    if len(labels) != len(texts):
+        raise RowError(f"field 'choices' has {len(texts)} texts but {len(labels)} labels")
+    if rec.get("answerKey") in (None, ""):
+        raise RowError("field 'answerKey' is missing: the item cannot be scored")
     key = str(rec["answerKey"])
     if key not in labels:  # a few ARC rows use "1".."4" for some and "A".."D" for others
-        key = {"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}.get(key, key)
-        labels = [{"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}.get(x, x) for x in labels]
-    return {"context": f"Question: {rec['question']}\nAnswer:", "choices": texts, "label": labels.index(key)}
+        key = _ARC_NUMERIC.get(key, key)
+        labels = [_ARC_NUMERIC.get(x, x) for x in labels]
+    if key not in labels:
+        raise RowError(f"field 'answerKey' {rec['answerKey']!r} is not one of the choices' labels "
+                       f"{[str(x) for x in choices['label']]}")
+    return {"context": f"Question: {question}\nAnswer:", "choices": texts, "label": labels.index(key)}
 
 
 def _hellaswag_pre(text: str) -> str:
@@ -109,35 +173,49 @@ def _hellaswag_pre(text: str) -> str:
 
 
 def _hellaswag(rec: dict) -> Optional[dict]:
-    if rec.get("label") in (None, ""):
-        return None  # the hub's test split has no labels
-    ctx = rec["ctx_a"] + " " + rec["ctx_b"].capitalize()
-    return {"context": _hellaswag_pre(rec["activity_label"] + ": " + ctx),
-            "choices": [_hellaswag_pre(e) for e in rec["endings"]], "label": int(rec["label"])}
+    endings = _texts(rec, "endings")
+    label = _index(rec, "label", len(endings), unlabelled=" (HellaSwag's test split has no labels: evaluate the "
+                                                          "validation split)")
+    ctx = _text(rec, "ctx_a") + " " + _text(rec, "ctx_b").capitalize()
+    return {"context": _hellaswag_pre(_text(rec, "activity_label") + ": " + ctx),
+            "choices": [_hellaswag_pre(e) for e in endings], "label": label}
 
 
 def _winogrande(rec: dict) -> Optional[dict]:
-    s = rec["sentence"]
+    s = _text(rec, "sentence")
+    if "_" not in s:
+        raise RowError("field 'sentence' has no '_' (the blank an option fills)")
     i = s.index("_")
-    if rec.get("answer") in (None, ""):
-        return None
-    return {"contexts": [s[:i] + rec["option1"], s[:i] + rec["option2"]], "continuation": s[i + 1:].strip(),
-            "label": int(rec["answer"]) - 1}
+    options = [_text(rec, "option1"), _text(rec, "option2")]
+    label = _index(rec, "answer", 2, offset=1, unlabelled=" (WinoGrande's test split has no answers: evaluate the "
+                                                           "validation split)")
+    return {"contexts": [s[:i] + o for o in options], "continuation": s[i + 1:].strip(), "label": label}
+
+
+_YES, _NO = ("true", "yes", "1"), ("false", "no", "0")
 
 
 def _boolq(rec: dict) -> Optional[dict]:
-    answer = rec["answer"] if "answer" in rec else rec["label"]  # google/boolq: bool; super_glue: 0/1
-    if isinstance(answer, str):
-        answer = answer.strip().lower() in ("true", "yes", "1")
-    return {"context": f"{rec['passage']}\nQuestion: {rec['question']}?\nAnswer:", "choices": ["no", "yes"],
+    field = "answer" if "answer" in rec or "label" not in rec else "label"  # google/boolq: bool; super_glue: 0/1
+    if rec.get(field) is None:
+        raise RowError(f"field {field!r} is missing: the item cannot be scored (true/false; or 'label' 0/1)")
+    answer = rec[field]
+    if isinstance(answer, str) and answer.strip().lower() in _YES + _NO:
+        answer = answer.strip().lower() in _YES
+    elif not isinstance(answer, bool) and not (isinstance(answer, int) and answer in (0, 1)):
+        raise RowError(f"field {field!r} must be true or false (or yes/no, 1/0), got {answer!r}")
+    passage, question = _text(rec, "passage"), _text(rec, "question")
+    return {"context": f"{passage}\nQuestion: {question}?\nAnswer:", "choices": ["no", "yes"],
             "label": int(bool(answer))}
 
 
 def _mmlu(rec: dict) -> Optional[dict]:
-    letters = "ABCDEFGHIJ"[: len(rec["choices"])]
-    body = "\n".join(f"{x}. {c}" for x, c in zip(letters, rec["choices"]))
-    return {"context": f"{rec['question'].strip()}\n{body}\nAnswer:", "choices": list(letters),
-            "label": int(rec["answer"])}
+    choices = _texts(rec, "choices", hi=10)
+    question = _text(rec, "question")
+    letters = "ABCDEFGHIJ"[: len(choices)]
+    body = "\n".join(f"{x}. {c}" for x, c in zip(letters, choices))
+    return {"context": f"{question.strip()}\n{body}\nAnswer:", "choices": list(letters),
+            "label": _index(rec, "answer", len(choices))}
 
 
 def _mmlu_description(rec: dict) -> str:
@@ -146,7 +224,7 @@ def _mmlu_description(rec: dict) -> str:
 
 
 def _wikitext(rec: dict) -> Optional[dict]:
-    text = rec["text"].strip()
+    text = _text(rec, "text").strip()
     return {"text": text} if text else None
 
 
@@ -155,9 +233,11 @@ def _gsm8k(rec: dict) -> Optional[dict]:
     from ftlab.data.sources import FORMATS
 
     def field_(name: str, key: str) -> str:
-        return str(rec[name])
+        return _text(rec, name)
 
     out = FORMATS.get("gsm8k")(rec, DataConfig(name="gsm8k", answer="number"), field_)
+    if out["reference"] is None:
+        raise RowError("field 'answer' has no final number ('#### N') to score against")
     return {"prompt": out["prompt"], "reference": out["reference"], "response": out["response"]}
 
 
@@ -192,10 +272,31 @@ if set(BUILTINS.names()) != set(BUILTIN_TASK_KINDS):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _read_local(path: str, key: str) -> list[dict]:
+def _read_local(path: str, key: str) -> tuple[list[dict], list[str]]:
+    """(records, where each is: "FILE:LINE") of a local .jsonl (or .json list)."""
     from ftlab.data.sources import read_jsonl
 
-    return [r.record for r in read_jsonl(path, key)]
+    raws = read_jsonl(path, key)
+    return [r.record for r in raws], [r.where for r in raws]
+
+
+def _hub_where(spec: Builtin, split: str, hf_path: Optional[str], n: int) -> list[str]:
+    return [f"{hf_path or spec.hf_path}[{split}] row {i}" for i in range(n)]
+
+
+def _to_row(spec: Builtin, rec: dict, where: str, key: str) -> Optional[dict]:
+    """spec.to_row(rec), checked: a record that cannot become a scorable item is refused with the key, file and
+    line (or hub row), and the field."""
+    try:
+        row = spec.to_row(rec)
+        problem = row_problem(spec.kind, row) if row is not None else None
+    except RowError as e:
+        problem = str(e)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        problem = f"cannot be read as a {spec.name} item ({type(e).__name__}: {e}); fields there: {_fields(rec)}"
+    if problem:
+        raise ValueError(f"{key}: {where}: {problem}")
+    return row
 
 
 def _read_hub(spec: Builtin, split: str, hf_path: Optional[str], hf_name: Optional[str],
@@ -270,10 +371,13 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
         raise ValueError(f"eval.tasks.{name}.few_shot: must be >= 0, got {k}")
     split = split or spec.split
     if path:
-        records = _read_local(path, f"eval.paths.{name}")
+        key = f"eval.paths.{name}"
+        records, wheres = _read_local(path, key)
         source, sha = f"file:{Path(path).expanduser().resolve()}", sha256_file(Path(path).expanduser())
     else:
+        key = f"eval: task {name!r}"
         records = _read_hub(spec, split, hf_path, hf_name, revision, "eval rows")
+        wheres = _hub_where(spec, split, hf_path, len(records))
         where = (hf_path or spec.hf_path) + (f"/{hf_name or spec.hf_name}" if (hf_name or spec.hf_name) else "")
         source, sha = f"hub:{where}@{revision or 'main'}:{split}", _records_sha(records)
 
@@ -282,7 +386,7 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
     for i, rec in enumerate(records):
         if subset and spec.group is not None and spec.group(rec) not in subset:
             continue
-        row = spec.to_row(rec)
+        row = _to_row(spec, rec, wheres[i], key)
         if row is not None:
             indexed.append((i, rec, row))
     if subset and spec.group is None:
@@ -303,23 +407,27 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
         raise ValueError(f"eval: task {name!r} has no rows in {source}")
 
     # few-shot pool: (id, record, row); the same k examples for every item (MMLU: per subject)
-    fewshot_source = None
+    fewshot_source = fewshot_sha = None
     pool: list[tuple[str, dict, dict]] = []
     if k > 0:
         if fewshot_path:
-            recs = _read_local(fewshot_path, f"eval.tasks.{name}.fewshot_path")
+            fkey = f"eval.tasks.{name}.fewshot_path"
+            recs, fwheres = _read_local(fewshot_path, fkey)
             fewshot_source = f"file:{Path(fewshot_path).expanduser().resolve()}"
+            fewshot_sha = sha256_file(Path(fewshot_path).expanduser())
             pool_ids = [f"{name}/fewshot/{i}" for i in range(len(recs))]
         elif not path and spec.fewshot_split:
+            fkey = f"eval: task {name!r} (few-shot split)"
             recs = _read_hub(spec, spec.fewshot_split, hf_path, hf_name, revision, "few-shot rows")
+            fwheres = _hub_where(spec, spec.fewshot_split, hf_path, len(recs))
             fewshot_source = f"hub:{spec.fewshot_split}"
             pool_ids = [f"{name}/{spec.fewshot_split}/{i}" for i in range(len(recs))]
         else:  # the eval rows themselves
-            recs = records
+            recs, fwheres, fkey = records, wheres, key
             fewshot_source = "eval rows (an item never sees itself)"
             pool_ids = [f"{name}/{i}" for i in range(len(recs))]
-        for pid, rec in zip(pool_ids, recs):
-            row = spec.to_row(rec)
+        for pid, rec, fwhere in zip(pool_ids, recs, fwheres):
+            row = _to_row(spec, rec, fwhere, fkey)
             if row is not None:
                 pool.append((pid, rec, row))
         random.Random(FEWSHOT_SEED).shuffle(pool)
@@ -348,6 +456,8 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
     meta = {"source": source, "sha256": sha, "split": split if not path else None, "few_shot": k,
             "fewshot_source": fewshot_source, "fewshot_ids": sorted(used_ids)[:50],
             "fewshot_seed": FEWSHOT_SEED if k else None}
+    if fewshot_sha is not None:  # the few-shot file's content: in the task's signature, so in the base cache key
+        meta["fewshot_sha256"] = fewshot_sha
     if subset:
         meta["subset"] = list(subset)
     return rows, meta

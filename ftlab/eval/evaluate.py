@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ftlab.eval.cache import cache_key, read_cached, write_cached
 from ftlab.eval.prompts import tokenizer_signature
+from ftlab.eval.scoring import MODEL_HINT, check_rows, checked_score
 from ftlab.eval.task import KINDS, Task
 from ftlab.utils.files import write_jsonl
 from ftlab.utils.progress import Bar
@@ -24,7 +25,12 @@ def evaluate(model, tokenizer, tasks: list[Task], batch_size: int, *, stage: str
     """Score every task; write records/<stage>/<task>.jsonl; return {task: {score, metrics, n, cached}}.
 
     With cache_dir and fingerprint (base evaluation), a result is reused when the model weights, the tokenizer
-    and the task's signature (rows, n, few-shot, format, metric, seed, eval version) are unchanged."""
+    and the task's signature (rows, n, few-shot, format, metric, seed, eval version, source files' sha256) are
+    unchanged.
+
+    An item that cannot be scored fails before the model runs, and a non-finite log-likelihood, NLL or metric
+    from the model fails the task with the item named (ftlab.eval.scoring.checked_score; ValueError): a broken
+    model never produces a score, and nothing of it is cached."""
     out: dict[str, dict] = {}
     bar = Bar(len(tasks), f"eval {stage}", "{task.fields[name]}", enabled=progress, name="")
     with bar:
@@ -39,8 +45,9 @@ def evaluate(model, tokenizer, tasks: list[Task], batch_size: int, *, stage: str
                 metrics, items = cached["metrics"], cached["items"]
             else:
                 kind = KINDS.get(task.kind)
+                check_rows(task)  # before the model runs
                 preds = kind.predict(model, tokenizer, task, batch_size)
-                metrics, items = kind.score(task, preds)
+                metrics, items = checked_score(task, preds, hint=MODEL_HINT)
                 if key is not None:
                     write_cached(cache_dir, key, task, metrics, items)
             write_jsonl(Path(run_dir) / "records" / stage / f"{task.name}.jsonl", items)
