@@ -109,6 +109,10 @@ def check(overrides: list[str], multirun: bool = False) -> list:
         for job in _job_overrides(overrides, multirun, params):
             cfg = compose(config_name="config", overrides=job)
             out.append(validate(cfg))
+    from ftlab.cli.inputs import check_inputs
+
+    for run in out:  # every input file read and schema-checked before a run directory or a model exists
+        check_inputs(run)
     return out
 
 

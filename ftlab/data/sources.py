@@ -140,7 +140,13 @@ def read_jsonl(path: str | Path, key: str = "data.path") -> list[RawRow]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{key}: file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 BOM is accepted
+    except UnicodeDecodeError as e:
+        at = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{key}: {p}:{at} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
     rows: list[RawRow] = []
     if p.suffix == ".json" and text.lstrip().startswith("["):
         try:
