@@ -79,3 +79,39 @@ def check_inputs(run) -> None:
         fp = getattr(opts, "fewshot_path", None)
         if fp:
             _builtin_file(task, fp, f"eval.tasks.{task}.fewshot_path")
+
+
+def _cache_root() -> str:
+    """Where base models and base evaluations are cached (the rule of ftlab.world.base, without its torch import)."""
+    if os.environ.get("FTLAB_CACHE"):
+        return os.environ["FTLAB_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "ftlab")
+
+
+def _writable_dir(path: str, what: str, fix: str) -> None:
+    """`path` is, or can be made, a writable directory: no part of it is a file, and its nearest existing
+    directory takes a new file (a probe file, removed at once; also catches read-only file systems and root)."""
+    import tempfile
+
+    p = os.path.abspath(os.path.expanduser(path))
+    probe = p
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{what}: {probe!r} is a file, not a directory, so {p!r} cannot be made; {fix}")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ftlab_probe_", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {probe!r} ({e.strerror or type(e).__name__}); {fix}") from None
+
+
+def check_places(run) -> None:
+    """The outputs and cache directories can be made and written, before Hydra makes the run directory."""
+    _writable_dir(os.path.join(run.out_dir, "runs"), "out_dir (FTLAB_OUTPUTS)",
+                  "set FTLAB_OUTPUTS (or out_dir=) to a writable directory")
+    _writable_dir(_cache_root(), "cache (FTLAB_CACHE)", "set FTLAB_CACHE to a writable directory")

@@ -109,10 +109,11 @@ def check(overrides: list[str], multirun: bool = False) -> list:
         for job in _job_overrides(overrides, multirun, params):
             cfg = compose(config_name="config", overrides=job)
             out.append(validate(cfg))
-    from ftlab.cli.inputs import check_inputs
+    from ftlab.cli.inputs import check_inputs, check_places
 
     for run in out:  # every input file read and schema-checked before a run directory or a model exists
         check_inputs(run)
+        check_places(run)
     return out
 
 
@@ -274,11 +275,19 @@ def _task(cfg) -> float | None:
         if hc.mode == RunMode.MULTIRUN:
             return None
         raise SystemExit(2)
+    from ftlab.rundir.layout import RunDirBusy
+
     try:
         prepare_run_dir(run_dir, run)
         done = completed_record(run_dir)
-    except ResumeRefused as e:
+    except (ResumeRefused, RunDirBusy) as e:
         print(f"ftlab: run refused: {e}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:
+            return None
+        raise SystemExit(2)
+    except OSError as e:
+        print(f"ftlab: run refused: cannot write the run directory {run_dir} ({e.strerror or e}); set FTLAB_OUTPUTS "
+              "to a writable directory", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:
             return None
         raise SystemExit(2)
@@ -286,7 +295,13 @@ def _task(cfg) -> float | None:
         print(f"ftlab: {run_dir.name} already completed with this config (gain {done['summary'].get('gain')}); "
               f"record: {run_dir / 'result.json'}. Delete that directory to run it again.", file=sys.stderr)
         return done["summary"].get("gain")
-    failure = execute(run_dir, run.hw)
+    try:
+        failure = execute(run_dir, run.hw)
+    except RunDirBusy as e:  # a concurrent run of the same config holds the directory
+        print(f"ftlab: run refused: {e}; wait for it to finish (or stop it) and run again", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:
+            return None
+        raise SystemExit(2)
     if failure is not None:
         print(f"ftlab: run failed: {failure}\n  record: {run_dir / 'result.json'}", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:  # one failed job does not stop the sweep

@@ -90,6 +90,7 @@ def check_ranges(c: RunConfig) -> None:
     if d.source == "jsonl" and not d.path:
         raise ConfigError("data.path: data.source=jsonl needs data.path=FILE.jsonl")
     check_mix(d, m)
+    check_name(d.name)
     if d.source == "hf" and not (d.hf_path or d.path):
         raise ConfigError("data.hf_path: data.source=hf needs data.hf_path (a hub dataset id) or data.path=FILE.jsonl")
     for key in ("path", "eval_path"):
@@ -191,6 +192,18 @@ def check_eval_file(d: DataConfig) -> None:
 # data.mix above this would add more than 9 general rows per task row (0.9999999: ~1e7 per row, ~4e10 rows for the
 # synth default): the task is lost in replay, and the stream may not fit in memory
 MIX_MAX = 0.9
+
+
+# data.name becomes file names (records/<task>.jsonl, the run directory's name) under the file system's 255 bytes
+NAME_MAX = 100
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"data.name: must be a non-empty name, got {name!r}")
+    if len(name.encode("utf-8")) > NAME_MAX or "/" in name or "\\" in name or "\x00" in name:
+        raise ConfigError(f"data.name: {name[:40]!r}... ({len(name)} characters) names files in the run directory; "
+                          f"use at most {NAME_MAX} bytes without '/', '\\' or NUL")
 
 
 def check_mix(d: DataConfig, m: ModelConfig) -> None:

@@ -29,6 +29,9 @@ from ftlab.utils.files import sha256_file
 # keys outside the identity: they move, schedule or mirror results, never change them (hw.slurm: a resubmission
 # with a longer time limit or another partition continues the same runs)
 EXCLUDED = ("out_dir", "logger", "hw.slurm")
+# the readable parts are cut to this length (the digest covers the whole config): a run directory's name stays far
+# under the file system's 255-byte limit whatever data.name or the stage list is
+NAME_CHARS = 80
 DIGEST_CHARS = 10  # 40 bits: a collision among a million runs has odds ~5e-7
 # keys added after run names were first given out, left out of the digest while at their default so that the
 # directories of existing configs keep their names (a key's last component, under data and every stage)
@@ -178,7 +181,7 @@ def run_name(config: dict) -> str:
     """`<method>_<data>_s<seed>_<digest>`: readable first, unique by the digest (config and input files)."""
     data = config.get("stages") or config.get("data", {})  # a continual run: every stage's name
     data_name = [s.get("name", "data") for s in data] if isinstance(data, list) else data.get("name", "data")
-    return (f"{_slug(config['method']['name'])}_{_slug(data_name)}_s{config.get('seed', 0)}_"
+    return (f"{_slug(config['method']['name'])[:NAME_CHARS]}_{_slug(data_name)[:NAME_CHARS]}_s{config.get('seed', 0)}_"
             f"{run_digest(config)[:DIGEST_CHARS]}")
 
 
