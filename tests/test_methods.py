@@ -783,6 +783,24 @@ def test_freeze_bottom_and_layerwise_lr_decay(tmp_path):
         method_cfg("freeze", "method.freeze_bottom=1")
 
 
+def test_freeze_llrd_gives_the_embeddings_the_most_decayed_rate():
+    """Layer-wise LR decay counts the input embeddings as the layer below block 0: lr * llrd**n_blocks, below every
+    block's rate; the head and final norm, above the top block, train at the full rate (before issue 13 the
+    embeddings were in the full-rate group)."""
+    cfg = method_cfg("freeze", "method.train_top=null", "method.freeze_bottom=0", "method.llrd=0.5",
+                     "method.train_embeddings=true")
+    method = build_method(cfg)
+    model = method.prepare(make_model(), MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=0))
+    groups = method.param_groups(model, 0.0)
+    name = {id(p): n for n, p in model.named_parameters()}
+    rate = {name[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert sorted(rate) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups) == len(rate)  # each trained parameter in exactly one group
+    assert rate["model.embed_tokens.weight"] == 0.5 ** LAYERS == min(rate.values())
+    assert rate["model.layers.0.mlp.up_proj.weight"] == 0.5 and rate["model.layers.1.mlp.up_proj.weight"] == 1.0
+    assert rate["lm_head.weight"] == rate["model.norm.weight"] == 1.0
+
+
 def test_prompt_tuning_cached_decoding_matches_full_forward():
     """The wrapper prepends the prompt once: step-by-step decoding with a KV cache (left padding, explicit
     positions, as ftlab.models.generate does) gives the logits of one full forward."""

@@ -4,7 +4,9 @@ Telly (Shi et al., 2023, "Towards Efficient Fine-tuning of Pre-trained Code Mode
 change most and fine-tunes by freezing the rest; "Fine-Tuning Large Neural Language Models for Biomedical NLP"
 (Tinn et al., 2023) compares freezing lower layers with layer-wise LR decay. Here: the top `train_top` blocks
 train (or every block above the bottom `freeze_bottom`), plus the head and final norm (`train_head`) and,
-optionally, the input embeddings. With `llrd` < 1 the trained block i places from the top gets lr * llrd**i.
+optionally, the input embeddings. With `llrd` < 1 the trained block i places from the top gets lr * llrd**i and the
+input embeddings, the layer below the bottom block, lr * llrd**n_blocks (the most decayed rate, as layer-wise decay
+defines it); the head and final norm train at lr.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class Freeze(Method):
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         if self.cfg.llrd == 1.0:
             return super().param_groups(model, weight_decay)
-        from ftlab.models.structure import layer_param_names
+        from ftlab.models.structure import embedding_names, layer_param_names
 
         layers = layer_param_names(model)
         by_name = dict(model.named_parameters())
@@ -82,7 +84,14 @@ class Freeze(Method):
             if ps:  # lr_scale: the loop multiplies train.lr by it
                 groups.append({"params": ps, "weight_decay": weight_decay,
                                "lr_scale": self.cfg.llrd ** (len(layers) - 1 - i)})
-        rest = [p for n, p in by_name.items() if p.requires_grad and n not in seen]
+        # LLRD counts the input embeddings as the layer below block 0 (ULMFiT, ELECTRA, Tinn et al.): the most
+        # decayed rate, llrd**n_blocks; the head and final norm sit above the top block and train at the full rate.
+        # A head tied to the embeddings is one parameter: the embeddings' rate when train_embeddings, else the head's.
+        emb = embedding_names(model) if self.cfg.train_embeddings else set()
+        bottom = [p for n, p in by_name.items() if p.requires_grad and n not in seen and n in emb]
+        if bottom:
+            groups.append({"params": bottom, "weight_decay": weight_decay, "lr_scale": self.cfg.llrd ** len(layers)})
+        rest = [p for n, p in by_name.items() if p.requires_grad and n not in seen and n not in emb]
         if rest:
             groups.append({"params": rest, "weight_decay": weight_decay, "lr_scale": 1.0})
         return groups
