@@ -842,6 +842,39 @@ def test_prompt_tuning_cached_decoding_matches_full_forward():
     assert len(greedy_decode(model, tok, ["ab=", "c="], 3, batch_size=2)) == 2
 
 
+def test_prompt_tuning_vocab_init_draws_frequent_tokens_never_special():
+    """init=vocab as Lester et al.: each virtual token starts as the embedding of a token drawn from the 5,000 most
+    frequent ones (here: of the training rows), never a special token; seeded. (peft's SAMPLE_VOCAB draws from the
+    whole vocabulary: with 16 of 64 ids, landing only on the rows' 7 tokens is practically impossible.)"""
+    from ftlab.methods.prompt_tuning import VOCAB_POOL, frequent_token_ids
+
+    tok = make_tokenizer()
+    rows = make_rows(32)  # letters a..f and "="
+    allowed = set(tok("abcdef=", add_special_tokens=False)["input_ids"])
+    assert VOCAB_POOL == 5000 and set(frequent_token_ids(tok, rows)) == allowed
+    top = frequent_token_ids(tok, [{"prompt": "aab=", "response": "b"}, {"prompt": "", "response": "c"}], k=2)
+    assert top == tok("ab", add_special_tokens=False)["input_ids"]  # a: 2, b: 2, c: 1, = : 1 -> a, b (lower ids)
+    special = set(tok.all_special_ids)
+
+    def init(seed, train_rows):
+        method = build_method(method_cfg("prompt_tuning"))
+        model = method.prepare(make_model(), MethodContext(tokenizer=tok, train_rows=train_rows, seed=seed))
+        emb = model.peft_model.word_embeddings.weight
+        prompt = model.peft_model.prompt_encoder["default"].embedding.weight
+        for j, i in enumerate(method.init_ids):
+            assert torch.equal(prompt[j], emb[i])
+        return method.init_ids
+
+    ids = init(0, rows)
+    assert len(ids) == 4 and set(ids) <= allowed and len(set(ids)) == 4  # 4 virtual tokens, distinct while they last
+    assert init(0, rows) == ids and any(init(s, rows) != ids for s in (1, 2, 3))
+    default = build_method(check(["method=prompt_tuning"])[0].method)  # 16 virtual tokens > the pool of 7
+    default.prepare(make_model(), MethodContext(tokenizer=tok, train_rows=rows, seed=0))
+    assert len(default.init_ids) == 16 and set(default.init_ids) <= allowed
+    assert default.report()["init_pool"] == {"size": len(allowed), "from": "training rows"}
+    assert not set(init(0, [])) & special  # no rows: any non-special token of the vocabulary
+
+
 def test_unknown_method_knobs_are_refused():
     from hydra.errors import HydraException
 
