@@ -483,6 +483,23 @@ def test_corda_modes_differ():
     assert not torch.allclose(a["kpm"], a["ipm"])
 
 
+
+LORA_FAMILY = ("lora", "rslora", "dora", "pissa", "olora", "corda", "lora_ga")
+
+
+def test_lora_family_starts_at_one_scale():
+    """One convention (docs/methods.md, Scale): every LoRA-family YAML starts at scale 1 at its own rank, alpha/r
+    (alpha = r = 8), rsLoRA alpha/sqrt(r) at r = 64, so the variants differ by their init, not by their learning
+    rate; each YAML's config class has the same defaults as the YAML."""
+    for name in LORA_FAMILY:
+        (run,) = check([f"method={name}"])
+        m = run.method
+        scale = m.alpha / (m.r ** 0.5 if m.use_rslora else m.r)
+        assert scale == 1.0, (name, m.alpha, m.r, m.use_rslora)
+        assert (m.alpha, m.r, m.use_rslora) == ((d := METHODS.config(name)()).alpha, d.r, d.use_rslora), name
+    assert check(["method=rslora"])[0].method.r == 64
+
+
 # ------------------------------------------------------------------------------------------ method specifics
 def test_hft_draw_is_seeded_and_redrawn_per_stage():
     tok = make_tokenizer()

@@ -4,13 +4,19 @@ data first, have their own modules).
 LoRA (Hu et al., 2021, arXiv:2106.09685): the base weights are frozen; each target linear gets B @ A of rank r,
 scaled by alpha/r (alpha/sqrt(r) with rsLoRA). B starts at zero, so the tuned model equals the base at step 0.
 
+One scale convention for the whole family (docs/methods.md, "Scale"): alpha = 8 = the default r, so every variant
+starts at scale alpha/r = 1 (rsLoRA: r = 64, alpha/sqrt(r) = 1), as the PiSSA and CorDA papers run their LoRA
+baselines and as Hu et al. set alpha to the first r tried. Differences between the variants are then not
+learning-rate differences.
+
 The variants are small subclasses: each says which peft options it sets (`lora_options`), and, when its init needs
 the model first, what it runs before `get_peft_model` (`preprocess`). Inits that rewrite the base weights
 (`rewrites_base = True`: PiSSA, OLoRA, CorDA, LoRA-GA) keep their initial adapter and export through peft's
 weight conversion, so the saved adapter applies to the ORIGINAL base weights.
 
 - rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): LoRA with the rank-stabilised scaling alpha/sqrt(r); a config
-  variant (`use_rslora` defaults to true), everything else is `Lora`.
+  variant (`use_rslora` defaults to true, r to 64), everything else is `Lora`. At one rank it is LoRA with another
+  scale; its claim is about high ranks at a fixed alpha (lora vs rslora at r=64: scale 0.125 vs 1).
 - DoRA (Liu et al., 2024, arXiv:2402.09353): weight-decomposed LoRA through peft's `use_dora`. Each target
   weight is split into a magnitude (one trained scalar per output feature) and a direction that LoRA updates;
   the magnitude starts at the base weight's column norms, so the model equals the base at step 0.
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
 class LoraConfig(MethodConfig):
     name: str = "lora"
     r: int = 8
-    alpha: float = 16.0
+    alpha: float = 8.0  # scale alpha/r = 1 at the default rank, the family's one convention
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     use_rslora: bool = False
@@ -60,9 +66,10 @@ class LoraConfig(MethodConfig):
 
 @dataclass
 class RsLoraConfig(LoraConfig):
-    """rsLoRA: LoRA scaled by alpha/sqrt(r) instead of alpha/r."""
+    """rsLoRA: LoRA scaled by alpha/sqrt(r) instead of alpha/r; high rank, where that scaling is the point."""
 
     name: str = "rslora"
+    r: int = 64  # alpha/sqrt(r) = 8/8 = 1, the family's scale; LoRA at r=64 with the same alpha: 0.125
     use_rslora: bool = True
 
 
@@ -78,7 +85,6 @@ class PissaConfig(LoraConfig):
     """PiSSA: the adapter starts as the top-r singular components of W; the residual stays frozen."""
 
     name: str = "pissa"
-    alpha: float = 8.0
     svd_niter: Optional[int] = 4  # fast randomized SVD with this many subspace iterations; None: full SVD
 
     def check(self) -> None:
@@ -91,7 +97,6 @@ class OloraConfig(LoraConfig):
     """OLoRA: the adapter starts from a QR decomposition of W; the residual stays frozen."""
 
     name: str = "olora"
-    alpha: float = 8.0
 
 
 # ---------------------------------------------------------------------------------------------------- methods
