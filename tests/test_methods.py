@@ -483,6 +483,46 @@ def test_corda_modes_differ():
     assert not torch.allclose(a["kpm"], a["ipm"])
 
 
+def test_lora_ga_init_is_the_papers(tmp_path):
+    """The paper's / official init (Outsider565/LoRA-GA lora_ga_init): for direction ArB2r, A = c V[:, :r]^T and
+    B = c U[:, r:2r] of the mean calibration gradient G = U S V^T, c = d_out^(1/4) / sqrt(gamma) on BOTH factors and
+    no singular values; the base keeps W - s B A, so the model equals the base at step 0. (peft 0.21.2: A rows of
+    norm 1, B columns scaled by the singular values.) Calibration: 128 rows in batches of 2 unless configured."""
+    c0 = check(["method=lora_ga"])[0].method
+    assert (c0.calib_samples, c0.calib_batch_size) == (128, 2)
+    tok = make_tokenizer()
+    ctx = MethodContext(tokenizer=tok, train_rows=make_rows(), seed=0, max_length=32)
+    method = build_method(method_cfg("lora_ga"))
+    model = method.prepare(make_model(), ctx)
+    probe = make_model()  # the same rows' gradient, estimated on a fresh base by the method's own preprocess
+    method.preprocess(probe, method.peft_config(), ctx)
+    orig = make_model()
+    r, gamma, s, full = 4, 16.0, 8 / 4, 0
+    for i in range(LAYERS):
+        for mod, (d_in, d_out) in LINEAR.items():
+            layer = model.base_model.model.model.layers[i].get_submodule(f"{_sub(mod)}.{mod}")
+            a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+            c = d_out ** 0.25 / gamma ** 0.5
+            assert a.shape == (r, d_in) and b.shape == (d_out, r)
+            assert torch.allclose(a @ a.T, c ** 2 * torch.eye(r), atol=1e-5), (i, mod)  # orthogonal rows of norm c
+            assert torch.allclose(b.T @ b, c ** 2 * torch.eye(r), atol=1e-5), (i, mod)  # orthogonal columns of norm c
+            assert layer.scaling["default"] == s
+            w0 = orig.model.layers[i].get_submodule(f"{_sub(mod)}.{mod}").weight
+            assert (layer.base_layer.weight - (w0 - s * b @ a)).abs().max() <= 1e-6
+            g = probe.model.layers[i].get_submodule(f"{_sub(mod)}.{mod}")._peft_loraga_grad
+            u, sv, vh = torch.linalg.svd(g)
+            # A spans G's top-r right singular directions, B the next r left ones (where G has 2r directions: the
+            # first block's q/k/v/gate/up see only the task's 7 tokens, so their gradients have rank 7)
+            assert (vh[:r] @ (a / c).T).pow(2).sum() == pytest.approx(r, abs=1e-3), (i, mod)
+            if sv[2 * r - 1] > 1e-3 * sv[0]:
+                assert (u[:, r:2 * r].T @ (b / c)).pow(2).sum() == pytest.approx(r, abs=1e-3), (i, mod)
+                full += 1
+    assert full >= len(LINEAR)
+    batch = probe_batch()
+    assert (logits_of(model, batch) - logits_of(make_model(), batch)).abs().max() <= RELOAD_ATOL
+    with pytest.raises(ValueError, match="method.r: LoRA-GA takes 2r = 18"):  # k_proj is 32 x 16
+        build_method(method_cfg("lora_ga", "method.r=9")).prepare(make_model(), ctx)
+
 
 LORA_FAMILY = ("lora", "rslora", "dora", "pissa", "olora", "corda", "lora_ga")
 

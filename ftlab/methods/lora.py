@@ -123,6 +123,9 @@ class Lora(Method):
     def preprocess(self, model: nn.Module, config: peft.LoraConfig, ctx: MethodContext) -> None:
         """Run on the base before get_peft_model (CorDA's covariance, LoRA-GA's gradient estimate)."""
 
+    def postprocess(self, model: peft.PeftModel, ctx: MethodContext) -> None:
+        """Run on the adapter peft built, before the initial adapter is kept (LoRA-GA's own init)."""
+
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         import peft
 
@@ -130,6 +133,7 @@ class Lora(Method):
         config = self.peft_config()
         self.preprocess(model, config, ctx)
         model = peft.get_peft_model(model, config)
+        self.postprocess(model, ctx)
         if self.rewrites_base:
             self._save_initial(model)
         return model
