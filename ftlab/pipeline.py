@@ -208,7 +208,8 @@ def _prepare(r: _Run) -> None:
     cfg = r.cfg
     seed_everything(cfg.seed)
     r.method = build_method(cfg.method)
-    r.ctx = MethodContext(tokenizer=r.tok, train_rows=r.train_rows, seed=cfg.seed, max_length=cfg.model.max_length)
+    r.ctx = MethodContext(tokenizer=r.tok, train_rows=r.train_rows, seed=cfg.seed, max_length=cfg.model.max_length,
+                          data=cfg.data)
     r.reg = build_regulariser(cfg.reg)
     if r.reg is not None:
         r.reg.capture_base(r.model)  # before prepare: the original base, whatever the method does to it

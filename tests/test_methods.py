@@ -238,6 +238,7 @@ class Row:
 # The YAML's lr_scale is tuned for the tiny world's train.lr; here the test model's own LR applies as is.
 UNSCALED = ("method.lr_scale=1.0",)
 R4 = ("method.r=4",)
+GENERAL_TEXT = ROOT / "tests" / "fixtures" / "general_text.jsonl"  # CorDA kpm's knowledge rows where data has none
 ROWS = [
     Row("full", every_parameter),
     Row("lora", lora_adapters, R4, "adapter"),
@@ -246,9 +247,11 @@ ROWS = [
     Row("pissa", lora_adapters, R4, "adapter", rewrites_base=True,
         refused=((("method.svd_niter=0",), ("method.svd_niter", ">= 1")),)),
     Row("olora", lora_adapters, R4, "adapter", rewrites_base=True),
-    Row("corda", lora_adapters, R4 + ("method.calib_samples=8",), "adapter", rewrites_base=True,
+    Row("corda", lora_adapters, R4 + ("method.calib_samples=8", f"method.calib_source={GENERAL_TEXT}"), "adapter",
+        rewrites_base=True,
         refused=((("method.mode=both",), ("method.mode", "kpm, ipm")),
-                 (("method.calib_samples=0",), ("method.calib_samples",)))),
+                 (("method.calib_samples=0",), ("method.calib_samples",)),
+                 (("method.calib_source=/no/such/knowledge.jsonl",), ("method.calib_source", "does not exist")))),
     Row("lora_ga", lora_adapters, R4 + ("method.calib_samples=8", "method.calib_batch_size=4"), "adapter",
         rewrites_base=True, refused=((("method.direction=up",), ("method.direction", "ArB2r")),)),
     Row("ia3", ia3_vectors, UNSCALED, "adapter", lr=0.05,
@@ -481,6 +484,100 @@ def test_corda_modes_differ():
         m = build_method(method_cfg("corda", f"method.mode={mode}")).prepare(make_model(), ctx)
         a[mode] = m.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.detach().clone()
     assert not torch.allclose(a["kpm"], a["ipm"])
+
+
+def _linear_inputs(rows) -> dict[str, torch.Tensor]:
+    """Every block linear's inputs (tokens x width) on the ORIGINAL base, one row per forward."""
+    tok, model, seen = make_tokenizer(), make_model(), {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.setdefault(n, []).append(i[0].reshape(-1, i[0].shape[-1])))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    with torch.no_grad():
+        for r in rows:
+            model(input_ids=torch.tensor([encode_example(tok, r["prompt"], r["response"], 32)["input_ids"]]))
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(x) for n, x in seen.items()}
+
+
+def _adapter_input_share(model, inputs: dict[str, torch.Tensor]) -> float:
+    """The share of the inputs' energy inside the adapters' input subspace (the row space of A), averaged over the
+    target layers: how much of those inputs the trained directions see (fidelity-methods.md, s4)."""
+    shares = []
+    for n, m in model.named_modules():
+        if hasattr(m, "lora_A") and "default" in m.lora_A:
+            q, _ = torch.linalg.qr(m.lora_A["default"].weight.detach().T)
+            x = inputs[n.removeprefix("base_model.model.")]
+            shares.append(((x @ q).pow(2).sum() / x.pow(2).sum()).item())
+    return sum(shares) / len(shares)
+
+
+def _knowledge_rows(n: int, seed: int) -> list[dict]:
+    """Text the base should keep knowing: words over g..z and digits, none of the task's letters a..f."""
+    rng = random.Random(seed)
+    chars = "ghijklmnopqrstuvwxyz0123456789"
+    return [{"prompt": "", "response": " ".join("".join(rng.choice(chars) for _ in range(rng.randint(2, 5)))
+                                                for _ in range(4))} for _ in range(n)]
+
+
+def test_corda_kpm_calibrates_on_the_knowledge_and_keeps_its_inputs_out_of_the_adapter(tmp_path):
+    """KPM as the paper: calibrated on the general rows (here data.mix_source, text standing for the knowledge to
+    keep), the adapter's input subspace carries far less energy of held-out knowledge inputs than of task inputs.
+    Calibrated on the task's own rows (ftlab before issue 13, now method.calib_source=task) it is the other way
+    round: it protects the task's unused directions and trains in the knowledge's."""
+    from ftlab.config.schema import DataConfig
+
+    path = tmp_path / "knowledge.jsonl"
+    path.write_text("".join(json.dumps({"text": r["response"]}) + "\n" for r in _knowledge_rows(300, 0)))
+    ctx = MethodContext(tokenizer=make_tokenizer(), train_rows=make_rows(64), seed=0, max_length=32,
+                        data=DataConfig(source="jsonl", mix_source=str(path)))
+    knowledge, task = _linear_inputs(_knowledge_rows(96, 1)), _linear_inputs(make_rows(96, seed=7))  # held out
+    share = {}
+    for source in ("null", "task"):
+        method = build_method(method_cfg("corda", f"method.calib_source={source}", "method.calib_samples=256"))
+        model = method.prepare(make_model(), ctx)
+        share[source] = (_adapter_input_share(model, knowledge), _adapter_input_share(model, task))
+        assert method.report()["covariance"]["source"] == ("general" if source == "null" else "task")
+    (k, t), (k_task, t_task) = share["null"], share["task"]
+    assert k < t / 4, share  # measured 0.012 vs 0.084
+    assert k < k_task / 4, share  # measured 0.012 vs 0.10
+    assert k_task > t_task, share  # task-calibrated: the knowledge's directions are the ones trained
+
+
+def test_corda_calibration_source_by_mode_and_covariance_rank(capfd):
+    """kpm defaults to the run's general rows (synthetic data: the replay of the world's pretraining skills, train
+    split), ipm to the task's rows; a FILE is read like data.mix_source. 256 rows by default (the paper's). A
+    rank-deficient covariance is said on stderr and recorded. Data without general rows is refused at compose
+    time, naming the ways out."""
+    from ftlab.config.schema import DataConfig
+    from ftlab.data.sources import general_rows
+
+    tok = make_tokenizer()
+    data = DataConfig(source="synth", skill="sub", mix_skills=["add", "rev"])
+    ctx = MethodContext(tokenizer=tok, train_rows=make_rows(), seed=3, max_length=32, data=data)
+    assert check(["method=corda"])[0].method.calib_samples == 256
+    kpm = build_method(method_cfg("corda", "method.calib_source=null", "method.calib_samples=12"))
+    want = [encode_example(tok, r["prompt"], r["response"], 32) for r in general_rows(data, 12, 3)]
+    assert kpm.calibration_rows(ctx) == want
+    assert {r["id"].split("-")[0] for r in general_rows(data, 12, 3)} == {"mix:add", "mix:rev"}
+    ipm = build_method(method_cfg("corda", "method.calib_source=null", "method.mode=ipm", "method.calib_samples=12"))
+    assert ipm.calibration_rows(ctx) == ctx.calibration_rows(12)
+    text = build_method(method_cfg("corda", "method.calib_samples=5")).calibration_rows(ctx)
+    first = json.loads(GENERAL_TEXT.read_text().splitlines()[0])["text"]
+    assert len(text) == 5 and all(r["labels"] for r in text) and first  # the fixture's texts, as LM rows
+
+    kpm.prepare(make_model(), ctx)  # 12 short rows of two skills: too few directions for a width of 32
+    cov = kpm.report()["covariance"]
+    assert cov["source"] == "general" and cov["rows"] == 12 and cov["full_rank"] < cov["targets"] == 14
+    assert cov["lowest"]["rank"] < cov["lowest"]["width"]
+    assert "rank-deficient" in capfd.readouterr().err
+
+    fixture = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"
+    with pytest.raises(ConfigError, match="method.calib_source") as e:
+        check(["method=corda", "data=gsm8k", f"data.path={fixture}", "eval=target"])
+    assert "data.mix_source" in str(e.value) and "method.calib_source=task" in str(e.value)
+    for ok in (["method.calib_source=task"], ["method.mode=ipm"], [f"data.mix_source={GENERAL_TEXT}"],
+               [f"method.calib_source={GENERAL_TEXT}"]):
+        check(["method=corda", "data=gsm8k", f"data.path={fixture}", "eval=target", *ok])
 
 
 def test_lora_ga_init_is_the_papers(tmp_path):

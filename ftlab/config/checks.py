@@ -131,6 +131,9 @@ def check_ranges(c: RunConfig) -> None:
     choice("logger.mode", lg.mode, LOGGER_MODES)
 
     c.method.check()
+    run_check = getattr(c.method, "check_run", None)  # a method's rules across groups (CorDA: its calibration rows)
+    if run_check is not None:
+        run_check(c)
     check_reg(c.reg)
 
 

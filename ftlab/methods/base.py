@@ -34,6 +34,7 @@ class MethodContext:
     train_rows: list[dict]
     seed: int
     max_length: int = 256  # model.max_length: calibration rows are cut like training rows
+    data: Any = None  # the run's DataConfig (stage 0's): where general rows come from (CorDA's kpm calibration)
 
     def calibration_rows(self, n: int) -> list[dict]:
         """`n` training rows (a seeded sample, without repeats while rows last), encoded like training
