@@ -110,8 +110,9 @@ def _writable_dir(path: str, what: str, fix: str) -> None:
         raise ConfigError(f"{what}: cannot write in {probe!r} ({e.strerror or type(e).__name__}); {fix}") from None
 
 
-def check_places(run) -> None:
-    """The outputs and cache directories can be made and written, before Hydra makes the run directory."""
-    _writable_dir(os.path.join(run.out_dir, "runs"), "out_dir (FTLAB_OUTPUTS)",
+def check_places(out_dir: str) -> None:
+    """The outputs (`out_dir`, as resolved for this job) and cache directories can be made and written, before
+    Hydra makes the run directory."""
+    _writable_dir(os.path.join(out_dir, "runs"), "out_dir (FTLAB_OUTPUTS)",
                   "set FTLAB_OUTPUTS (or out_dir=) to a writable directory")
     _writable_dir(_cache_root(), "cache (FTLAB_CACHE)", "set FTLAB_CACHE to a writable directory")

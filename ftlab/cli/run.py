@@ -96,7 +96,7 @@ def check(overrides: list[str], multirun: bool = False) -> list:
 
     _register_resolvers()
     _register_schemas()
-    out = []
+    out, out_dirs = [], []
     overrides = stage_args(overrides)
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3", job_name="ftlab"):
         params: dict = {}
@@ -109,11 +109,12 @@ def check(overrides: list[str], multirun: bool = False) -> list:
         for job in _job_overrides(overrides, multirun, params):
             cfg = compose(config_name="config", overrides=job)
             out.append(validate(cfg))
+            out_dirs.append(str(cfg.out_dir))  # resolved now (validate keeps one result per config per process)
     from ftlab.cli.inputs import check_inputs, check_places
 
-    for run in out:  # every input file read and schema-checked before a run directory or a model exists
+    for run, out_dir in zip(out, out_dirs):  # every input file read, every directory probed, before any exists
         check_inputs(run)
-        check_places(run)
+        check_places(out_dir)
     return out
 
 
