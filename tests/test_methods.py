@@ -265,6 +265,8 @@ ROWS = [
         refused=((("method.interval=0",), ("method.interval",)),)),
     Row("owlore", sampled_blocks, ("method.gamma=1", "method.interval=2"),
         refused=((("method.outlier_m=0",), ("method.outlier_m",)),
+                 (("method.calib_source=both",), ("method.calib_source", "general, task")),
+                 (("method.calib_source=general", "data=gsm8k"), ("method.calib_source", "needs general rows")),
                  (("method.galore_rank=0",), ("method.galore_rank",)))),
     Row("lift", lift_deltas, UNSCALED,
         refused=((("method.percent=0",), ("method.percent", "(0, 100]")),
@@ -734,31 +736,70 @@ def test_optimizer_state_bytes_full_exact_and_layer_sampling_below(trained):
         assert 0 < t.stats.optimizer_state_bytes < full.stats.optimizer_state_bytes, name
 
 
-def test_owlore_outlier_ratio_and_weighted_draw():
-    """The ratio counts |W_ij| > M * mean|W| per matrix; the draw follows ratio / sum(ratios)."""
+def test_owlore_owl_score_samples_the_planted_outlier_layer_more_often(tmp_path):
+    """OWL's score |W_ij| * ||X_j|| (calibration activations), pooled over the layer, threshold M x the layer's
+    mean. Block 1 gets an activation outlier (one input channel of its MLP scaled up through its norm; no weight
+    changes), block 0 large weights on an input channel that carries no activation (its norm zeroes it): a
+    weight-only score (today's old rule) favours block 0, OWL favours block 1, and the draw follows ratio / sum."""
     from collections import Counter
 
     from ftlab.methods.owlore import outlier_ratio
 
-    layer = torch.nn.Linear(2, 2, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor([[1.0, -1.0], [1.0, 10.0]]))  # mean |W| 3.25: only 10 > 2 * 3.25
-    assert outlier_ratio(layer, 2.0) == 0.25
-    assert outlier_ratio(layer, 4.0) == 0.0
+    a = torch.tensor([[1.0, 1.0], [1.0, 9.0]])
+    assert outlier_ratio([a, torch.ones(2, 2)], 2.0) == 1 / 8  # pooled mean 2: only 9 > 4
+    assert outlier_ratio([a, 10 * torch.ones(2, 2)], 2.0) == 0.0  # pooled mean 6.5 (a per-matrix mean: 1/8)
 
     model = make_model()
-    with torch.no_grad():  # block 1 gets many large entries: more outliers
-        w = model.model.layers[1].mlp.down_proj.weight
-        w[:, :8] *= 20
-    method = build_method(method_cfg("owlore", "method.interval=1"))
-    method.prepare(model, MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=0))
+    with torch.no_grad():
+        b0, b1 = model.model.layers
+        b1.post_attention_layernorm.weight[5] = 30.0  # MLP input channel 5 of block 1: 30x the activation
+        b0.input_layernorm.weight[7] = 0.0  # q/k/v input channel 7 of block 0 carries nothing ...
+        for lin in (b0.self_attn.q_proj, b0.self_attn.k_proj, b0.self_attn.v_proj):
+            lin.weight[:, 7] *= 30  # ... while its weights are 30x larger
+
+    def weight_only(block, m=5.0):  # the rule this replaced: |W| alone
+        return outlier_ratio([mod.weight.abs() for mod in block.modules() if isinstance(mod, torch.nn.Linear)], m)
+
+    assert weight_only(b0) > weight_only(b1)
+    method = build_method(method_cfg("owlore", "method.outlier_m=7"))
+    method.prepare(model, MethodContext(tokenizer=make_tokenizer(), train_rows=make_rows(), seed=0, max_length=32))
     r = method.ratios
-    assert r[1] > 1.5 * r[0] > 0
+    assert r[1] > 3 * r[0] > 0
     assert method.probs == pytest.approx([r[0] / sum(r), r[1] / sum(r)])
     counts = Counter(method.draw()[0] for _ in range(4000))
+    assert counts[1] > 0.7 * 4000
     assert counts[1] / 4000 == pytest.approx(method.probs[1], abs=0.03)
     rep = method.report()
-    assert rep["outlier_ratio"] == r and rep["sampling"] == "proportional to the outlier ratio"
+    assert rep["outlier_ratio"] == r and rep["sampling"] == "proportional to the OWL outlier ratio"
+    assert rep["calib"]["source"] == "task" and rep["calib"]["rows"] == 128  # no general rows in this context
+
+
+def test_owlore_calibrates_on_general_rows_and_scales_galore_rank(tmp_path):
+    """With a source of general rows in the data config, ||X_j|| comes from them (pretraining-like text, as OWL's C4);
+    galore_rank null is the official 256 at width 4096 scaled with the width; the YAML has the official interval 50
+    and update_proj_gap 100."""
+    from ftlab.config.schema import DataConfig
+    from ftlab.methods.owlore import galore_rank_for
+
+    assert [galore_rank_for(d) for d in (4096, 2048, 64, 32, 8)] == [256, 128, 4, 2, 1]
+    (run,) = check(["method=owlore"])
+    cfg = run.method
+    assert (cfg.interval, cfg.galore_update_proj_gap, cfg.galore_rank, cfg.outlier_m) == (50, 100, None, 13.0)
+    text = tmp_path / "general.jsonl"
+    text.write_text("".join(json.dumps({"text": f"{w} {w[::-1]} 12 = 21"}) + "\n" for w in ("abcd", "efab", "cdef")))
+    ctx = MethodContext(tokenizer=make_tokenizer(), train_rows=make_rows(), seed=0, max_length=32,
+                        data=DataConfig(name="x", mix_source=str(text)))
+    method = build_method(method_cfg("owlore", "method.calib_samples=6"))
+    method.prepare(make_model(), ctx)
+    rep = method.report()
+    assert rep["calib"]["source"] == "general" and rep["calib"]["rows"] == 6
+    assert rep["galore_rank"] == HIDDEN // 16
+    task = build_method(method_cfg("owlore", "method.calib_samples=6", "method.calib_source=task"))
+    task.prepare(make_model(), ctx)
+    assert task.report()["calib"]["source"] == "task"
+    with pytest.raises(ValueError, match="calib_source=general needs general rows"):
+        build_method(method_cfg("owlore", "method.calib_source=general")).prepare(
+            make_model(), MethodContext(tokenizer=make_tokenizer(), train_rows=make_rows(), seed=0, max_length=32))
 
 
 def _galore_importable() -> bool:
@@ -772,7 +813,7 @@ def test_owlore_without_galore_says_so(tmp_path, capfd, monkeypatch):
     (galore-torch is in the dev extra; a None entry in sys.modules makes its import fail as if it were absent.)"""
     monkeypatch.setitem(sys.modules, "galore_torch", None)
     method = build_method(method_cfg("owlore"))
-    method.prepare(make_model(), MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=0))
+    method.prepare(make_model(), MethodContext(tokenizer=make_tokenizer(), train_rows=make_rows(), seed=0))
     assert "galore_torch is not importable" in capfd.readouterr().err
     t = train_method("owlore", tmp_path)
     assert t.stats.method["galore"] is False
