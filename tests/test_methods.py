@@ -196,10 +196,18 @@ def hft_half(t) -> dict[str, int]:
     return out
 
 
+def lift_budget(cfg, mod: str) -> int:
+    """LIFT's LoRA-matched budget of a target: (d_in + d_out) * lora_rank entries (at most the whole matrix); with
+    `percent`, that share of its entries."""
+    d_in, d_out = LINEAR[mod]
+    if cfg.percent is not None:
+        return round(cfg.percent / 100 * d_in * d_out)
+    return min((d_in + d_out) * cfg.lora_rank, d_in * d_out)
+
+
 def lift_deltas(t) -> dict[str, int]:
-    """One delta of round(percent % of |W|) entries per target linear of every block."""
-    return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta":
-            round(t.cfg.percent / 100 * LINEAR[mod][0] * LINEAR[mod][1])
+    """One delta of lift_budget entries per target linear of every block."""
+    return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta": lift_budget(t.cfg, mod)
             for i in range(LAYERS) for mod in t.cfg.target_modules}
 
 
@@ -268,8 +276,9 @@ ROWS = [
                  (("method.calib_source=both",), ("method.calib_source", "general, task")),
                  (("method.calib_source=general", "data=gsm8k"), ("method.calib_source", "needs general rows")),
                  (("method.galore_rank=0",), ("method.galore_rank",)))),
-    Row("lift", lift_deltas, UNSCALED,
+    Row("lift", lift_deltas, ("method.lora_rank=2", *UNSCALED),
         refused=((("method.percent=0",), ("method.percent", "(0, 100]")),
+                 (("method.update_interval=-1",), ("method.update_interval",)),
                  (("method.target_modules=[]",), ("method.target_modules",)))),
     Row("s2ft", s2ft_deltas, ("method.heads=1", "method.channels=8",
                               "method.attn_modules=[q_proj,k_proj,v_proj,o_proj]",
@@ -860,28 +869,99 @@ def _effective_changes(t) -> dict[str, set[int]]:
     return out
 
 
+def _principal(w: torch.Tensor, r: int, k: int) -> set[int]:
+    """The k largest entries of |rank-r approximation of w| (a full SVD, independently of the method's code)."""
+    u, sv, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
+    return set(torch.topk(((u[:, :r] * sv[:r]) @ vh[:r]).abs().reshape(-1), k).indices.tolist())
+
+
 def test_lift_changes_exactly_the_principal_weights(trained):
-    """The selected entries are the top 5% of |rank-r approximation| (recomputed here with a full SVD); after
-    training exactly those entries of each matrix differ from the base, no others; the optimizer state is the
-    deltas' (2 moments + step each), far below full's."""
+    """The selected entries are the (d_in + d_out) * lora_rank largest of |rank-r approximation| per matrix (the
+    reference's LoRA-matched budget); after training exactly those entries of each matrix differ from the base, no
+    others; the optimizer state is the deltas' (2 moments + step each), far below full's. `percent` is the option."""
     t = trained("lift")
     base = dict(make_model().named_modules())
     changed = _effective_changes(t)
     n_selected = 0
     for name, pos in changed.items():
-        w = base[name].weight.detach()
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        r = t.cfg.r
-        approx = (u[:, :r] * s[:r]) @ vh[:r]
-        k = round(t.cfg.percent / 100 * w.numel())
-        want = set(torch.topk(approx.abs().reshape(-1), k).indices.tolist())
-        assert pos == want, name
+        k = lift_budget(t.cfg, name.rsplit(".", 1)[-1])
+        assert k == (LINEAR[name.rsplit(".", 1)[-1]][0] + LINEAR[name.rsplit(".", 1)[-1]][1]) * 2  # lora_rank=2
+        assert pos == _principal(base[name].weight, t.cfg.r, k), name
         n_selected += k
     assert t.stats.trainable_params == n_selected
     assert t.stats.optimizer_state_bytes == 8 * n_selected + 4 * len(changed)
-    assert t.stats.optimizer_state_bytes < trained("full").stats.optimizer_state_bytes / 10
+    assert t.stats.optimizer_state_bytes < trained("full").stats.optimizer_state_bytes / 4
     assert t.stats.method["selected"]["entries"] == n_selected
     assert t.stats.method["optimizer_state"].startswith("sparse")
+    (run,) = check(["method=lift"])
+    assert (run.method.lora_rank, run.method.percent, run.method.update_interval) == (8, None, 400)
+    pct = build_method(method_cfg("lift", "method.percent=5"))
+    m = pct.prepare(make_model(), MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=0))
+    from ftlab.methods._sparse import deltas
+
+    assert {n: d.index.numel() for n, d in deltas(m).items()} == {
+        n: round(0.05 * LINEAR[n.rsplit(".", 1)[-1]][0] * LINEAR[n.rsplit(".", 1)[-1]][1]) for n in changed}
+
+
+def test_lift_reselects_its_mask_every_interval(tmp_path):
+    """update_interval=2: after steps 2, 4, 6 each mask is re-selected from the CURRENT weights (the top entries of
+    the rank-r approximation of W + its change), and only then; the effective weights do not jump at a re-selection;
+    an entry moves only while it is in the current mask; kept entries keep their Adam moments (at their new slot),
+    new entries start at zero; a checkpoint's method state rebuilds masks and frozen weights exactly."""
+    from ftlab.methods._sparse import deltas
+    from ftlab.methods.lift import Lift
+
+    seen = []  # (step, {name: effective W before}, {name: mask before}, {name: moments before}, after...)
+
+    class Spy(Lift):
+        def on_step_end(self, model, optimizer, step):
+            def snap():
+                ds = deltas(model)
+                return ({n: model.get_submodule(n).weight.detach().clone() for n in ds},
+                        {n: d.index.clone() for n, d in ds.items()},
+                        {n: optimizer.state[d.delta]["exp_avg"].clone() for n, d in ds.items()})
+            before = snap()
+            super().on_step_end(model, optimizer, step)
+            seen.append((step, before, snap()))
+
+    cfg = method_cfg("lift", "method.update_interval=2")
+    tok = make_tokenizer()
+    method = Spy(cfg)
+    model = method.prepare(make_model(), MethodContext(tokenizer=tok, train_rows=make_rows(), seed=0))
+    masks0 = {n: d.index.clone() for n, d in deltas(model).items()}
+    encoded = [encode_example(tok, r["prompt"], r["response"], 32) for r in make_rows()]
+    train(model, method, Batches(encoded, 8, 0), run_cfg("lift", steps=6, lr=0.05), device="cpu", pad_id=0,
+          run_dir=tmp_path, progress=False)
+    base = make_model()
+    prev_w, prev_mask, moved_any = {n: base.get_submodule(n).weight.detach() for n in masks0}, masks0, 0
+    for step, (w, mask, moments), (w2, mask2, moments2) in seen:
+        for n in w:
+            changed = set((w[n] != prev_w[n]).reshape(-1).nonzero().flatten().tolist())
+            assert changed <= set(prev_mask[n].tolist()), (step, n)  # only the mask in force during the step moved
+            assert torch.equal(w2[n], w[n])  # re-selection never changes the model
+            if step % 2:
+                assert torch.equal(mask2[n], mask[n])
+                continue
+            k = mask[n].numel()
+            assert set(mask2[n].tolist()) == _principal(w[n], cfg.r, k), (step, n)
+            old_at = {p: i for i, p in enumerate(mask[n].tolist())}
+            for j, p in enumerate(mask2[n].tolist()):
+                want = moments[n][old_at[p]] if p in old_at else 0.0
+                assert moments2[n][j] == want
+            moved_any += len(set(mask2[n].tolist()) - set(mask[n].tolist()))
+        prev_w, prev_mask = w2, mask2
+    assert moved_any > 0  # the masks did change
+    assert [u["step"] for u in method.updates] == [2, 4, 6]
+
+    fresh = Lift(cfg)
+    fmodel = fresh.prepare(make_model(), MethodContext(tokenizer=tok, train_rows=make_rows(), seed=0))
+    fresh.load_state_dict(method.state_dict(), fmodel)
+    with torch.no_grad():
+        for n, p in fmodel.named_parameters():
+            if n.endswith(".delta"):
+                p.copy_(dict(model.named_parameters())[n])
+    for n in masks0:
+        assert torch.equal(fmodel.get_submodule(n).weight, model.get_submodule(n).weight), n
 
 
 def test_s2ft_changes_only_the_chosen_heads_and_channels(trained):

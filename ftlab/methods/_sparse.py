@@ -1,4 +1,4 @@
-"""Sparse updates of chosen weight entries (LIFT, S2FT): W_eff = W + scatter(delta) with W frozen.
+"""Sparse updates of chosen weight entries (LIFT): W_eff = W + scatter(delta) with W frozen.
 
 Each target weight gets a torch parametrization holding one trained vector `delta` (one entry per chosen
 position of W, flat row-major indices) and the index buffer. So:
@@ -66,6 +66,40 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_merged(model: nn.Module, out_dir: Path) -> None:
     """A plain HF model directory (same architecture, deltas folded in) that reloads with the same logits."""
     model.save_pretrained(out_dir, state_dict=merged_state_dict(model), safe_serialization=True)
+
+
+@torch.no_grad()
+def move_support(module: nn.Module, new_index: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-select the trained entries of `module`'s SparseDelta (LIFT's mask update), keeping W_eff unchanged.
+
+    `new_index`: sorted flat positions, as many as now. Entries in both the old and the new support keep their
+    delta and their optimizer moments (the same Parameter, its values moved to their new slots); entries that
+    leave the support are folded into the frozen original weight (their trained change stays, they stop training);
+    entries that join start at delta 0 with zero moments. The optimizer's `step` counter is kept (as the LIFT
+    reference's SparseAdamW does). Returns the folded (positions, values)."""
+    sd = next(p for p in module.parametrizations.weight if isinstance(p, SparseDelta))
+    original = module.parametrizations.weight.original
+    old, new = sd.index, new_index.to(sd.index.device, torch.long)
+    if new.numel() != old.numel():
+        raise ValueError(f"move_support: the support must keep its size ({old.numel()}), got {new.numel()}")
+    keep_old, keep_new = torch.isin(old, new), torch.isin(new, old)  # both sorted: kept entries align in order
+    gone, gone_vals = old[~keep_old], sd.delta[~keep_old].detach().clone()
+    original.view(-1).index_add_(0, gone, gone_vals.to(original.dtype))
+
+    def moved(v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(v)
+        out[keep_new] = v[keep_old]
+        return out
+
+    sd.delta.copy_(moved(sd.delta))
+    if optimizer is not None:
+        state = optimizer.state.get(sd.delta, {})
+        for k, v in list(state.items()):
+            if isinstance(v, torch.Tensor) and v.shape == sd.delta.shape:
+                state[k] = moved(v)
+    sd.index = new
+    return gone, gone_vals
 
 
 def selection_summary(model: nn.Module) -> dict:
