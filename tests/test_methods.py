@@ -217,11 +217,22 @@ def ssf_vectors(t) -> dict[str, int]:
             for i in range(LAYERS) for mod in t.cfg.target_modules for k in ("scale", "shift")}
 
 
+S2FT_UNITS = {"v": ("v_proj", "kv_heads", 8), "o": ("o_proj", "heads", 8), "u": ("up_proj", "channels", 1),
+              "d": ("down_proj", "channels", 1)}  # kind: module, unit, rows/columns per unit (head_dim 8)
+
+
 def s2ft_deltas(t) -> dict[str, int]:
-    """heads=1, channels=8: 8 rows of q; 8 rows of k and v (its kv head); 8 columns of o; 8 FFN channels."""
-    return {f"model.layers.{i}.{_sub(mod)}.{mod}.parametrizations.weight.0.delta": 8 * (
-            LINEAR[mod][1] if mod in ("o_proj", "down_proj") else LINEAR[mod][0])
-            for i in range(LAYERS) for mod in LINEAR}
+    """One block per matrix with chosen units: v_proj rows (head_dim per kv head) x d_in, d_out x o_proj columns (per
+    query head), up_proj rows x d_in, d_out x down_proj columns (one per channel)."""
+    out = {}
+    for i, sel in t.method.selection.items():
+        for kind, (mod, unit, width) in S2FT_UNITS.items():
+            units = sel.get(f"{kind}_{unit}", [])
+            if units:
+                d_in, d_out = LINEAR[mod]
+                out[f"model.layers.{i}.{_sub(mod)}.{mod}.s2ft.delta"] = len(units) * width * (
+                    d_out if mod in ("o_proj", "down_proj") else d_in)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- the matrix
@@ -280,11 +291,10 @@ ROWS = [
         refused=((("method.percent=0",), ("method.percent", "(0, 100]")),
                  (("method.update_interval=-1",), ("method.update_interval",)),
                  (("method.target_modules=[]",), ("method.target_modules",)))),
-    Row("s2ft", s2ft_deltas, ("method.heads=1", "method.channels=8",
-                              "method.attn_modules=[q_proj,k_proj,v_proj,o_proj]",
-                              "method.ffn_modules=[gate_proj,up_proj,down_proj]", *UNSCALED),
-        refused=((("method.attn_modules=[w_proj]",), ("method.attn_modules", "q_proj, k_proj, v_proj, o_proj")),
-                 (("method.heads=0", "method.channels=0"), ("method.heads", "nothing trains")))),
+    Row("s2ft", s2ft_deltas, ("method.v_ratio=0.5", "method.o_ratio=0.25", "method.u_ratio=0.0625",
+                              "method.d_ratio=0.0625", *UNSCALED),
+        refused=((("method.o_ratio=1.5",), ("method.o_ratio", "[0, 1]")),
+                 (("method.o_ratio=0", "method.d_ratio=0"), ("method.o_ratio", "nothing trains")))),
     Row("ssf", ssf_vectors, UNSCALED),
 ]
 ROW = {r.name: r for r in ROWS}
@@ -858,13 +868,17 @@ def test_owlore_galore_low_rank_state_and_exact_checkpoint_round_trip(tmp_path):
 
 
 def _effective_changes(t) -> dict[str, set[int]]:
-    """{block linear name: flat positions where the trained effective weight differs from the original base}."""
+    """{block linear name: flat positions where the trained effective weight (the export's merged one) differs from
+    the original base}."""
+    from ftlab.methods._sparse import merged_state_dict
+
     base = dict(make_model().named_modules())
+    merged = merged_state_dict(t.model)
     out = {}
     for i in range(LAYERS):
         for mod in LINEAR:
             name = f"model.layers.{i}.{_sub(mod)}.{mod}"
-            w = t.model.get_submodule(name).weight.detach()
+            w = merged[f"{name}.weight"]
             out[name] = set((w != base[name].weight).reshape(-1).nonzero().flatten().tolist())
     return out
 
@@ -965,38 +979,80 @@ def test_lift_reselects_its_mask_every_interval(tmp_path):
 
 
 def test_s2ft_changes_only_the_chosen_heads_and_channels(trained):
-    """Per block: q_proj changes in exactly the chosen head's rows, k/v_proj in the rows of the kv head serving
-    it, o_proj in the head's columns; gate/up_proj in the chosen channels' rows, down_proj in their columns.
-    The draw is seeded (same seed, same heads/channels; another seed, another draw)."""
+    """o_proj changes in exactly the chosen query heads' columns, v_proj in the chosen kv heads' rows, up_proj in the
+    chosen channels' rows, down_proj in the chosen channels' columns; q/k/gate never. Each kind is a share of all the
+    model's units, drawn globally (per-block counts vary with the seed) and on its own (v's heads and o's, u's
+    channels and d's, are independent draws); the draw is seeded."""
+    from ftlab.methods.s2ft import unit_count
+
     t = trained("s2ft")
     changed = _effective_changes(t)
-    hd, group = HIDDEN // 4, 2  # 4 heads of 8, 2 kv heads
+    totals = {"v": 2 * LAYERS, "o": 4 * LAYERS, "u": INTER * LAYERS, "d": INTER * LAYERS}
+    for kind, (mod, unit, width) in S2FT_UNITS.items():
+        ratio = getattr(t.cfg, f"{kind}_ratio")
+        assert sum(len(t.method.selection[i].get(f"{kind}_{unit}", [])) for i in range(LAYERS)) == unit_count(
+            ratio, totals[kind]) == t.method.counts[kind]
     for i in range(LAYERS):
         sel = t.method.selection[i]
-        assert len(sel["heads"]) == 1 and len(sel["channels"]) == 8
-        assert sel["kv_heads"] == [sel["heads"][0] // group]
         for mod, (d_in, d_out) in LINEAR.items():
             pos = changed[f"model.layers.{i}.{_sub(mod)}.{mod}"]
             rows, cols = {p // d_in for p in pos}, {p % d_in for p in pos}
-            if mod == "o_proj":
-                assert cols == {sel["heads"][0] * hd + j for j in range(hd)} and len(rows) == d_out
-            elif mod == "down_proj":
-                assert cols == set(sel["channels"]) and len(rows) == d_out
+            if mod in ("q_proj", "k_proj", "gate_proj"):
+                assert not pos, (i, mod)
+                continue
+            kind = {"v_proj": "v", "o_proj": "o", "up_proj": "u", "down_proj": "d"}[mod]
+            _, unit, width = S2FT_UNITS[kind]
+            want = {u * width + j for u in sel.get(f"{kind}_{unit}", []) for j in range(width)}
+            if not want:
+                assert not pos, (i, mod)
+            elif mod in ("o_proj", "down_proj"):
+                assert cols == want and len(rows) == d_out, (i, mod)
             else:
-                unit = {"q_proj": sel["heads"], "k_proj": sel["kv_heads"], "v_proj": sel["kv_heads"]}.get(mod)
-                want = {u * hd + j for u in unit for j in range(hd)} if unit is not None else set(sel["channels"])
                 assert rows == want and len(cols) == d_in, (i, mod)
             assert len(pos) == len(rows) * len(cols)  # whole rows / columns, nothing else
 
-    def draw(seed):
-        m = build_method(method_cfg("s2ft"))
+    def draw(seed, *extra):
+        m = build_method(method_cfg("s2ft", *extra))
         m.prepare(make_model(), MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=seed))
         return m.selection
 
     assert draw(0) == draw(0) == t.method.selection
-    assert any(draw(s) != draw(0) for s in (1, 2, 3))
+    draws = [draw(s) for s in range(8)]
+    assert len({json.dumps(d, sort_keys=True) for d in draws}) == 8
+    # global sampling: the blocks' shares of the o heads differ between draws
+    assert len({tuple(len(d[i].get("o_heads", [])) for i in range(LAYERS)) for d in draws}) > 1
+    # independent draws: o's heads do not decide v's kv heads, nor d's channels u's
+    assert any({h // 2 for h in d[i].get("o_heads", [])} != set(d[i].get("v_kv_heads", []))
+               for d in draws for i in range(LAYERS))
+    assert any(d[i].get("u_channels") != d[i].get("d_channels") for d in draws for i in range(LAYERS))
     assert t.stats.optimizer_state_bytes == 8 * t.stats.trainable_params + 4 * len(
         [n for n in t.trainable0 if n.endswith(".delta")])
+
+
+def test_s2ft_defaults_to_the_output_side_with_partial_backprop():
+    """The YAML trains o_proj columns and down_proj columns only (the official o_ratio 0.052, d_ratio 0.02; v and u
+    0). Backward forms no gradient of the frozen weights, and the trained block's gradient equals the dense
+    gradient of W restricted to its columns (the partial back-propagation of the paper's S2RowLinear)."""
+    from ftlab.methods._sparse import slices
+
+    (run,) = check(["method=s2ft"])
+    c = run.method
+    assert (c.v_ratio, c.o_ratio, c.u_ratio, c.d_ratio) == (0.0, 0.052, 0.0, 0.02)
+    method = build_method(c)
+    model = method.prepare(make_model(), MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=0))
+    assert {n.rsplit(".", 1)[-1] for n in slices(model)} == {"o_proj", "down_proj"}
+    assert method.counts == {"o": 1, "d": 3}  # round(0.052 * 8) = 0 -> at least 1; round(0.02 * 128) = 3
+
+    dense = make_model()  # the same weights, every weight trainable: the reference gradient
+    batch = probe_batch()
+    for m in (model, dense):
+        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out.logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.endswith(".delta"))
+    for name, sl in slices(model).items():
+        g = dense.get_submodule(name).weight.grad
+        want = g.index_select(sl.axis, sl.index)
+        assert torch.allclose(sl.delta.grad, want, atol=1e-6), name
 
 
 def test_ssf_folds_into_biased_plain_model_and_refuses_unfoldable_targets(trained, tmp_path):

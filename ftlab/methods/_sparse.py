@@ -1,14 +1,18 @@
-"""Sparse updates of chosen weight entries (LIFT): W_eff = W + scatter(delta) with W frozen.
+"""Sparse updates of chosen weight entries with the pretrained weight W frozen (LIFT, S2FT).
 
-Each target weight gets a torch parametrization holding one trained vector `delta` (one entry per chosen
-position of W, flat row-major indices) and the index buffer. So:
+Unstructured entries (LIFT): each target weight gets a torch parametrization holding one trained vector `delta`
+(one entry per chosen position of W, flat row-major indices) and the index buffer, W_eff = W + scatter(delta).
 - only the chosen entries can change, by construction (no gradient mask to keep consistent);
 - AdamW keeps moments for the chosen entries only: the optimizer state is 2 x (number of chosen entries)
   floats, not 2 x |W| (the gradient of W itself is still formed densely, transiently, in backward);
 - L2-SP anchors the deltas at 0, i.e. pulls exactly the chosen entries back to their pretrained values.
-The export folds the deltas into W and saves a plain model (`save_pretrained` with the merged state dict).
-A private module (it subclasses nn.Module at import): lift.py and s2ft.py import it inside their hooks, and method
-discovery skips it.
+Whole rows or columns (S2FT, `SliceDelta`): a trained dense block beside the frozen linear, added to its output by a
+forward hook: rows R, y[..., R] += x @ D^T; columns C, y += x[..., C] @ D^T. Backward forms only D's gradient from
+the selected slice of the output gradient or of the input (partial back-propagation, the paper's compute and memory
+saving: no dense gradient of W, and only x[..., C] is kept for it), not the W-sized gradient the parametrization forms.
+Either way the export folds the deltas into W and saves a plain model (`save_pretrained` with the merged state
+dict). A private module (it subclasses nn.Module at import): lift.py and s2ft.py import it inside their hooks, and
+method discovery skips it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,49 @@ def attach(model: nn.Module, selection: dict[str, torch.Tensor]) -> None:
         module.parametrizations.weight.original.requires_grad_(False)
 
 
+class SliceDelta(nn.Module):
+    """A trained block D on whole rows (`axis` 0: D is [len(index), d_in]) or whole columns (`axis` 1: D is
+    [d_out, len(index)]) of a frozen linear's weight; `attach_slices` adds its term to the linear's output."""
+
+    def __init__(self, index: torch.Tensor, weight: torch.Tensor, axis: int):
+        super().__init__()
+        self.axis = axis
+        self.register_buffer("index", index.to(weight.device, torch.long), persistent=False)
+        shape = (index.numel(), weight.shape[1]) if axis == 0 else (weight.shape[0], index.numel())
+        self.delta = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = self.delta.to(x.dtype)
+        if self.axis == 0:
+            return y.index_add(-1, self.index, nn.functional.linear(x, d).to(y.dtype))
+        return y + nn.functional.linear(x.index_select(-1, self.index), d).to(y.dtype)
+
+    @torch.no_grad()
+    def dense(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight change as a [d_out, d_in] matrix."""
+        out = torch.zeros_like(weight)
+        return out.index_copy(self.axis, self.index, self.delta.to(out.dtype))
+
+
+def _slice_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module.s2ft(inputs[0], output)
+
+
+def attach_slices(model: nn.Module, selection: dict[str, tuple[int, torch.Tensor]]) -> None:
+    """Freeze every parameter of `model`; give each linear named in `selection` ({module name: (axis, rows or
+    columns)}) a trained SliceDelta as its child `s2ft` (parameter `<module>.s2ft.delta`)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, (axis, index) in selection.items():
+        module = model.get_submodule(name)
+        module.s2ft = SliceDelta(index, module.weight, axis)
+        module.register_forward_hook(_slice_hook)
+
+
+def slices(model: nn.Module) -> dict[str, SliceDelta]:
+    return {name[: -len(".s2ft")]: m for name, m in model.named_modules() if isinstance(m, SliceDelta)}
+
+
 def deltas(model: nn.Module) -> dict[str, SparseDelta]:
     """{module name: its SparseDelta} of every parametrized module."""
     out = {}
@@ -56,10 +103,13 @@ def deltas(model: nn.Module) -> dict[str, SparseDelta]:
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with the deltas folded in, under the plain names (`<module>.weight`)."""
-    sd = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    sd = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k and ".s2ft." not in k}
     with torch.no_grad():
         for name in deltas(model):
             sd[f"{name}.weight"] = model.get_submodule(name).weight.detach().clone()
+        for name, sl in slices(model).items():
+            w = model.get_submodule(name).weight.detach()
+            sd[f"{name}.weight"] = w + sl.dense(w)
     return sd
 
 
@@ -106,4 +156,8 @@ def selection_summary(model: nn.Module) -> dict:
     ds = deltas(model)
     chosen = sum(d.index.numel() for d in ds.values())
     total = sum(model.get_submodule(n).parametrizations.weight.original.numel() for n in ds)
-    return {"matrices": len(ds), "entries": chosen, "of": total, "density": chosen / total if total else 0.0}
+    for n, sl in slices(model).items():
+        chosen += sl.delta.numel()
+        total += model.get_submodule(n).weight.numel()
+    return {"matrices": len(ds) + len(slices(model)), "entries": chosen, "of": total,
+            "density": chosen / total if total else 0.0}
