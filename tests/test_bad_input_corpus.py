@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -257,6 +258,36 @@ def test_bad_input_in_a_real_process(case_id, cases, earlier):
     assert p.returncode == 2 and len(lines) == 1 and case["culprit"] in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     assert took < SECONDS + 1.5, f"{took:.2f} s (interpreter start included)"  # the process start, imports and refusal
+
+
+def test_a_concurrent_run_of_the_same_config_is_refused_in_one_line(earlier, capsys, monkeypatch):
+    """The lock is busy (another process runs this config): exit 2, one line naming the directory, no traceback,
+    and the other run's directory is left as it was."""
+    from ftlab.cli.run import check
+    from ftlab.config.schema import to_container
+    from ftlab.rundir.identity import run_name
+    from ftlab.rundir.layout import locked, prepare_run_dir
+
+    out, _ = earlier
+    monkeypatch.setenv("FTLAB_OUTPUTS", str(out))
+    args = [*FAST, "seed=7"]
+    (cfg,) = check(args)
+    run_dir = out / "runs" / run_name(to_container(cfg))
+    prepare_run_dir(run_dir, cfg)
+    files = snapshot(run_dir)
+    capsys.readouterr()
+    try:
+        with locked(run_dir):  # what the other process holds while it runs
+            code = main(["run", *args])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and "another process is running" in lines[0], err
+        assert str(run_dir) in lines[0] and "Traceback" not in err
+        # the run's own files untouched (Hydra's .hydra/ and empty run.log, and the lock file, aside)
+        after = {k: v for k, v in snapshot(run_dir).items() if k not in (".lock", "run.log") and not k.startswith(".hydra/")}
+        assert after == files
+    finally:
+        shutil.rmtree(run_dir)  # the earlier run's directory alone stays, for the byte check below
 
 
 def test_earlier_results_are_byte_identical(earlier):
