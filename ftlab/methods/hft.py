@@ -2,13 +2,24 @@
 
 In each training stage half of the parameters are chosen to learn the new task and the other half stay frozen
 to keep earlier knowledge; the choice is made per block and per category ("category-level" in the paper's
-Llama figure). Here, in every transformer block: half of the attention matrices (q/k/v/o: 2 of 4), half of the
-FFN matrices (gate/up/down) and half of the norms train. Odd counts alternate between rounding up and down
-from block to block (FFN: 2, 1, 2, 1, ...), so every pair of blocks trains exactly half of each category.
-Which ones is a seeded draw from (run seed, `stage`): a new stage re-draws (`method.stage`, or
-`on_stage_start` of a continual run, data=[a,b,c]: stage k draws with method.stage + k). Embeddings and the
-head/final norm are frozen unless `train_embeddings` / `train_head`. The export (the whole model) also writes
-hft_selection.json (the current stage's half and every stage's draw).
+Llama figure). In every transformer block: half of the attention matrices (q/k/v/o: 2 of 4), half of the norms
+and half of the FFN matrices (gate/up/down). A category whose half is not whole (FFN: 1.5 of 3) gets the larger
+count in a seeded random half of the blocks and the smaller in the rest (the paper: half of the layers update two
+FFN matrices, the others one; gucci-j/ssu training/src/utils/model_utils.py `_freeze_hft_parameters` shuffles the
+layer indices), so the model trains exactly half of each category. Which blocks, and which units in each, is a
+seeded draw from (run seed, `stage`): a new stage re-draws (`method.stage`, or `on_stage_start` of a continual run,
+data=[a,b,c]: stage k draws with method.stage + k).
+
+Categories go by what a unit is, not only by where it sits: a module named or typed as a norm is a norm (Llama's
+input/post_attention_layernorm, Qwen3's and OLMo-2's q_norm/k_norm inside the attention, Gemma's pre/post
+feed-forward norms); otherwise a unit under an attention module is attention, under an MLP / feed-forward / MoE
+module is FFN, and anything else in the block is its own category `other`, halved the same way.
+
+Embeddings, head and final norm train (`train_embeddings`, `train_head`: true): HFT selects within the transformer
+blocks only. Source: the ssu re-implementation (model_utils.py:162 and :920, "skip embeddings and lm_head to follow
+the original HFT paper"; scripts/hft.sh --skip_embeddings_and_head, which leaves them out of the frozen half); the
+paper's Figure 2 itself could not be checked here. The export (the whole model) also writes hft_selection.json (the
+current stage's half and every stage's draw).
 """
 
 from __future__ import annotations
@@ -35,8 +46,8 @@ class HftConfig(MethodConfig):
     name: str = "hft"
     ratio: float = 0.5  # share of each block's matrices that train
     stage: int = 0  # the draw is seeded by (run seed, stage): a new training stage re-draws the half
-    train_embeddings: bool = False
-    train_head: bool = False  # lm head and final norm
+    train_embeddings: bool = True  # HFT halves the blocks only; the embeddings train (gucci-j/ssu's reading)
+    train_head: bool = True  # lm head and final norm
 
     def check(self) -> None:
         super().check()
@@ -45,13 +56,20 @@ class HftConfig(MethodConfig):
         at_least("method.stage", self.stage, 0)
 
 
-def category(child_name: str) -> str:
-    n = child_name.lower()
-    if "norm" in n:  # before attn: post_attention_layernorm is a norm
+NORM_WORDS = ("norm", "ln_", "ln1", "ln2")
+MLP_WORDS = ("mlp", "feed_forward", "ffn", "moe", "expert")
+
+
+def category(name: str, module: nn.Module | None = None) -> str:
+    """`norm`, `attn`, `mlp` or `other` for a unit of a block, `name` relative to the block."""
+    leaf = name.rsplit(".", 1)[-1].lower()
+    kind = type(module).__name__.lower() if module is not None else ""
+    if any(w in leaf for w in NORM_WORDS) or "norm" in kind:
         return "norm"
-    if "attn" in n or "attention" in n:
+    first = name.split(".")[0].lower()
+    if "attn" in first or "attention" in first:
         return "attn"
-    if "mlp" in n or "feed_forward" in n or "ffn" in n:
+    if any(w in first for w in MLP_WORDS):
         return "mlp"
     return "other"
 
@@ -62,7 +80,7 @@ def block_units(layer: nn.Module) -> dict[str, list[str]]:
     units: dict[str, list[str]] = {}
     for name, m in layer.named_modules():
         if name and any(True for _ in m.parameters(recurse=False)):
-            units.setdefault(category(name.split(".")[0]), []).append(name)
+            units.setdefault(category(name, m), []).append(name)
     return units
 
 
@@ -93,14 +111,21 @@ class Hft(Method):
         prefix, layers = decoder_layers(model)
         rng = random.Random(f"hft:{self.seed}:{stage}")
         ratio = self.cfg.ratio
+        units = [block_units(layer) for layer in layers]
+        counts: dict[str, list[int]] = {}
+        for cat in sorted({c for u in units for c in u}):  # how many units of each category each block trains
+            want = [ratio * len(u.get(cat, [])) for u in units]
+            base = [math.floor(w) for w in want]
+            extra = _round_half_up(sum(want)) - sum(base)
+            fractional = [i for i, w in enumerate(want) if w > math.floor(w)]
+            plus = set(rng.sample(fractional, min(extra, len(fractional))))  # a random half of the blocks
+            counts[cat] = [b + (i in plus) for i, b in enumerate(base)]
         self.selection: dict[int, dict[str, list[str]]] = {}
         names: set[str] = set()
         for i, layer in enumerate(layers):
             chosen = {}
-            for cat, units in sorted(block_units(layer).items()):
-                n = len(units)
-                k = _round_half_up(ratio * n * (i + 1)) - _round_half_up(ratio * n * i)
-                chosen[cat] = sorted(rng.sample(units, k))
+            for cat, us in sorted(units[i].items()):
+                chosen[cat] = sorted(rng.sample(us, counts[cat][i]))
                 for u in chosen[cat]:
                     own = layer.get_submodule(u).named_parameters(recurse=False)
                     names |= {f"{prefix}.{i}.{u}.{p}" for p, _ in own}
