@@ -215,9 +215,15 @@ def lift_deltas(t) -> dict[str, int]:
 
 
 def ssf_vectors(t) -> dict[str, int]:
-    """A scale and a shift per output feature of every target linear."""
-    return {f"model.layers.{i}.{_sub(mod)}.{mod}.ssf_{k}": LINEAR[mod][1]
-            for i in range(LAYERS) for mod in t.cfg.target_modules for k in ("scale", "shift")}
+    """A scale and a shift per output feature of every target linear, of each block's two norms and of the token
+    embedding; a scale (no shift: final_norm_shift false) after the final norm."""
+    out = {f"model.layers.{i}.{_sub(mod)}.{mod}.ssf_{k}": LINEAR[mod][1]
+           for i in range(LAYERS) for mod in t.cfg.target_modules for k in ("scale", "shift")}
+    out.update({f"model.layers.{i}.{norm}.ssf_{k}": HIDDEN for i in range(LAYERS)
+                for norm in ("input_layernorm", "post_attention_layernorm") for k in ("scale", "shift")})
+    out.update({"model.norm.ssf_scale": HIDDEN, "model.embed_tokens.ssf_scale": HIDDEN,
+                "model.embed_tokens.ssf_shift": HIDDEN})
+    return out
 
 
 S2FT_UNITS = {"v": ("v_proj", "kv_heads", 8), "o": ("o_proj", "heads", 8), "u": ("up_proj", "channels", 1),
@@ -1131,12 +1137,16 @@ def test_s2ft_defaults_to_the_output_side_with_partial_backprop():
 def test_ssf_folds_into_biased_plain_model_and_refuses_unfoldable_targets(trained, tmp_path):
     """The export is W' = diag(scale) W, b' = scale * b + shift in a Llama with attention_bias/mlp_bias on (the
     generic test checks its logits); a Qwen2 (q/k/v have biases, o_proj and the MLP cannot) is refused before
-    training unless those targets are dropped, and then exports a foldable Qwen2."""
+    training unless those targets are dropped and the shift after its post-attention norm (which feeds the bias-less
+    MLP) is off, and then exports a foldable Qwen2."""
     from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
     t = trained("ssf")
-    scale = t.model.model.layers[0].mlp.up_proj.ssf_scale
-    assert not torch.equal(scale, torch.ones_like(scale))  # it trained
+    m = t.model.model
+    for p in (m.layers[0].mlp.up_proj.ssf_scale, m.embed_tokens.ssf_scale, m.norm.ssf_scale):
+        assert not torch.equal(p, torch.ones_like(p))  # trained
+    for p in (m.layers[1].input_layernorm.ssf_shift, m.embed_tokens.ssf_shift):
+        assert not torch.equal(p, torch.zeros_like(p))
     t.method.export(t.model, tmp_path / "llama")
     conf = AutoConfig.from_pretrained(tmp_path / "llama")
     assert conf.attention_bias is True and conf.mlp_bias is True
@@ -1147,7 +1157,10 @@ def test_ssf_folds_into_biased_plain_model_and_refuses_unfoldable_targets(traine
     ctx = MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=0)
     with pytest.raises(ValueError, match=r"no bias on \['down_proj', 'gate_proj', 'o_proj', 'up_proj'\]"):
         build_method(method_cfg("ssf")).prepare(Qwen2ForCausalLM(qcfg), ctx)
-    method = build_method(method_cfg("ssf", "method.target_modules=[q_proj,k_proj,v_proj]"))
+    with pytest.raises(ValueError, match=r"after \['post_attention_layernorm'\].*method.norms=false"):
+        build_method(method_cfg("ssf", "method.target_modules=[q_proj,k_proj,v_proj]")).prepare(
+            Qwen2ForCausalLM(qcfg), ctx)
+    method = build_method(method_cfg("ssf", "method.target_modules=[q_proj,k_proj,v_proj]", "method.norms=false"))
     qwen = method.prepare(Qwen2ForCausalLM(qcfg), ctx)
     with torch.no_grad():
         for n, p in qwen.named_parameters():
@@ -1157,6 +1170,39 @@ def test_ssf_folds_into_biased_plain_model_and_refuses_unfoldable_targets(traine
     batch = probe_batch()
     got = logits_of(Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen"), batch)
     assert (got - logits_of(qwen, batch)).abs().max() <= RELOAD_ATOL
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_ssf_after_norms_and_embedding_folds_exactly(tied, tmp_path):
+    """Scales and shifts after each block's norms, the embedding and (scale) the final norm, as the official code
+    inserts them, fold exactly: a norm's scale into its weight, its shift into the biases of the q/k/v (gate/up)
+    projections it feeds, before their own scale/shift; the embedding's into its rows (tied embeddings are untied in
+    the export). A shift after the final norm would need an LM-head bias: refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def base():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
+                                            num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                            tie_word_embeddings=tied)).eval()
+
+    ctx = MethodContext(tokenizer=make_tokenizer(), train_rows=[], seed=0)
+    method = build_method(method_cfg("ssf"))
+    model = method.prepare(base(), ctx)
+    batch = probe_batch()
+    assert (logits_of(model, batch) - logits_of(base(), batch)).abs().max() == 0  # identity at step 0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "ssf_" in n:
+                p.add_(0.2 * torch.randn_like(p))
+    assert model.model.layers[0].input_layernorm.ssf_shift.requires_grad
+    assert not hasattr(model.model.norm, "ssf_shift") and model.model.norm.ssf_scale.requires_grad
+    method.export(model, tmp_path / "out")
+    got = logits_of(LlamaForCausalLM.from_pretrained(tmp_path / "out"), batch)
+    assert (got - logits_of(model, batch)).abs().max() <= RELOAD_ATOL
+    assert method.report()["export_unties_embeddings"] is tied
+    with pytest.raises(ValueError, match="lm_head.*no bias"):
+        build_method(method_cfg("ssf", "method.final_norm_shift=true")).prepare(base(), ctx)
 
 
 def test_method_lr_scale_multiplies_train_lr(tmp_path, capfd):
