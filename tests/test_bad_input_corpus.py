@@ -290,6 +290,21 @@ def test_a_concurrent_run_of_the_same_config_is_refused_in_one_line(earlier, cap
         shutil.rmtree(run_dir)  # the earlier run's directory alone stays, for the byte check below
 
 
+def test_good_files_pass_the_input_check_without_torch(tmp_path):
+    """A UTF-8 BOM is accepted; reading and checking every input file imports no torch (config-time only)."""
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + jsonl(GOOD_ROWS))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_bytes(b"\xef\xbb\xbf" + jsonl([MMLU] * 3))
+    code = ("import sys; from ftlab.cli.run import check; "
+            f"check({[*FAST, *FILE_DATA, f'data.path={bom}', f'eval.paths.mmlu={dev}']!r}); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "FTLAB_OUTPUTS": str(tmp_path / "out")})
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_earlier_results_are_byte_identical(earlier):
     out, files = earlier
     assert snapshot(out) == files
