@@ -217,7 +217,7 @@ def _prepare(r: _Run) -> None:
         r.probes.capture_base(r.model)  # the base, before prepare (a resume takes the checkpoint's copy)
     r.model = r.method.prepare(r.model, r.ctx)
     if r.reg is not None:
-        r.reg.capture_start(r.model)
+        r.reg.capture_start(r.model, r.ctx)
     if cfg.hw.grad_checkpointing:  # recompute activations in backward: less memory, ~30% more compute
         r.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(r.model, "enable_input_require_grads"):

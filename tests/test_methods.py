@@ -494,6 +494,10 @@ def test_rewriting_inits_export_plain_lora_for_the_original_base(name, trained, 
 REG_REFUSED = [
     (("reg=kl", "reg.weight=0"), ("reg.weight",)),
     (("reg=l2sp", "reg.kind=l3"), ("reg.kind", "none, kl, l2sp")),
+    (("reg=kl", "reg.kl_on=general"), ("reg.kl_on", "task, mix, both")),
+    (("reg=l2sp", "reg.kl_on=mix"), ("reg.kl_on", "only reg.kind=kl")),
+    (("reg=kl", "reg.kl_on=mix", "data=gsm8k"), ("reg.kl_on", "general rows")),
+    (("reg=kl", "reg.kl_on=both", "hw=cpu2_ddp"), ("reg.kl_on", "hw.nproc=1")),
 ]
 REFUSED = [((f"method={r.name}", *o), w) for r in ROWS for o, w in r.refused] + REG_REFUSED
 
@@ -1362,6 +1366,167 @@ def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
     labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
     assert token_kl(logits, logits.clone(), labels).item() == 0.0
     assert token_kl(logits, logits + torch.randn_like(logits), labels).item() > 0
+
+
+def _one_step(name: str, tmp: Path, reg, *extra: str, model=None):
+    """prepare + one step of the real loop (lr 1e-2, constant): (method, model, start weights)."""
+    tok = make_tokenizer()
+    method = build_method(method_cfg(name, *extra))
+    model = method.prepare(model if model is not None else make_model(),
+                           MethodContext(tokenizer=tok, train_rows=make_rows(), seed=0))
+    if reg is not None:
+        reg.capture_start(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    encoded = [encode_example(tok, r["prompt"], r["response"], 32) for r in make_rows()]
+    tmp.mkdir(parents=True, exist_ok=True)
+    train(model, method, Batches(encoded, 8, 0), run_cfg(name, steps=1, lr=1e-2), device="cpu", pad_id=0,
+          run_dir=tmp, progress=False, reg=reg)
+    return method, model, start
+
+
+def test_l2sp_is_decoupled_decay_of_the_weight_change(tmp_path):
+    """After each AdamW step, dW <- (1 - lr * weight) dW: for full fine-tuning every weight becomes
+    theta0 + (1 - c)(theta - theta0) (c = lr x weight; the old loss-term form has zero gradient at the start, so
+    its first step equals no regulariser); the term is logged, not added to the loss."""
+    from ftlab.train.regularisers import build_regulariser
+
+    (run,) = check(["reg=l2sp", "reg.weight=20"])
+    c = 1e-2 * 20
+    _, plain, start = _one_step("full", tmp_path / "plain", None)
+    reg = build_regulariser(run.reg)
+    _, decayed, _ = _one_step("full", tmp_path / "l2sp", reg)
+    assert not reg.in_loss
+    for n, p in decayed.named_parameters():
+        want = start[n] + (1 - c) * (dict(plain.named_parameters())[n] - start[n])
+        assert torch.allclose(p, want, atol=1e-7), n
+    losses = [json.loads(x) for x in (tmp_path / "l2sp" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[0]["loss"] == ref[0]["loss"] and losses[0]["reg"] == 0.0
+
+
+def test_l2sp_on_adapters_is_measured_on_dw_not_on_the_factors(tmp_path):
+    """LoRA: the decay acts on dW = s B A, B <- (1 - c) B (exact), A untouched (not pulled back to its random init);
+    the logged term is weight * 1/2 * mean(dW^2) over the base weights' entries. For a rewriting init (PiSSA:
+    dW = s(BA - B0A0)) B's step shrinks dW within A's row space."""
+    from ftlab.train.regularisers import build_regulariser
+
+    (run,) = check(["reg=l2sp", "reg.weight=20"])
+    c = 1e-2 * 20
+    _, plain, _ = _one_step("lora", tmp_path / "plain", None)
+    reg = build_regulariser(run.reg)
+    _, model, start = _one_step("lora", tmp_path / "l2sp", reg)
+    p0 = dict(plain.named_parameters())
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            assert torch.allclose(p, (1 - c) * p0[n], atol=1e-7), n
+        elif "lora_A" in n:
+            assert torch.equal(p, p0[n]), n  # A is not pulled back (at step 1 B = 0 gives it no gradient either)
+    assert any("lora_B" in n and not torch.equal(p, start[n]) for n, p in model.named_parameters())
+
+    def dw_mean(m):
+        total, entries = 0.0, 0
+        for mod in m.modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                dw = mod.get_delta_weight("default")
+                total += dw.pow(2).sum().item()
+                entries += mod.base_layer.weight.numel()
+        return 0.5 * total / entries
+
+    batch = {k: v for k, v in probe_batch().items()}
+    out = SimpleNamespace(hidden=torch.zeros(1))
+    assert reg.value(model, batch, out).item() == pytest.approx(dw_mean(model), rel=1e-5)
+    with torch.no_grad():  # A moved away from its init: the decay leaves it there, and halves B (c = 0.5)
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.add_(0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reg.after_step(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5 / 20))
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, 0.5 * before[n] if "lora_B" in n else before[n], atol=1e-7), n
+
+    reg = build_regulariser(run.reg)
+    method = build_method(method_cfg("pissa"))
+    pissa = method.prepare(make_model(), MethodContext(tokenizer=make_tokenizer(), train_rows=make_rows(), seed=0))
+    reg.capture_start(pissa)
+    assert reg.value(pissa, batch, out).item() < 1e-12  # base + B0A0 = W: no change yet
+    lin = pissa.base_model.model.model.layers[0].self_attn.q_proj
+    b0a0 = lin.get_delta_weight("default").detach().clone()
+    with torch.no_grad():
+        for n, p in pissa.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    before = (lin.get_delta_weight("default") - b0a0).norm().item()
+    opt = torch.optim.SGD([p for p in pissa.parameters() if p.requires_grad], lr=0.5 / 20)  # c = 0.5
+    reg.after_step(pissa, opt)
+    after = (lin.get_delta_weight("default") - b0a0).norm().item()
+    assert after == pytest.approx(0.5 * before, rel=1e-4)  # A unchanged, dW in A's row space: exactly halved
+
+
+def test_l2sp_weight_means_the_same_across_model_sizes():
+    """The same per-entry change on a model twice as wide logs the same term and decays at the same rate."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ftlab.train.regularisers import build_regulariser
+
+    (run,) = check(["reg=l2sp", "reg.weight=2"])
+    got = []
+    for hidden in (32, 64):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                             num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2))
+        reg = build_regulariser(run.reg)
+        reg.capture_start(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        value = reg(model, {}, SimpleNamespace(hidden=torch.zeros(1))).item()
+        reg.after_step(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        w = model.model.layers[0].mlp.down_proj.weight
+        got.append((value, (w - reg.anchors["model.layers.0.mlp.down_proj.weight"]).mean().item()))
+    assert got[0][0] == pytest.approx(got[1][0]) == pytest.approx(2 * 0.5 * 1e-4, rel=1e-4)
+    assert got[0][1] == pytest.approx(got[1][1]) == pytest.approx(0.01 * (1 - 0.1 * 2), rel=1e-4)
+
+
+def test_kl_on_general_rows(tmp_path):
+    """reg.kl_on=mix: the KL is on a batch of general rows (data.mix's source, here data.mix_source), as many as
+    the training batch, in a seeded order; both = task + mix; zero while the model equals the base."""
+    from ftlab.config.schema import DataConfig
+    from ftlab.train.batches import collate
+    from ftlab.train.regularisers import build_regulariser, token_kl
+
+    text = tmp_path / "general.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("abc def", "12 = 21", "fed cba", "a1 b2 c3")))
+    tok = make_tokenizer()
+    ctx = MethodContext(tokenizer=tok, train_rows=make_rows(), seed=0, max_length=32,
+                        data=DataConfig(name="x", mix_source=str(text)))
+    batch = probe_batch()
+    regs, values = {}, {}
+    for on in ("task", "mix", "both"):
+        (run,) = check(["reg=kl", f"reg.kl_on={on}"])
+        reg = build_regulariser(run.reg)
+        base = make_model()
+        reg.capture_base(base)
+        reg.capture_start(base, ctx)
+        zero = reg.value(base, batch, SimpleNamespace(hidden=base(**{k: batch[k] for k in (
+            "input_ids", "attention_mask")}).logits, head=None)).item()
+        assert zero == 0.0, on
+        model = make_model()
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.3 * torch.randn_like(model.lm_head.weight))
+        reg.pos = 0
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        values[on] = reg.value(model, batch, SimpleNamespace(hidden=logits, head=None))
+        regs[on] = reg
+    n = batch["input_ids"].shape[0]
+    g = collate([regs["mix"].general[regs["mix"].order[k]] for k in range(n)], 0)
+    with torch.no_grad():
+        want_mix = token_kl(model(input_ids=g["input_ids"], attention_mask=g["attention_mask"]).logits,
+                            regs["mix"].ref(input_ids=g["input_ids"], attention_mask=g["attention_mask"]).logits,
+                            g["labels"])
+    assert values["mix"].item() == pytest.approx(want_mix.item(), rel=1e-5)
+    assert values["both"].item() == pytest.approx(values["task"].item() + values["mix"].item(), rel=1e-5)
+    assert values["mix"].requires_grad  # it trains the model: gradients flow through the general rows' forward
+    assert regs["mix"].state_dict() == {"pos": n}
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -134,7 +134,7 @@ def check_ranges(c: RunConfig) -> None:
     run_check = getattr(c.method, "check_run", None)  # a method's rules across groups (CorDA: its calibration rows)
     if run_check is not None:
         run_check(c)
-    check_reg(c.reg)
+    check_reg(c.reg, c)
 
 
 # The stop signal must leave time to finish the step in flight and write a training-state checkpoint (seconds for

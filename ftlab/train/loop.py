@@ -132,7 +132,8 @@ def forward_backward(model: nn.Module, rows: list[dict], settings: LoopSettings,
             loss = task * tok_w
             if reg is not None:
                 reg_term = reg(model, batch, HeadOutputs(hidden, head, out))
-                loss = loss + reg_term * row_w
+                if getattr(reg, "in_loss", True):  # decoupled regularisers act in after_step; logged only
+                    loss = loss + reg_term * row_w
                 reg_value = reg_term.item()
                 regs.append(dist.all_sum(reg_value * row_w / world))
         local = loss.item()
@@ -182,7 +183,8 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
     run_dir/checkpoints/step_NNNNNN (ftlab.train.checkpoint); `resume_from` (an ftlab.train.checkpoint.Loaded) continues
     from one exactly: weights, optimizer, scheduler, RNG, data position, method state, curve accumulators.
 
-    `reg` (an ftlab.train.regularisers.Regulariser, or None) adds its term to the loss; its mean is logged as `reg`.
+    `reg` (an ftlab.train.regularisers.Regulariser, or None) adds its term to the loss (unless its `in_loss` is
+    false) and its `after_step` runs after each optimizer step; the term's mean is logged as `reg`.
     A param group may carry `lr_scale` (layer-wise LR decay): its lr is train.lr times that.
 
     `probes` (an ftlab.eval.probes.Probes with its base captured, or None): a step-0 row with the base's numbers,
@@ -268,6 +270,8 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
                         + (f" (hw.precision={settings.precision}: try hw.precision=fp32)"
                            if settings.precision != "fp32" else "") + f"; or lower train.lr (now {t.lr:g})")
             opt.step()
+            if reg is not None and hasattr(reg, "after_step"):
+                reg.after_step(model, opt)  # decoupled updates (L2-SP), at the lr this step used
             opt_state_peak = max(opt_state_peak, optimizer_state_bytes(opt))
             sched.step()
             opt.zero_grad(set_to_none=True)
