@@ -132,6 +132,8 @@ def train_stages(cfg, model, method, tok, tasks, resume, **kw) -> list[dict]:
     """Continual protocol: train cfg.stages in order (method.on_stage_start before each; a fresh optimizer and
     schedule per stage; one curve, steps continued), score every stage's target after each stage but the last
     (whose row is the tuned evaluation), records in records/stage_<i>/. Returns the stage log (stages.json).
+    With data.replay_previous = f, stage i > 0 trains on its rows plus round(n * f / (1 - f)) rows of stages
+    0..i-1 (`replay_rows`; n = its own task rows), shuffled in by the trainer; the log records `replayed_rows`.
 
     Resume: a finished stage is in stages.json and, when checkpoints are on (train.save_every > 0 or a SLURM
     job), in checkpoints/stage_<i>/; a restarted run restores the last one and continues with the next stage,
@@ -143,7 +145,7 @@ def train_stages(cfg, model, method, tok, tasks, resume, **kw) -> list[dict]:
         save_stage_snapshot,
         write_stage_log,
     )
-    from ftlab.data.sources import load_train
+    from ftlab.data.sources import load_train, mix_count
     from ftlab.eval.evaluate import evaluate
     from ftlab.train import preempt
     from ftlab.train.batches import Batches, encode_example
@@ -160,10 +162,17 @@ def train_stages(cfg, model, method, tok, tasks, resume, **kw) -> list[dict]:
     k = len(log)
     if resume is not None and int(resume.state.get("stage", 0)) != k:
         resume = None  # a step checkpoint of a finished stage: the snapshot after it is newer
+    # data.replay_previous: the finished stages' own rows, replayed beside a later stage's (a resume reloads them)
+    replaying = any(s.replay_previous > 0 for s in cfg.stages[k:])
+    earlier = [(s.name, task_rows(load_train(s, cfg.seed))) for s in cfg.stages[:k]] if replaying else []
     for i in range(k, len(cfg.stages)):
         method.on_stage_start(model, i)
         trained |= {n for n, p in model.named_parameters() if p.requires_grad}
         rows = load_train(cfg.stages[i], cfg.seed)
+        own = task_rows(rows)
+        replay = replay_rows(earlier, mix_count(len(own), cfg.stages[i].replay_previous), cfg.seed, i)
+        rows = rows + replay
+        earlier.append((names[i], own))
         encoded = [encode_example(tok, r["prompt"], r["response"], cfg.model.max_length) for r in rows]
         st = train(model, method, Batches(encoded, cfg.train.batch_size, cfg.seed), LoopSettings.of(cfg),
                    resume_from=resume if i == k else None, step_offset=i * cfg.train.max_steps, stage=i, **kw)
@@ -172,11 +181,40 @@ def train_stages(cfg, model, method, tok, tasks, resume, **kw) -> list[dict]:
             ev = evaluate(model, tok, stage_tasks, cfg.eval.batch_size, stage=f"stage_{i}", run_dir=kw["run_dir"],
                           progress=kw["progress"])
             scores = {n: ev[n]["score"] for n in names}
-        log.append({"stage": i, "name": names[i], "scores": scores, "train": dataclasses.asdict(st)})
+        log.append({"stage": i, "name": names[i], "scores": scores, "train": dataclasses.asdict(st),
+                    "replayed_rows": len(replay)})
         if snapshots:
             save_stage_snapshot(kw["run_dir"], i, model, trained, method, kw.get("probes"))
         write_stage_log(kw["run_dir"], log)  # after the snapshot: a stage is finished once both exist
     return log
+
+
+def task_rows(rows: list[dict]) -> list[dict]:
+    """A stage's own training rows: without the general rows data.mix adds (ids ``mix:``) or replayed ones."""
+    return [r for r in rows if not str(r.get("id", "")).startswith(("mix:", "replay:"))]
+
+
+def replay_rows(earlier: list[tuple[str, list[dict]]], n: int, seed: int, stage: int) -> list[dict]:
+    """`n` rows of the earlier stages' training rows (classic experience replay), spread evenly over the stages in
+    turn (stage 0 first gets the remainder), each stage's drawn without replacement while they last (a seeded order
+    per stage and replaying stage), ids ``replay:<stage name>:<id>``."""
+    import random
+
+    if n <= 0 or not earlier:
+        return []
+    out = []
+    for j, (name, rows) in enumerate(earlier):
+        count = n // len(earlier) + (j < n % len(earlier))
+        if not rows or not count:
+            continue
+        rng = random.Random(f"replay:{seed}:{stage}:{j}")
+        picks: list[int] = []
+        while len(picks) < count:
+            order = list(range(len(rows)))
+            rng.shuffle(order)
+            picks += order[: count - len(picks)]
+        out += [{**rows[p], "id": f"replay:{name}:{rows[p].get('id', p)}"} for p in picks]
+    return out
 
 
 def stage_totals(log: list[dict]):

@@ -1529,6 +1529,59 @@ def test_kl_on_general_rows(tmp_path):
     assert regs["mix"].state_dict() == {"pos": n}
 
 
+# ---------------------------------------------------------------------------------------------- continual replay
+def test_continual_replay_previous_replays_earlier_stages_rows(tmp_path, monkeypatch):
+    """data.replay_previous=f: stage i > 0 trains on its own n rows plus round(n f / (1 - f)) rows of stages 0..i-1,
+    spread evenly over them, drawn from their training rows (seeded); stage 0 replays nothing. Refused for a single
+    run and above 0.9."""
+    import ftlab.continual as continual
+    import ftlab.eval.evaluate
+    import ftlab.train.loop
+
+    (cfg,) = check(["data=[synth_sub,synth_rot1]", "data.replay_previous=0.25", "data.n_train=40", "data.mix=0"])
+    assert [s.replay_previous for s in cfg.stages] == [0.25] * 2
+    seen, replayed = [], []
+    real_replay = continual.replay_rows
+
+    def spy_replay(earlier, n, seed, stage):
+        out = real_replay(earlier, n, seed, stage)
+        replayed.append((stage, [name for name, _ in earlier], out))
+        return out
+
+    def fake_train(model, method, batches, settings, **kw):
+        seen.append(len(batches.encoded))
+        return ftlab.train.loop.TrainResult(steps=1, tokens=1, tokens_per_s=1.0, peak_mem_bytes=0, trainable_params=1,
+                                            total_params=1, wall_s=0.0, final_loss=0.0)
+
+    monkeypatch.setattr(continual, "replay_rows", spy_replay)
+    monkeypatch.setattr(ftlab.train.loop, "train", fake_train)
+    monkeypatch.setattr(ftlab.eval.evaluate, "evaluate", lambda *a, **k: {s.name: {"score": 0.0} for s in cfg.stages})
+    method = SimpleNamespace(on_stage_start=lambda model, i: None)
+    log = continual.train_stages(cfg, make_model(), method, make_tokenizer(), [], None, run_dir=tmp_path,
+                                 progress=False)
+    assert seen == [40, 40 + 13]  # round(40 * 0.25 / 0.75) = 13
+    assert [r["replayed_rows"] for r in log] == [0, 13]
+    (s0, e0, r0), (s1, e1, r1) = replayed
+    assert (s0, e0, r0) == (0, [], [])
+    assert e1 == ["synth_sub"] and len(r1) == 13
+    from ftlab.data.sources import load_train
+
+    own = {(r["prompt"], r["response"]) for r in load_train(cfg.stages[0], cfg.seed)}
+    assert all((r["prompt"], r["response"]) in own and r["id"].startswith("replay:synth_sub:") for r in r1)
+    assert len({r["id"] for r in r1}) == 13  # without replacement while rows last
+
+    rows = {n: [{"id": f"{n}{k}", "prompt": n, "response": str(k)} for k in range(5)] for n in ("a", "b")}
+    three = continual.replay_rows([("a", rows["a"]), ("b", rows["b"])], 13, 0, 2)
+    assert [sum(r["id"].startswith(f"replay:{n}:") for r in three) for n in "ab"] == [7, 6]  # evenly, a first
+    assert three == continual.replay_rows([("a", rows["a"]), ("b", rows["b"])], 13, 0, 2)  # seeded
+    assert {r["id"] for r in three if r["id"].startswith("replay:b:")} == {f"replay:b:b{k}" for k in range(5)}
+    assert len({r["id"] for r in [r for r in three if r["id"].startswith("replay:b:")][:5]}) == 5  # no early repeat
+    with pytest.raises(ConfigError, match="data.replay_previous.*single run"):
+        check(["data.replay_previous=0.2"])
+    with pytest.raises(ConfigError, match=r"data.replay_previous: must be in \[0, 0.9\]"):
+        check(["data=[synth_sub,synth_rot1]", "data.replay_previous=0.95"])
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def local_model_dir(tmp_path_factory):

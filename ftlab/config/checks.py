@@ -210,6 +210,10 @@ def check_name(name: str) -> None:
 
 
 def check_mix(d: DataConfig, m: ModelConfig) -> None:
+    r = d.replay_previous
+    if not (isinstance(r, (int, float)) and 0 <= r <= MIX_MAX):
+        raise ConfigError(f"data.replay_previous: must be in [0, {MIX_MAX}] (the share of earlier stages' rows beside "
+                          f"a continual stage's task rows; {MIX_MAX}: 9 per task row), got {r!r}")
     if not (isinstance(d.mix, (int, float)) and 0 <= d.mix < 1):
         raise ConfigError(f"data.mix: must be in [0, 1) (the share of general rows in the training stream), got {d.mix!r}")
     if d.mix > MIX_MAX:

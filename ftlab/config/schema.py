@@ -88,6 +88,9 @@ class DataConfig:
     # Data mixing / replay (ftlab.data.sources.general_rows): a share `mix` in [0, 1) of the training stream is general
     # data; n task rows get round(n * mix / (1 - mix)) general rows beside them. 0: none.
     mix: float = 0.0
+    # Continual runs (data=[a,b,...]): in stage i > 0, n task rows get round(n * f / (1 - f)) rows of the earlier
+    # stages' training rows beside them (experience replay, spread evenly over stages 0..i-1). 0: none.
+    replay_previous: float = 0.0
     # null: replay of the tiny world's pretraining skills `mix_skills` (synth data); else a local .jsonl/.json
     # file or a hub dataset id of general text, read from field `mix_field` (hub: config `mix_name`, `mix_split`)
     mix_source: Optional[str] = None

@@ -59,6 +59,10 @@ def check_stages(c: RunConfig) -> None:
     """A continual run: at least two distinct stages, `data` is stage 0, every stage passes the data checks, the
     eval scores every stage's target; one process (stage evaluations run between stages on rank 0 only)."""
     if not c.stages:
+        if c.data.replay_previous > 0:
+            raise ConfigError(f"data.replay_previous: {c.data.replay_previous} replays earlier stages' rows, and a "
+                              "single run has none; give the stages (data=[a,b,...]), or replay pretraining data with "
+                              "data.mix")
         return
     names = [s.name for s in c.stages]
     if len(names) < 2:
