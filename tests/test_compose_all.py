@@ -78,7 +78,8 @@ def _context(path: Path) -> list[str]:
     """What an option needs beside it to be valid: a real (hub) model cannot train on the tiny world's synthetic
     data, so it is composed with real data and the target-only eval. Validation does not reach the hub."""
     if path.parent.name == "model" and _own(path).get("name_or_path") != "tiny":
-        return ["data=gsm8k", "eval=target"]
+        # the generic group (model=hf) names no model itself: any hub id
+        return ["data=gsm8k", "eval=target", *([] if _own(path).get("name_or_path") else ["model.name_or_path=org/any"])]
     return []
 
 
@@ -115,8 +116,10 @@ def test_overlay_header_documents_how_to_run_it(path):
 @pytest.mark.parametrize("path", OPTIONS, ids=_id)
 def test_every_option_composes_and_validates(path):
     group = path.parent.name
-    (run,) = check([f"{group}={path.stem}", *_context(path)])
-    _assert_applied(_get(run, group), _own(path), group)
+    context = _context(path)
+    (run,) = check([f"{group}={path.stem}", *context])
+    given = {o.split("=")[0].split(".", 1)[1] for o in context if o.startswith(f"{group}.")}  # set by the context
+    _assert_applied(_get(run, group), {k: v for k, v in _own(path).items() if k not in given}, group)
 
 
 # ------------------------------------------------------------------------------------------ every overlay

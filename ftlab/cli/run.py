@@ -20,6 +20,9 @@ _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "-
 
 
 def _register_resolvers() -> None:
+    from ftlab.config.validate import register_resolvers
+
+    register_resolvers()  # the config's own interpolations (conf/model/hf.yaml), for `--cfg job --resolve` too
     if not OmegaConf.has_resolver("ftlab_run"):
         # The run directory's name from the job's own validated config (ftlab.rundir.identity): the same config
         # always lands in the same directory, so a repeated run or a resubmitted sweep finds its earlier work.
@@ -64,6 +67,21 @@ def stage_args(args: list[str]) -> list[str]:
     return out
 
 
+def model_args(args: list[str]) -> list[str]:
+    """`model.name_or_path=X` without a `model=` choice -> `model=hf` first (conf/model/hf.yaml, the generic HF
+    model group), so a real model never inherits model=tiny's settings (length 64, fp32, eager attention, the name
+    "tiny"). `model.name_or_path=tiny` keeps model=tiny."""
+    keys: dict[str, str] = {}
+    for a in args:
+        if not a.startswith("-") and "=" in a:
+            k, v = a.split("=", 1)
+            keys[k.lstrip("+~")] = v
+    path = keys.get("model.name_or_path")
+    if "model" in keys or path is None or all(v.strip().strip("'\"") == "tiny" for v in path.split(",")):
+        return args
+    return ["model=hf", *args]
+
+
 def _split(args: list[str]) -> tuple[list[str], bool]:
     multirun = any(a in ("-m", "--multirun") for a in args)
     overrides = [a for a in args if not a.startswith("-")]
@@ -97,7 +115,7 @@ def check(overrides: list[str], multirun: bool = False) -> list:
     _register_resolvers()
     _register_schemas()
     out, out_dirs = [], []
-    overrides = stage_args(overrides)
+    overrides = model_args(stage_args(overrides))
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3", job_name="ftlab"):
         params: dict = {}
         if multirun:
@@ -211,7 +229,7 @@ def run_command(args: list[str]) -> int:
 
     from ftlab.config.registry import ConfigError
 
-    args = stage_args(args)
+    args = model_args(stage_args(args))
     if not any(a in _INFO_FLAGS or a.split("=")[0] in _INFO_FLAGS for a in args):
         overrides, multirun = _split(args)
         try:

@@ -50,8 +50,11 @@ def check_ranges(c: RunConfig) -> None:
 
     m = c.model
     choice("model.dtype", m.dtype, DTYPES)
-    choice("model.prompt_format", m.prompt_format, PROMPT_FORMATS)
-    at_least("model.max_length", m.max_length, 8)
+    choice("model.prompt_format", m.prompt_format, ("auto", *PROMPT_FORMATS))
+    at_least("model.max_length", m.max_length, 8, allow_none=True)
+    if not m.name_or_path.strip():
+        raise ConfigError("model.name_or_path: empty; model=hf needs a model: model.name_or_path=DIR (a local "
+                          "directory written by save_pretrained) or a hub id such as model.name_or_path=Qwen/Qwen2.5-0.5B")
     if m.name_or_path == "tiny":
         if m.world is None:
             raise ConfigError("model.world: model.name_or_path=tiny needs a world section (use model=tiny)")
@@ -106,7 +109,8 @@ def check_ranges(c: RunConfig) -> None:
     for task in e.forget:
         if task == "world" and m.name_or_path != "tiny":
             raise ConfigError("eval.forget: 'world' is the tiny world's forgetting suite and needs model=tiny; "
-                              "pick another eval suite for real models")
+                              "for real models pick eval=quick (a small built-in forgetting suite there: "
+                              "arc_easy, wikitext), eval=target, eval=standard or eval=biderman")
 
     h = c.hw
     choice("hw.device", h.device, DEVICES)

@@ -58,11 +58,16 @@ class ModelConfig:
     name_or_path: str = "tiny"
     revision: Optional[str] = None
     trust_remote_code: bool = False
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (the checkpoint's); model=hf: hw.precision's
     attn_implementation: Optional[str] = "eager"
-    max_length: int = 256
-    # plain: prompt + response; chat: the tokenizer's chat template wraps the prompt as a user turn.
-    prompt_format: str = "plain"
+    # Tokens per training row. null: from the data and the model, chosen when the run has tokenized its training
+    # rows: the longest one (prompt + response + eos), capped by the model's context (max_position_embeddings);
+    # recorded in result.json -> encoding. Rows longer than this are cut (measured, ftlab.train.batches.truncation).
+    max_length: Optional[int] = 256
+    # plain: prompt + response; chat: the tokenizer's chat template (the prompt as the user turn with the
+    # generation prompt, the response as the assistant turn, loss on the assistant turn); auto: chat when the
+    # tokenizer has a chat template, else plain (decided when the tokenizer loads; recorded in result.json).
+    prompt_format: str = "auto"
     world: Optional[WorldConfig] = None
 
 
@@ -102,9 +107,18 @@ class DataConfig:
     # overlap (data.eval_path the same file as data.path, or every eval prompt also a training prompt) is refused
     # unless this is true: such a score measures memorisation, not learning.
     allow_overlap: bool = False
+    # A training row cut at model.max_length is measured and recorded (result.json -> encoding.truncation); a run
+    # where any row loses its whole answer is refused when its data loads unless this is true.
+    allow_truncation: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------- eval
+# eval=quick's forgetting suite for a real model (`${ftlab.general_forget:...}`, ftlab.config.validate; model=tiny:
+# world): one multiple-choice task in points and held-out perplexity, both built in (offline: eval.paths.arc_easy=
+# FILE.jsonl eval.paths.wikitext=FILE.jsonl).
+GENERAL_FORGET = ("arc_easy", "wikitext")
+
+
 @dataclass
 class EvalTaskOptions:
     """Per-task options of a built-in task (eval.tasks.<task>.<option>); null: the default."""

@@ -15,6 +15,7 @@ from ftlab.config.method import METHODS, MethodConfig
 from ftlab.config.reg import RegConfig
 from ftlab.config.registry import ConfigError
 from ftlab.config.schema import (
+    GENERAL_FORGET,
     DataConfig,
     EvalConfig,
     HwConfig,
@@ -25,6 +26,38 @@ from ftlab.config.schema import (
     to_container,
 )
 from ftlab.config.stages import check_stages, expand_stages
+
+# What hw.precision loads a model's weights in (model=hf: `dtype: ${ftlab.dtype_of:${hw.precision}}`); the trained
+# weights stay float32 masters under bf16/fp16 (ftlab.train.precision).
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype_of(precision: str) -> str:
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"hw.precision: unknown value {precision!r}; valid choices: {', '.join(PRECISION_DTYPES)}")
+    return PRECISION_DTYPES[precision]
+
+
+def _name_of(name_or_path: str) -> str:
+    """A model's name from its hub id or directory: the last path component (`/models/my-llama/` -> `my-llama`)."""
+    return str(name_or_path).rstrip("/").rpartition("/")[2] or str(name_or_path)
+
+
+def _general_forget(name_or_path: str) -> list[str]:
+    """eval=quick's forgetting suite, by model: the tiny world's (`world`) for model=tiny, else GENERAL_FORGET."""
+    return ["world"] if name_or_path == "tiny" else list(GENERAL_FORGET)
+
+
+def register_resolvers() -> None:
+    """The interpolations config YAMLs may use (conf/model/hf.yaml, conf/eval/quick.yaml); resolved at validation,
+    so config.yaml holds their values."""
+    for name, fn in (("ftlab.dtype_of", _dtype_of), ("ftlab.name_of", _name_of),
+                     ("ftlab.general_forget", _general_forget)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
 
 
 def _typed(key: str, schema: type, node: Any) -> Any:

@@ -35,7 +35,7 @@ NAME_CHARS = 80
 DIGEST_CHARS = 10  # 40 bits: a collision among a million runs has odds ~5e-7
 # keys added after run names were first given out, left out of the digest while at their default so that the
 # directories of existing configs keep their names (a key's last component, under data and every stage)
-NEUTRAL_DEFAULTS = {"allow_overlap": False}
+NEUTRAL_DEFAULTS = {"allow_overlap": False, "allow_truncation": False}
 
 
 class ResumeRefused(RuntimeError):
