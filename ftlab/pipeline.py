@@ -162,26 +162,38 @@ class _Run:
 
 
 def _load(r: _Run) -> None:
-    """Model and tokenizer, the evaluation tasks and probe texts (a missing file fails here, before any
-    training), the training rows, encoded."""
+    """The tokenizer, the training rows encoded and measured (a run where a row loses its whole answer stops here,
+    before the model loads), model.max_length and model.prompt_format resolved into r.cfg (result.json ->
+    encoding), the model, the evaluation tasks and probe texts (a missing file fails here, before any training)."""
+    import sys
+
     from ftlab.data.sources import load_train
     from ftlab.eval.probes import build_probes
     from ftlab.eval.suites import build_tasks
-    from ftlab.models.loading import load_model_and_tokenizer
-    from ftlab.train.batches import encode_example
+    from ftlab.models.loading import load_model, load_tokenizer
+    from ftlab.train.batches import encode_rows, truncation_problem
 
     cfg = r.cfg
     seed_everything(cfg.seed)
-    r.model, r.tok = load_model_and_tokenizer(cfg.model, device=r.device)
+    r.tok = load_tokenizer(cfg.model)
+    r.train_rows = load_train(cfg.data, cfg.seed)
+    r.encoded, encoding = encode_rows(r.tok, r.train_rows, cfg.model.max_length, r.tok.ftlab_info["model_context"])
+    refuse, message = truncation_problem(encoding, cfg.data.allow_truncation)
+    if refuse:
+        raise ValueError(message)
+    if message and r.main:
+        print(f"ftlab: warning: {message}", file=sys.stderr)
+    r.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, max_length=encoding["max_length"], prompt_format=encoding["prompt_format"]))
+    r.record.update(encoding=encoding)
+    r.model = load_model(cfg.model, r.tok, device=r.device)
     r.tasks = build_tasks(cfg) if r.main else []  # rank 0 alone evaluates (continual runs are one process)
     r.probes = build_probes(cfg, r.tok)  # None unless eval.probe_every > 0
-    r.train_rows = load_train(cfg.data, cfg.seed)
     if r.main:  # what the run trains on, and how much of it each target task's eval shares (issue 11)
         from ftlab.eval.overlap import measure_overlap
 
         r.record.note_train_rows(r.train_rows)
         r.record.update(overlap=measure_overlap(r.train_rows, r.tasks, allow=cfg.data.allow_overlap))
-    r.encoded = [encode_example(r.tok, x["prompt"], x["response"], cfg.model.max_length) for x in r.train_rows]
 
 
 def _evaluate_base(r: _Run) -> None:
@@ -331,7 +343,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None 
             if r.logger is not None and hasattr(r.logger, "abort"):
                 r.logger.abort()
             raise
-        msg = out_of_memory_message(e, cfg) or f"{type(e).__name__}: {e}"
+        msg = out_of_memory_message(e, r.cfg) or f"{type(e).__name__}: {e}"
         record.fail(msg)
         (record.run_dir / "error.txt").write_text(traceback.format_exc())
         if r.logger is not None and hasattr(r.logger, "abort"):

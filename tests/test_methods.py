@@ -1617,7 +1617,7 @@ def test_runner_end_to_end_new_method_with_reg(method, reg, tmp_path, local_mode
     fixture = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"
     (cfg,) = check([f"method={method}", f"reg={reg}", f"model.name_or_path={local_model_dir}", "data=gsm8k",
                     f"data.path={fixture}", "eval=target", "eval.limit=2", "data.max_new_tokens=2",
-                    "model.max_length=128", "train.max_steps=4", "train.batch_size=4", "train.log_every=1",
+                    "model.max_length=null", "train.max_steps=4", "train.batch_size=4", "train.log_every=1",
                     "train.warmup_steps=0", "hw.num_threads=1", *ROW[method].overrides])
     run_dir = tmp_path / "run"
     prepare_run_dir(run_dir, cfg)
@@ -1653,7 +1653,7 @@ def test_runner_end_to_end_records_method_and_optimizer_state(method, tmp_path, 
     fixture = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"
     (cfg,) = check([f"method={method}", f"model.name_or_path={local_model_dir}", "data=gsm8k",
                     f"data.path={fixture}", "eval=target", "eval.limit=2", "data.max_new_tokens=2",
-                    "model.max_length=128", "train.max_steps=3", "train.batch_size=4", "train.warmup_steps=0",
+                    "model.max_length=null", "train.max_steps=3", "train.batch_size=4", "train.warmup_steps=0",
                     "hw.num_threads=1", *ROW[method].overrides])
     run_dir = tmp_path / "run"
     prepare_run_dir(run_dir, cfg)

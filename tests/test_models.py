@@ -101,7 +101,8 @@ def test_local_dir_round_trip(tiny_dir):
     assert model.config._attn_implementation == "eager"
     # the tokenizer had no pad token: it gets eos, and what was loaded is recorded
     assert tok.pad_token == "</s>" and tok.pad_token_id == 2
-    assert tok.ftlab_info == {"padding_side": "right", "pad_token_added": False, "source": str(d)}
+    assert tok.ftlab_info == {"padding_side": "right", "pad_token_added": False, "source": str(d),
+                              "prompt_format": "plain", "model_context": original.config.max_position_embeddings}
     assert model.config.pad_token_id == 2
     assert model.ftlab_source == str(d)
     assert tok.decode(tok("ab 12")["input_ids"]) == "ab 12"

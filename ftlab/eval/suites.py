@@ -7,7 +7,7 @@ from typing import Any, Optional
 # the built-in kinds register themselves on import: every task built here has a registered kind
 from ftlab.eval import generation, multiple_choice, perplexity  # noqa: F401
 from ftlab.eval.builtin import BUILTINS, load_builtin
-from ftlab.eval.task import EVAL_SEED, Task
+from ftlab.eval.task import EVAL_SEED, FORMATS, Task
 
 __all__ = ["build_tasks", "load_task"]
 
@@ -20,13 +20,18 @@ def build_tasks(cfg: Any) -> list[Task]:
     tasks: list[Task] = []
     for name in e.target:
         if name == "data":  # the held-out split of the training data; of every stage's data in a continual run
+            # the prompt as training renders it (ftlab.train.batches.encode_example): plain, or the chat template's
+            # user turn and generation prompt
+            fmt = cfg.model.prompt_format
+            if fmt not in FORMATS:
+                raise ValueError(f"model.prompt_format: {fmt!r} is decided when the tokenizer loads "
+                                 "(ftlab.models.loading.load_tokenizer); build the tasks of the resolved config")
             for d in getattr(cfg, "stages", None) or [cfg.data]:
                 rows = load_eval(d, limit, EVAL_SEED)
                 tasks.append(Task(d.name, "target", "generation",
                                   [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"]} for r in rows],
-                                  answer=d.answer, max_new_tokens=d.max_new_tokens,
-                                  # the prompt as training sees it (train.encode_example applies no chat template)
-                                  meta={"source": d.source, "few_shot": 0, "format": "plain"}))
+                                  answer=d.answer, max_new_tokens=d.max_new_tokens, format=fmt,
+                                  meta={"source": d.source, "few_shot": 0, "format": fmt}))
         else:
             tasks.append(_named_task(name, "target", cfg))
     for name in e.forget:

@@ -32,6 +32,8 @@ from ftlab.utils.files import sha256_file
 
 __all__ = [
     "load_model_and_tokenizer",
+    "load_tokenizer",
+    "load_model",
     "resolve_local_dir",
     "model_fingerprint",
 ]
@@ -105,79 +107,87 @@ def resolve_local_dir(cfg: ModelConfig) -> Optional[Path]:
     return None
 
 
-def load_model_and_tokenizer(cfg: ModelConfig, device: str = "cpu") -> tuple[Any, Any]:
-    """Load the causal LM and its tokenizer named by `cfg`, in eval mode on `device`.
+class _Source:
+    """Where `cfg` loads from: a local directory (checked), or a hub id (online, or from the local HF cache)."""
 
-    The tokenizer always has a pad token (eos when it had none; unk, or a new ``<pad>`` token with resized
-    embeddings, when it has no eos either). What was found and done is recorded in ``tokenizer.ftlab_info``
-    (``padding_side`` as loaded, ``pad_token_added``, ``source``) and ``model.ftlab_source`` (the local
-    directory or hub id the weights came from). Raises `HubUnavailable` (< 5 s) when a hub id cannot be
-    fetched, FileNotFoundError / ValueError for an unusable local directory.
-    """
-    local = resolve_local_dir(cfg)
-    kwargs: dict[str, Any] = dict(
-        revision=cfg.revision,
-        trust_remote_code=bool(cfg.trust_remote_code),
-    )
-
-    def model_kwargs() -> dict[str, Any]:  # imports torch: only once the load goes ahead
-        kw: dict[str, Any] = dict(dtype=_torch_dtype(cfg.dtype), use_safetensors=True)
-        if cfg.attn_implementation:
-            kw["attn_implementation"] = cfg.attn_implementation
-        return kw
-
-    if local is not None:
-        d = check_model_dir(local)
-        source = str(d)
-        kwargs.pop("revision")  # a directory has no revisions
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(source, **kwargs)
-        except Exception as e:
-            raise ValueError(
-                f"model.name_or_path: cannot load a tokenizer from {source!r} ({type(e).__name__}: {e}); the "
-                "directory needs tokenizer files (tokenizer.json / tokenizer_config.json) from save_pretrained"
-            ) from e
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **model_kwargs())
-    else:
-        source = cfg.name_or_path
-        online, why = hub_status()
-
-        def unavailable() -> HubUnavailable:
-            return HubUnavailable(
-                f"model: cannot load {source!r}"
-                + (f" (revision {cfg.revision!r})" if cfg.revision else "")
-                + f": {why}, and the local Hugging Face cache does not hold it. Point ftlab at a local copy: "
-                "model.name_or_path=/local/dir (a directory with config.json, tokenizer files and *.safetensors), "
-                "or fetch it once where the hub is reachable (huggingface-cli download "
-                f"{source}) and share the HF cache (HF_HOME)"
-            )
-
-        if not online:
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        local = resolve_local_dir(cfg)
+        self.kwargs: dict[str, Any] = dict(trust_remote_code=bool(cfg.trust_remote_code))
+        self.local = local is not None
+        if local is not None:
+            self.name, self.online, self.why = str(check_model_dir(local)), True, ""
+            return  # a directory has no revisions
+        self.name = cfg.name_or_path
+        self.kwargs["revision"] = cfg.revision
+        self.online, self.why = hub_status()
+        if not self.online:
             # Decide before importing transformers' auto classes (seconds on a cold start).
             from huggingface_hub import try_to_load_from_cache
 
             try:
-                hit = try_to_load_from_cache(source, "config.json", revision=cfg.revision)
+                hit = try_to_load_from_cache(self.name, "config.json", revision=cfg.revision)
             except Exception:  # an id the hub would refuse anyway (bad characters, ...)
                 hit = None
             if not isinstance(hit, str):
-                raise unavailable()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                raise self.unavailable()
+        self.kwargs["local_files_only"] = not self.online
 
-        ctx = contextlib.nullcontext() if online else hub_offline()
+    def unavailable(self) -> HubUnavailable:
+        cfg = self.cfg
+        return HubUnavailable(
+            f"model: cannot load {self.name!r}"
+            + (f" (revision {cfg.revision!r})" if cfg.revision else "")
+            + f": {self.why}, and the local Hugging Face cache does not hold it. Point ftlab at a local copy: "
+            "model.name_or_path=/local/dir (a directory with config.json, tokenizer files and *.safetensors), "
+            "or fetch it once where the hub is reachable (huggingface-cli download "
+            f"{self.name}) and share the HF cache (HF_HOME)"
+        )
+
+    def load(self, loader, **extra: Any) -> Any:
+        """`loader.from_pretrained(source, ...)`, offline when the hub is not to be asked."""
+        ctx = contextlib.nullcontext() if self.online or self.local else hub_offline()
         try:
             with ctx:
-                tok = AutoTokenizer.from_pretrained(source, local_files_only=not online, **kwargs)
-                model = AutoModelForCausalLM.from_pretrained(
-                    source, local_files_only=not online, **kwargs, **model_kwargs()
-                )
+                return loader.from_pretrained(self.name, **self.kwargs, **extra)
         except (OSError, ValueError) as e:
-            if online:
+            if self.online or self.local:
                 raise
-            raise unavailable() from e
+            raise self.unavailable() from e
 
+
+def _context_length(config: Any) -> Optional[int]:
+    """The model's context: max_position_embeddings of its (text) config, or None when it does not say."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer of the model named by `cfg`, without its weights (a run measures its data with it before the
+    model loads).
+
+    It always has a pad token (eos when it had none; unk, or a new ``<pad>`` token, when it has no eos either; the
+    model's embeddings grow for it in `load_model`). ``tokenizer.ftlab_info`` records what was found and decided:
+    ``padding_side`` as loaded, ``pad_token_added``, ``source`` (the directory or hub id), ``prompt_format``
+    (model.prompt_format, ``auto`` resolved: ``chat`` when the tokenizer has a chat template, else ``plain``) and
+    ``model_context`` (max_position_embeddings of the model's config, None when it has none). Raises
+    `HubUnavailable` (< 5 s) when a hub id cannot be fetched, FileNotFoundError / ValueError for an unusable local
+    directory, ValueError for model.prompt_format=chat on a tokenizer without a chat template."""
+    src = _Source(cfg)
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tok = src.load(AutoTokenizer)
+    except HubUnavailable:
+        raise
+    except Exception as e:
+        if not src.local:
+            raise
+        raise ValueError(
+            f"model.name_or_path: cannot load a tokenizer from {src.name!r} ({type(e).__name__}: {e}); the "
+            "directory needs tokenizer files (tokenizer.json / tokenizer_config.json) from save_pretrained"
+        ) from e
     pad_added = False
     if tok.pad_token is None:
         if tok.eos_token is not None:
@@ -186,18 +196,48 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: str = "cpu") -> tuple[Any
             tok.pad_token = tok.unk_token
         else:
             tok.add_special_tokens({"pad_token": "<pad>"})
-            model.resize_token_embeddings(len(tok))
             pad_added = True
+    has_template = bool(getattr(tok, "chat_template", None))
+    fmt = cfg.prompt_format
+    if fmt == "auto":
+        fmt = "chat" if has_template else "plain"
+    elif fmt == "chat" and not has_template:
+        raise ValueError(f"model.prompt_format: chat, but the tokenizer of {src.name!r} has no chat template; use "
+                         "model.prompt_format=plain (or auto: chat only when the tokenizer has a template)")
+    tok.ftlab_info = {"padding_side": tok.padding_side, "pad_token_added": pad_added, "source": src.name,
+                      "prompt_format": fmt, "model_context": _context_length(src.load(AutoConfig))}
+    return tok
+
+
+def load_model(cfg: ModelConfig, tok: Any, device: str = "cpu") -> Any:
+    """The causal LM named by `cfg`, in eval mode on `device`, fitted to `tok` (from `load_tokenizer`): embeddings
+    grown for a pad token the tokenizer had to add, pad ids set in its configs. ``model.ftlab_source`` is the
+    local directory or hub id the weights came from. Only *.safetensors weights load."""
+    src = _Source(cfg)
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = dict(dtype=_torch_dtype(cfg.dtype), use_safetensors=True)
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    model = src.load(AutoModelForCausalLM, **kw)
+    if tok.ftlab_info.get("pad_token_added") and model.get_input_embeddings().num_embeddings < len(tok):
+        model.resize_token_embeddings(len(tok))
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     gen = getattr(model, "generation_config", None)
     if gen is not None and getattr(gen, "pad_token_id", None) is None:
         gen.pad_token_id = tok.pad_token_id
-    tok.ftlab_info = {"padding_side": tok.padding_side, "pad_token_added": pad_added, "source": source}
-    model.ftlab_source = source
+    model.ftlab_source = src.name
     model.to(device)
     model.eval()
-    return model, tok
+    return model
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, device: str = "cpu") -> tuple[Any, Any]:
+    """`load_tokenizer` then `load_model`: the causal LM named by `cfg` in eval mode on `device`, and its
+    tokenizer."""
+    tok = load_tokenizer(cfg)
+    return load_model(cfg, tok, device), tok
 
 
 # ---------------------------------------------------------------------------------------------- fingerprint
