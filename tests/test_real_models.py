@@ -173,13 +173,21 @@ def test_a_model_path_takes_the_generic_hf_group_not_the_tiny_worlds(real_models
 
 
 def test_the_tiny_worlds_run_names_do_not_change():
-    """New keys (data.allow_truncation) and resolved defaults leave the tiny world's identity digests as they were."""
+    """Nothing of issue 10 renames the tiny world's runs: data.allow_truncation stays out of the identity at its
+    default, eval=quick's forgetting suite resolves to the literal it was ([world]), and the tiny model section holds
+    the values it held."""
     from ftlab.config.schema import to_container
-    from ftlab.rundir.identity import run_name
+    from ftlab.rundir.identity import identity_payload, run_name
 
-    names = {" ".join(o): run_name(to_container(check(o)[0])) for o in ([], ["eval=quick"], ["method=full"])}
-    assert names == {"": "lora_synth_sub_s0_57eb385007", "eval=quick": "lora_synth_sub_s0_260f1f6762",
-                     "method=full": "full_synth_sub_s0_5c3cafc8ec"}
+    (run,) = check([])
+    assert run.data.allow_truncation is False and "allow_truncation" not in identity_payload(to_container(run))["data"]
+    assert {k: v for k, v in to_container(run)["model"].items() if k != "world"} == {
+        "name": "tiny", "name_or_path": "tiny", "revision": None, "trust_remote_code": False, "dtype": "float32",
+        "attn_implementation": "eager", "max_length": 64, "prompt_format": "plain"}
+    for method in ("lora", "full"):
+        (quick,) = check([f"method={method}", "eval=quick"])
+        (literal,) = check([f"method={method}", "eval=quick", "eval.forget=[world]"])
+        assert quick.eval.forget == ["world"] and run_name(to_container(quick)) == run_name(to_container(literal))
 
 
 def test_the_tokenizer_reports_format_and_context(real_models):
