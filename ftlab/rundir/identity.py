@@ -34,8 +34,12 @@ EXCLUDED = ("out_dir", "logger", "hw.slurm")
 NAME_CHARS = 80
 DIGEST_CHARS = 10  # 40 bits: a collision among a million runs has odds ~5e-7
 # keys added after run names were first given out, left out of the digest while at their default so that the
-# directories of existing configs keep their names (a key's last component, under data and every stage)
-NEUTRAL_DEFAULTS = {"allow_overlap": False, "allow_truncation": False}
+# directories of existing configs keep their names: (group, key) -> default; "data" covers every stage too
+NEUTRAL_DEFAULTS = {("data", "allow_overlap"): False, ("data", "allow_truncation"): False,
+                    ("data", "replay_previous"): 0.0, ("reg", "kl_on"): "task"}
+
+
+_MISSING = object()
 
 
 class ResumeRefused(RuntimeError):
@@ -48,8 +52,9 @@ def _excluded(key: str) -> bool:
 
 def _neutral(key: str, value: Any) -> bool:
     parts = key.split(".")
-    return (parts[0] in ("data", "stages") and parts[-1] in NEUTRAL_DEFAULTS
-            and value is NEUTRAL_DEFAULTS[parts[-1]])
+    group = "data" if parts[0] == "stages" else parts[0]
+    default = NEUTRAL_DEFAULTS.get((group, parts[-1]), _MISSING)
+    return default is not _MISSING and type(value) is type(default) and value == default
 
 
 def identity_payload(config: dict, prefix: str = "") -> dict:
