@@ -198,6 +198,7 @@ def _load(r: _Run) -> None:
 
 def _evaluate_base(r: _Run) -> None:
     """The base model on every task, from the base cache when an identical evaluation ran before."""
+    from ftlab.eval.cache import compute_signature
     from ftlab.eval.evaluate import evaluate
     from ftlab.models.loading import model_fingerprint
     from ftlab.world.base import cache_root
@@ -206,9 +207,11 @@ def _evaluate_base(r: _Run) -> None:
         return
     cache = cache_root() / "base_eval" if r.cfg.eval.cache_base else None
     fp = model_fingerprint(r.model) if cache is not None else None
+    compute = compute_signature(r.model, precision=r.cfg.hw.precision, device=r.device,
+                                batch_size=r.cfg.eval.batch_size)
     with r.memory.phase("eval_base"):
         r.base = evaluate(r.model, r.tok, r.tasks, r.cfg.eval.batch_size, stage="base", run_dir=r.run_dir,
-                          cache_dir=cache, fingerprint=fp, progress=r.progress)
+                          cache_dir=cache, fingerprint=fp, compute=compute, progress=r.progress)
 
 
 def _prepare(r: _Run) -> None:

@@ -405,6 +405,31 @@ def test_base_cache_hits_and_misses(model, tok, tmp_path):
     assert run(load_task("arc_easy", path=path))["cached"] is False
 
 
+def test_base_cache_key_covers_how_the_model_computes(model, tok, tmp_path):
+    """Precision, weight dtype, attention kernel, device type and evaluation batch size each miss the base cache
+    (in bf16 these flipped 4/24 and 9/24 base answers, and a stale base was reused); an unchanged rerun hits."""
+    from ftlab.eval.cache import compute_signature
+
+    cache = tmp_path / "cache"
+    task = lambda: load_task("arc_easy", path=str(fixture_path("arc_easy")))  # noqa: E731 - a fresh task each time
+    base = compute_signature(model, precision="fp32", device="cpu", batch_size=4)
+    assert base == {"precision": "fp32", "dtype": "torch.float32", "device": "cpu",
+                    "attn": model.config._attn_implementation, "batch_size": 4}
+
+    def run(batch_size=4, **change):
+        compute = {**compute_signature(model, precision="fp32", device="cpu", batch_size=batch_size), **change}
+        return evaluate(model, tok, [task()], batch_size, stage="base", run_dir=tmp_path, cache_dir=cache,
+                        fingerprint="fp", compute=compute, progress=False)["arc_easy"]["cached"]
+
+    assert run() is False and run() is True
+    assert run(batch_size=2) is False
+    assert run(precision="bf16") is False
+    assert run(dtype="torch.bfloat16") is False
+    assert run(attn="sdpa" if base["attn"] != "sdpa" else "eager") is False
+    assert run(device="cuda") is False
+    assert run() is True
+
+
 def test_cache_key_depends_on_eval_version(monkeypatch):
     t = Task("x", "target", "generation", [{"id": "1", "prompt": "p", "reference": "r"}])
     k = cache_key(t, "fp")

@@ -1,5 +1,7 @@
 """The base-result cache: a task's scores on a base model, keyed by everything that can change them (model
-weights, tokenizer, the task's signature), so that every run of a sweep on the same base evaluates it once."""
+weights, tokenizer, the task's signature, and how the model computes: precision, weight dtype, attention kernel,
+device type and evaluation batch size — in bf16 these changed 4/24 and 9/24 base answers), so that every run of
+a sweep on the same base evaluates it once."""
 
 from __future__ import annotations
 
@@ -13,14 +15,27 @@ from ftlab.eval.prompts import tokenizer_signature
 from ftlab.eval.task import Task
 from ftlab.utils.files import atomic_write_json
 
-__all__ = ["cache_key", "read_cached", "write_cached"]
+__all__ = ["cache_key", "compute_signature", "read_cached", "write_cached"]
 
 
-def cache_key(task: Task, fingerprint: str, tokenizer=None) -> str:
-    """The base-result cache key: model weights, tokenizer, and the task's signature."""
+def cache_key(task: Task, fingerprint: str, tokenizer=None, compute: Optional[dict] = None) -> str:
+    """The base-result cache key: model weights, tokenizer, the task's signature, and the compute settings
+    (`compute_signature`; absent keys are left out, so an entry keyed without them is a different entry)."""
     tok = tokenizer_signature(tokenizer, task.format) if tokenizer is not None else None
-    return hashlib.sha256(json.dumps({"model": fingerprint, "tokenizer": tok, "task": task.signature()},
-                                     sort_keys=True, default=str).encode()).hexdigest()[:24]
+    payload = {"model": fingerprint, "tokenizer": tok, "task": task.signature()}
+    if compute:
+        payload["compute"] = compute
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def compute_signature(model, *, precision: str, device: str, batch_size: int) -> dict:
+    """How a model computes its scores, beyond its weights: autocast precision, the weights' dtype, the attention
+    kernel, the device type and the evaluation batch size (padding and kernel choice move results in the last
+    bits, which flips near-tied answers in low precision)."""
+    config = getattr(model, "config", None)
+    dtype = next((str(p.dtype) for p in model.parameters()), None)
+    return {"precision": precision, "dtype": dtype, "device": str(device).split(":")[0],
+            "attn": getattr(config, "_attn_implementation", None), "batch_size": int(batch_size)}
 
 
 def _non_finite(x) -> bool:

@@ -20,13 +20,13 @@ __all__ = ["evaluate"]
 
 
 def evaluate(model, tokenizer, tasks: list[Task], batch_size: int, *, stage: str, run_dir: Path,
-             cache_dir: Path | None = None, fingerprint: str | None = None,
+             cache_dir: Path | None = None, fingerprint: str | None = None, compute: dict | None = None,
              progress: bool = True) -> dict[str, dict]:
     """Score every task; write records/<stage>/<task>.jsonl; return {task: {score, metrics, n, cached}}.
 
-    With cache_dir and fingerprint (base evaluation), a result is reused when the model weights, the tokenizer
-    and the task's signature (rows, n, few-shot, format, metric, seed, eval version, source files' sha256) are
-    unchanged.
+    With cache_dir and fingerprint (base evaluation), a result is reused when the model weights, the tokenizer,
+    the task's signature (rows, n, few-shot, format, metric, seed, eval version, source files' sha256) and the
+    compute settings (`compute`: ftlab.eval.cache.compute_signature, batch size included) are unchanged.
 
     An item that cannot be scored fails before the model runs, and a non-finite log-likelihood, NLL or metric
     from the model fails the task with the item named (ftlab.eval.scoring.checked_score; ValueError): a broken
@@ -39,7 +39,7 @@ def evaluate(model, tokenizer, tasks: list[Task], batch_size: int, *, stage: str
                 task.meta["chat_template"] = tokenizer_signature(tokenizer, "chat")["chat_template"]
             key = cached = None
             if cache_dir is not None and fingerprint is not None:
-                key = cache_key(task, fingerprint, tokenizer)
+                key = cache_key(task, fingerprint, tokenizer, compute)
                 cached = read_cached(cache_dir, key)
             if cached is not None:
                 metrics, items = cached["metrics"], cached["items"]
