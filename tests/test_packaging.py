@@ -33,3 +33,33 @@ def test_wheel_carries_conf_and_finds_it_when_installed(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     conf, method = p.stdout.split()
     assert conf.startswith(str(site)) and method == "full"
+
+
+def test_the_environment_has_exactly_the_tested_versions():
+    """constraints.txt names the versions CI tests with (.ci/run and the README install under it); pyproject's
+    ranges must allow them, and what is installed must be them."""
+    import importlib.metadata as md
+    import re
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    assert {"torch", "transformers", "peft"} <= set(pins)
+    for name, version in pins.items():
+        installed = md.version(name).split("+")[0]
+        assert installed == version, f"{name}: installed {installed}, constraints.txt pins {version}"
+    text = (ROOT / "pyproject.toml").read_text()
+    for dep in re.findall(r'^\s+"([^"]+)",', text, re.M):
+        req = Requirement(dep)
+        key = re.sub(r"[-_.]+", "-", req.name).lower()
+        if key in pins:
+            assert req.specifier.contains(pins[key]), f"pyproject {dep!r} excludes the tested {pins[key]}"
+    for key in ("transformers", "peft"):
+        spec = next(Requirement(d).specifier for d in re.findall(r'^\s+"([^"]+)",', text, re.M)
+                    if Requirement(d).name == key)
+        assert any(s.operator == "<" for s in spec), f"{key} needs an upper bound in pyproject.toml"
