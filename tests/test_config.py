@@ -152,3 +152,20 @@ def test_a_config_is_validated_once_per_process(tmp_path, monkeypatch, ftlab_cac
     assert run_command([*FAST, "train.max_steps=2", "eval.limit=2", "seed=11"]) == 0
     assert len(list((tmp_path / "out").glob("runs/*/result.json"))) == 1
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("method,lr", [("full", 1e-5), ("hft", 1e-5), ("lora", 1e-4), ("ia3", 1e-4)])
+def test_learning_rate_follows_the_method_on_a_real_model_and_the_world_keeps_its_own(method, lr, capsys):
+    """train.lr null: 3e-3 on the tiny world (its run names unchanged), the method's default on a real model
+    (whole-matrix methods 1e-5, parameter-efficient ones 1e-4, an order of magnitude apart); an explicit train.lr
+    wins; `ftlab run --cfg job` prints the number the run trains at."""
+    from pathlib import Path
+
+    real = [f"method={method}", "model=qwen2.5-0.5b", "data=gsm8k", "eval=target",
+            f"data.path={Path(__file__).parent / 'fixtures' / 'gsm8k_mini.jsonl'}"]
+    assert check([f"method={method}"])[0].train.lr == 3e-3
+    assert check(real)[0].train.lr == lr
+    assert check([*real, "train.lr=2e-5"])[0].train.lr == 2e-5
+    assert run_command(["--cfg", "job", *real]) == 0
+    out = capsys.readouterr().out
+    assert f"  lr: {lr}" in out.replace("1.0e-05", "1e-05")

@@ -220,6 +220,14 @@ def run_help() -> str:
     return "\n".join(lines)
 
 
+def _cfg_job(args: list[str]) -> list[str] | None:
+    """The other arguments when they ask for `--cfg job` (or `-c job`), else None; other --cfg views stay Hydra's."""
+    for i, a in enumerate(args[:-1]):
+        if a in ("--cfg", "-c") and args[i + 1] == "job":
+            return args[:i] + args[i + 2:]
+    return None
+
+
 def run_command(args: list[str]) -> int:
     if any(a in ("--help", "-h") for a in args):
         print(run_help())
@@ -230,6 +238,21 @@ def run_command(args: list[str]) -> int:
     from ftlab.config.registry import ConfigError
 
     args = model_args(stage_args(args))
+    job = _cfg_job(args)
+    if job is not None:  # ftlab's own view: the validated config, every null resolved (train.lr, model settings)
+        import yaml
+
+        from ftlab.config.schema import to_container
+
+        overrides, multirun = _split(job)
+        try:
+            runs = check(overrides, multirun)
+        except ConfigError as e:
+            return _refuse(str(e))
+        except (HydraException, OmegaConfBaseException) as e:
+            return _refuse(_hydra_message(str(e), str(e.__cause__ or ""), overrides))
+        print("\n---\n".join(yaml.safe_dump(to_container(r), sort_keys=False).rstrip() for r in runs))
+        return 0
     if not any(a in _INFO_FLAGS or a.split("=")[0] in _INFO_FLAGS for a in args):
         overrides, multirun = _split(args)
         try:

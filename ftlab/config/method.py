@@ -28,6 +28,12 @@ class MethodConfig:
     # Whether the set of trainable parameters stays fixed while training: DDP's reducer and FSDP's shards are
     # built once, for a fixed set, so a method that re-samples it (LISA, OwLore) runs on one process.
     fixed_trainable_set: ClassVar[bool] = True
+    # train.lr when the config leaves it null on a real model (the tiny world keeps its own, TINY_WORLD_LR): the
+    # parameter-efficient methods' 1e-4, about 10x full fine-tuning's 1e-5 (Biderman et al. 2024, "LoRA Learns
+    # Less and Forgets Less", MetaMathQA instruction tuning: full 1e-5, LoRA 1e-4 at r=16/64); methods that
+    # update whole weight matrices (full, freeze, hft, lisa, owlore) take full fine-tuning's. A method's
+    # lr_scale multiplies it as it does train.lr.
+    default_lr: ClassVar[float] = 1e-4
 
     def check(self) -> None:
         """Range checks of the knobs (types and unknown keys are refused by the schema itself). Raise ConfigError

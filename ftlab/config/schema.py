@@ -265,10 +265,15 @@ class LoggerConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- train
+# The tiny world's learning rate (train.lr null with model=tiny): measured on the default world (README).
+TINY_WORLD_LR = 3e-3
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 200
-    lr: float = 1e-3
+    # null: the tiny world's TINY_WORLD_LR, or on a real model the method's default_lr (ftlab.config.method)
+    lr: Optional[float] = None
     batch_size: int = 32
     grad_accum: int = 1
     schedule: str = "cosine"  # cosine | linear | constant

@@ -16,6 +16,7 @@ from ftlab.config.reg import RegConfig
 from ftlab.config.registry import ConfigError
 from ftlab.config.schema import (
     GENERAL_FORGET,
+    TINY_WORLD_LR,
     DataConfig,
     EvalConfig,
     HwConfig,
@@ -128,6 +129,7 @@ def _validate(cfg: DictConfig) -> RunConfig:
     )
     if not isinstance(run.seed, int) or isinstance(run.seed, bool):
         raise ConfigError(f"seed: must be an integer, got {run.seed!r}")
+    _resolve_lr(run)
     check_ranges(run)
     check_stages(run)
     return run
@@ -136,3 +138,10 @@ def _validate(cfg: DictConfig) -> RunConfig:
 def from_container(d: dict) -> RunConfig:
     """Read a run directory's config.yaml back (workers never see Hydra)."""
     return validate(OmegaConf.create(d))
+
+
+def _resolve_lr(run: RunConfig) -> None:
+    """train.lr null: the tiny world's own rate, or the method's default for a real model (so config.yaml, the run
+    name and `ftlab run --cfg job` hold the number the run trains at, before method.lr_scale)."""
+    if run.train.lr is None:
+        run.train.lr = TINY_WORLD_LR if run.model.name_or_path == "tiny" else type(run.method).default_lr

@@ -12,7 +12,7 @@ defines it); the head and final norm train at lr.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 from ftlab.config.bounds import at_least
 from ftlab.config.registry import ConfigError
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 @dataclass
 class FreezeConfig(MethodConfig):
     """Layer freezing: the top `train_top` blocks train (or all but the bottom `freeze_bottom`)."""
+
+    default_lr: ClassVar[float] = 1e-5  # whole weight matrices: full fine-tuning's (MethodConfig.default_lr)
 
     name: str = "freeze"
     train_top: Optional[int] = 1  # exactly one of train_top / freeze_bottom is set

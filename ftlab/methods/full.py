@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from ftlab.methods.base import METHODS, Method, MethodConfig, MethodContext
 
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 @dataclass
 class FullConfig(MethodConfig):
     name: str = "full"
+    default_lr: ClassVar[float] = 1e-5  # whole weight matrices: full fine-tuning's (MethodConfig.default_lr)
 
 
 @METHODS.register("full", config=FullConfig)

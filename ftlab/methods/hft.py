@@ -29,7 +29,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from ftlab.config.bounds import at_least
 from ftlab.config.registry import ConfigError
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 @dataclass
 class HftConfig(MethodConfig):
     """Half Fine-Tuning: in each block, half of the attention matrices, of the FFN matrices and of the norms train."""
+
+    default_lr: ClassVar[float] = 1e-5  # whole weight matrices: full fine-tuning's (MethodConfig.default_lr)
 
     name: str = "hft"
     ratio: float = 0.5  # share of each block's matrices that train

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 class LisaConfig(MethodConfig):
     """LISA: embeddings and head always train; `gamma` blocks, sampled every `interval` steps, train too."""
 
+    default_lr: ClassVar[float] = 1e-5  # whole weight matrices: full fine-tuning's (MethodConfig.default_lr)
+
     name: str = "lisa"
     gamma: int = 1  # active blocks at a time
     interval: int = 20  # steps between re-samplings (K)
