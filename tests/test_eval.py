@@ -593,3 +593,27 @@ def test_packed_choices_score_like_one_choice_at_a_time(attn, monkeypatch):
         alone = mc.mc_loglikelihoods(model, tok, requests, 4, 512, share_context=False)
     assert packed and all(packed)  # the packed pass ran for every batch of contexts
     assert max(abs(a - b) for a, b in zip(shared, alone)) <= 1e-5
+
+
+def test_generation_ends_at_the_tasks_stop_strings(model, tok):
+    """GSM8K (built-in and data=gsm8k) ends a continuation at lm-eval's `until` strings; greedy_decode cuts each
+    row at the first stop string it produced and nowhere else."""
+    from pathlib import Path
+
+    from ftlab.cli.run import check
+    from ftlab.config.names import GSM8K_STOP
+    from ftlab.models.generate import cut_at_stop, greedy_decode
+
+    assert GSM8K_STOP == ("Question:", "</s>", "<|im_end|>")
+    assert load_task("gsm8k", path=str(fixture_path("gsm8k"))).stop == GSM8K_STOP
+    fixtures = Path(__file__).parent / "fixtures"
+    (cfg,) = check(["data=gsm8k", f"data.path={fixtures / 'gsm8k_mini.jsonl'}", "model=qwen2.5-0.5b", "eval=target"])
+    assert tuple(cfg.data.stop) == GSM8K_STOP
+    assert cut_at_stop(" 7.\n#### 7\n\nQuestion: next </s>", GSM8K_STOP) == " 7.\n#### 7\n\n"
+    assert cut_at_stop("no stop here", GSM8K_STOP) == "no stop here"
+    prompts = ["the cat", "a dog ran", "x"]
+    plain = greedy_decode(model, tok, prompts, 12, batch_size=2)
+    row = next(t for t in plain if len(t) > 3)
+    stop = row[2:4]
+    cut = greedy_decode(model, tok, prompts, 12, batch_size=2, stop=[stop])
+    assert cut == [t[:t.find(stop)] if stop in t else t for t in plain]

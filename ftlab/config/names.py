@@ -6,7 +6,8 @@ ftlab), so validating a config never loads the eval or world code.
 
 from __future__ import annotations
 
-__all__ = ["KIND_METRICS", "BUILTIN_TASK_KINDS", "PROMPT_FORMATS", "DIAGNOSTICS", "PRETRAIN_SKILLS", "TARGET_SKILLS"]
+__all__ = ["GSM8K_STOP", "KIND_METRICS", "BUILTIN_TASK_KINDS", "PROMPT_FORMATS", "DIAGNOSTICS", "PRETRAIN_SKILLS",
+           "TARGET_SKILLS"]
 
 # The built-in task kinds (ftlab.eval.generation, .perplexity, .multiple_choice) and their metrics; the first is a
 # task's default primary metric. Plug-in kinds (lm_eval) register their own metrics in ftlab.eval.task.KINDS.
@@ -33,3 +34,7 @@ DIAGNOSTICS = ("intruder", "update", "tuco")
 # fine-tuning targets held out of it.
 PRETRAIN_SKILLS = ("add", "rev", "copy", "sort", "succ", "cnt", "fact")
 TARGET_SKILLS = ("sub", "rot1")
+
+# Where a GSM8K continuation ends: lm-evaluation-harness's gsm8k task (`generation_kwargs.until`), so a model that
+# goes on to write the next "Question:" is cut there, as lm-eval cuts it (conf/data/gsm8k.yaml repeats it).
+GSM8K_STOP = ("Question:", "</s>", "<|im_end|>")

@@ -90,6 +90,7 @@ class DataConfig:
     answer: str = "exact"
     n_train: Optional[int] = None  # None: all rows
     max_new_tokens: int = 16
+    stop: list[str] = field(default_factory=list)  # the target eval's generations end at the first of these
     # Data mixing / replay (ftlab.data.sources.general_rows): a share `mix` in [0, 1) of the training stream is general
     # data; n task rows get round(n * mix / (1 - mix)) general rows beside them. 0: none.
     mix: float = 0.0

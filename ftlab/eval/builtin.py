@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ftlab.config.names import BUILTIN_TASK_KINDS, KIND_METRICS
+from ftlab.config.names import BUILTIN_TASK_KINDS, GSM8K_STOP, KIND_METRICS
 from ftlab.config.registry import Registry
 from ftlab.eval.scoring import row_problem
 from ftlab.utils.files import sha256_file
@@ -74,6 +74,7 @@ class Builtin:
     few_shot: int = 0
     answer: str = "exact"  # generation: how a prediction is read
     max_new_tokens: int = 16
+    stop: tuple[str, ...] = ()  # generation: where a continuation ends
     description: Callable[[dict], str] = lambda rec: ""  # text before the few-shot block (MMLU's subject line)
     group: Optional[Callable[[dict], str]] = None  # MMLU: subject (few-shot examples and subsets by group)
     doc: str = ""
@@ -259,7 +260,8 @@ for _b in [
     Builtin("wikitext", "Salesforce/wikitext", "wikitext-2-raw-v1", "test", None, _wikitext,
             "perplexity", doc="WikiText-2 (raw) perplexity, one row per non-empty line"),
     Builtin("gsm8k", "openai/gsm8k", "main", "test", "train", _gsm8k, "exact_match", few_shot=5,
-            answer="number", max_new_tokens=256, doc="GSM8K grade-school math, final-number exact match"),
+            answer="number", max_new_tokens=256, stop=GSM8K_STOP,
+            doc="GSM8K grade-school math, final-number exact match"),
 ]:
     if _b.name not in BUILTIN_TASK_KINDS or _b.metric not in KIND_METRICS[_b.kind]:
         raise RuntimeError(f"built-in task {_b.name!r}: not in ftlab.config.names.BUILTIN_TASK_KINDS, or its metric "

@@ -14,7 +14,7 @@ def predict_generation(model, tokenizer, task: Task, batch_size: int) -> list[di
     from ftlab.models.generate import greedy_decode
 
     prompts = [apply_format(tokenizer, r["prompt"], task.format) for r in task.rows]
-    preds = greedy_decode(model, tokenizer, prompts, task.max_new_tokens, batch_size=batch_size)
+    preds = greedy_decode(model, tokenizer, prompts, task.max_new_tokens, batch_size=batch_size, stop=task.stop)
     return [{"id": r["id"], "prediction": p} for r, p in zip(task.rows, preds)]
 
 

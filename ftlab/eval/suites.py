@@ -30,7 +30,7 @@ def build_tasks(cfg: Any) -> list[Task]:
                 rows = load_eval(d, limit, EVAL_SEED)
                 tasks.append(Task(d.name, "target", "generation",
                                   [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"]} for r in rows],
-                                  answer=d.answer, max_new_tokens=d.max_new_tokens, format=fmt,
+                                  answer=d.answer, max_new_tokens=d.max_new_tokens, format=fmt, stop=tuple(d.stop),
                                   meta={"source": d.source, "few_shot": 0, "format": fmt}))
         else:
             tasks.append(_named_task(name, "target", cfg))
@@ -112,4 +112,4 @@ def load_task(name: str, role: str = "target", *, n: Optional[int] = None, few_s
     meta["format"] = format
     return Task(name, role, spec.kind, rows, answer=spec.answer,
                 max_new_tokens=max_new_tokens or spec.max_new_tokens, meta=meta, metric=metric or spec.metric,
-                format=format, delimiter=" " if format == "plain" else "", max_length=max_length)
+                format=format, delimiter=" " if format == "plain" else "", max_length=max_length, stop=spec.stop)

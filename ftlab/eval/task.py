@@ -49,6 +49,7 @@ class Task:
     format: str = "plain"  # plain | chat (the context is the user turn of the tokenizer's chat template)
     delimiter: str = " "  # multiple choice: between context and continuation (plain format)
     max_length: Optional[int] = None  # perplexity/multiple choice: tokens per window (None: the model's)
+    stop: tuple[str, ...] = ()  # generation: a continuation ends at the first of these strings (lm-eval's `until`)
 
     def __post_init__(self) -> None:
         kind = KINDS.get(self.kind, f"task {self.name!r}: kind")  # ConfigError (a ValueError): did you mean
@@ -75,7 +76,7 @@ class Task:
         return {"name": self.name, "kind": self.kind, "metric": self.metric, "answer": self.answer,
                 "max_new_tokens": self.max_new_tokens, "format": self.format, "delimiter": self.delimiter,
                 "max_length": self.max_length, "rows": rows, "n": len(self.rows), "meta": self.meta,
-                "seed": EVAL_SEED, "eval_version": EVAL_VERSION}
+                "seed": EVAL_SEED, "eval_version": EVAL_VERSION, **({"stop": list(self.stop)} if self.stop else {})}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -59,8 +59,14 @@ def _decode_batch(model, enc: list[list[int]], max_new_tokens: int, pad: int, eo
     return result
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string (lm-eval's `until`; the stop string itself dropped)."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[:min(cuts)] if cuts else text
+
+
 def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
-                  progress: Optional[Callable[[int], None]] = None) -> list[str]:
+                  progress: Optional[Callable[[int], None]] = None, stop: Sequence[str] = ()) -> list[str]:
     """Greedy continuations of `prompts`, batched, with a KV cache.
 
     Prompts are tokenized with the tokenizer's special tokens (e.g. a leading <s>), sorted by length so a
@@ -76,6 +82,8 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
         max_new_tokens: cap on generated tokens per prompt (eos included).
         batch_size: prompts per forward pass.
         progress: called with the number of prompts finished after each batch.
+        stop: strings that end a continuation (cut at the first; rows are independent, so what a row generates
+            after its stop cannot change what comes before it).
 
     Returns:
         The decoded continuations, in the order of `prompts`, without the prompt, eos or special tokens.
@@ -97,7 +105,7 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
             rows = _decode_batch(model, [enc[i] for i in idx], max_new_tokens, pad, eos, device)
             texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
             for i, t in zip(idx, texts):
-                outputs[i] = t
+                outputs[i] = cut_at_stop(t, stop)
             if progress is not None:
                 progress(len(idx))
     return outputs  # type: ignore[return-value]

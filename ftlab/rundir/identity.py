@@ -36,7 +36,7 @@ DIGEST_CHARS = 10  # 40 bits: a collision among a million runs has odds ~5e-7
 # keys added after run names were first given out, left out of the digest while at their default so that the
 # directories of existing configs keep their names: (group, key) -> default; "data" covers every stage too
 NEUTRAL_DEFAULTS = {("data", "allow_overlap"): False, ("data", "allow_truncation"): False,
-                    ("data", "replay_previous"): 0.0, ("reg", "kl_on"): "task"}
+                    ("data", "replay_previous"): 0.0, ("data", "stop"): [], ("reg", "kl_on"): "task"}
 
 
 _MISSING = object()
