@@ -617,3 +617,23 @@ def test_generation_ends_at_the_tasks_stop_strings(model, tok):
     stop = row[2:4]
     cut = greedy_decode(model, tok, prompts, 12, batch_size=2, stop=[stop])
     assert cut == [t[:t.find(stop)] if stop in t else t for t in plain]
+
+
+def test_a_generation_prompt_longer_than_the_window_is_cut_from_the_left_and_counted(model, tok):
+    """A prompt that leaves no room for max_new_tokens in the window keeps its last tokens (lm-eval's left
+    truncation) instead of running out of memory; the item records how many tokens were cut, the task how many
+    prompts."""
+    from ftlab.eval.generation import predict_generation, score_generation
+
+    long = " ".join(["the cat sat on the mat"] * 20)
+    t = Task("g", "target", "generation", [{"id": "a", "prompt": long, "reference": "x"},
+                                          {"id": "b", "prompt": "a dog", "reference": "y"}],
+             max_new_tokens=4, max_length=24)
+    preds = predict_generation(model, tok, t, batch_size=2)
+    n_long = len(tok(long)["input_ids"])
+    assert preds[0]["prompt_tokens_cut"] == n_long - 20 and preds[1]["prompt_tokens_cut"] == 0
+    metrics, items = score_generation(t, preds)
+    assert metrics["prompts_truncated"] == 1 and items[0]["prompt_tokens_cut"] == n_long - 20
+    assert "prompt_tokens_cut" not in items[1]
+    with pytest.raises(ValueError, match="leaves no room"):
+        predict_generation(model, tok, Task("h", "target", "generation", t.rows, max_new_tokens=24, max_length=24), 2)

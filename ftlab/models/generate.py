@@ -66,7 +66,8 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
-                  progress: Optional[Callable[[int], None]] = None, stop: Sequence[str] = ()) -> list[str]:
+                  progress: Optional[Callable[[int], None]] = None, stop: Sequence[str] = (),
+                  max_prompt_tokens: Optional[int] = None) -> list[str]:
     """Greedy continuations of `prompts`, batched, with a KV cache.
 
     Prompts are tokenized with the tokenizer's special tokens (e.g. a leading <s>), sorted by length so a
@@ -82,6 +83,8 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
         max_new_tokens: cap on generated tokens per prompt (eos included).
         batch_size: prompts per forward pass.
         progress: called with the number of prompts finished after each batch.
+        max_prompt_tokens: a prompt longer than this keeps its last `max_prompt_tokens` tokens (left truncation,
+            as lm-eval's HF backend cuts to the window minus the generation budget); None: no cut.
         stop: strings that end a continuation (cut at the first; rows are independent, so what a row generates
             after its stop cannot change what comes before it).
 
@@ -97,6 +100,8 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
     pad, device = pad_id(tokenizer), model_device(model)
     eos = torch.tensor(_eos_ids(model, tokenizer) or [-1], dtype=torch.long, device=device)
     enc = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    if max_prompt_tokens is not None:
+        enc = [e[-max_prompt_tokens:] if len(e) > max_prompt_tokens else e for e in enc]
     order = sorted(range(len(prompts)), key=lambda i: len(enc[i]), reverse=True)
     outputs: list[Optional[str]] = [None] * len(prompts)
     with eval_mode(model):
