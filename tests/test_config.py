@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from ftlab.cli.run import _hydra_message, check, run_command
 from ftlab.config.registry import ConfigError
@@ -154,18 +155,26 @@ def test_a_config_is_validated_once_per_process(tmp_path, monkeypatch, ftlab_cac
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("method,lr", [("full", 1e-5), ("hft", 1e-5), ("lora", 1e-4), ("ia3", 1e-4)])
-def test_learning_rate_follows_the_method_on_a_real_model_and_the_world_keeps_its_own(method, lr, capsys):
+@pytest.mark.parametrize("method,lr,scaled", [
+    ("full", 1e-5, 1e-5), ("hft", 1e-5, 1e-5), ("owlore", 1e-5, 1e-5), ("lora", 1e-4, 1e-4), ("dora", 1e-4, 1e-4),
+    ("pissa", 2e-5, 2e-5), ("ia3", 1e-4, 3e-3), ("prompt_tuning", 1e-3, 3e-2)])
+def test_learning_rate_follows_the_method_on_a_real_model_and_the_world_keeps_its_own(method, lr, scaled, capsys):
     """train.lr null: 3e-3 on the tiny world (its run names unchanged), the method's default on a real model
-    (whole-matrix methods 1e-5, parameter-efficient ones 1e-4, an order of magnitude apart); an explicit train.lr
-    wins; `ftlab run --cfg job` prints the number the run trains at."""
+    (whole-matrix methods 1e-5, LoRA-style adapters 1e-4, an order of magnitude apart; PiSSA its authors' 2e-5);
+    a YAML lr_scale still multiplies it (ia3 3e-3, prompt tuning 3e-2); an explicit train.lr wins; `ftlab run
+    --cfg job` (and --cfg=job, -p train) prints the number the run trains at."""
     from pathlib import Path
 
     real = [f"method={method}", "model=qwen2.5-0.5b", "data=gsm8k", "eval=target",
             f"data.path={Path(__file__).parent / 'fixtures' / 'gsm8k_mini.jsonl'}"]
     assert check([f"method={method}"])[0].train.lr == 3e-3
-    assert check(real)[0].train.lr == lr
+    (run,) = check(real)
+    assert run.train.lr == lr and run.train.lr * run.method.lr_scale == pytest.approx(scaled)
     assert check([*real, "train.lr=2e-5"])[0].train.lr == 2e-5
-    assert run_command(["--cfg", "job", *real]) == 0
-    out = capsys.readouterr().out
-    assert f"  lr: {lr}" in out.replace("1.0e-05", "1e-05")
+    for flags in (["--cfg", "job"], ["--cfg=job"], ["-c", "job", "-p", "train"]):
+        capsys.readouterr()
+        assert run_command([*flags, *real]) == 0
+        out = yaml.safe_load(capsys.readouterr().out)
+        assert out["train"]["lr"] == lr
+    assert run_command(["--cfg", "job", "-p", "train.lr", *real]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == {"lr": lr}

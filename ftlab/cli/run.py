@@ -220,12 +220,34 @@ def run_help() -> str:
     return "\n".join(lines)
 
 
-def _cfg_job(args: list[str]) -> list[str] | None:
-    """The other arguments when they ask for `--cfg job` (or `-c job`), else None; other --cfg views stay Hydra's."""
-    for i, a in enumerate(args[:-1]):
-        if a in ("--cfg", "-c") and args[i + 1] == "job":
-            return args[:i] + args[i + 2:]
-    return None
+def _cfg_job(args: list[str]) -> tuple[list[str], str | None] | None:
+    """For `--cfg job` (`-c job`, `--cfg=job`): the other arguments and the `--package`/`-p` asked for, else None;
+    the other --cfg views (hydra, all) stay Hydra's."""
+    rest, package, job, i = [], None, False, 0
+    while i < len(args):
+        a, nxt = args[i], (args[i + 1] if i + 1 < len(args) else None)
+        if a in ("--cfg", "-c") and nxt == "job" or a == "--cfg=job":
+            job, i = True, i + (1 if "=" in a else 2)
+        elif a in ("--package", "-p") and nxt is not None or a.startswith("--package="):
+            package, i = (a.split("=", 1)[1], i + 1) if "=" in a else (nxt, i + 2)
+        else:
+            rest.append(a)
+            i += 1
+    return (rest, package) if job else None
+
+
+def _package(container: dict, package: str | None):
+    """One package of a config (`model`, `train`, `model.world`), as Hydra's --package selects it."""
+    if package in (None, "", "_global_"):
+        return container
+    node = container
+    for key in package.split("."):
+        if not isinstance(node, dict) or key not in node:
+            from ftlab.config.registry import ConfigError
+
+            raise ConfigError(f"--package {package}: no such key in the config")
+        node = node[key]
+    return {package.rsplit(".", 1)[-1]: node}
 
 
 def run_command(args: list[str]) -> int:
@@ -244,14 +266,14 @@ def run_command(args: list[str]) -> int:
 
         from ftlab.config.schema import to_container
 
-        overrides, multirun = _split(job)
+        overrides, multirun = _split(job[0])
         try:
-            runs = check(overrides, multirun)
+            views = [_package(to_container(r), job[1]) for r in check(overrides, multirun)]
         except ConfigError as e:
             return _refuse(str(e))
         except (HydraException, OmegaConfBaseException) as e:
             return _refuse(_hydra_message(str(e), str(e.__cause__ or ""), overrides))
-        print("\n---\n".join(yaml.safe_dump(to_container(r), sort_keys=False).rstrip() for r in runs))
+        print("\n---\n".join(yaml.safe_dump(v, sort_keys=False).rstrip() for v in views))
         return 0
     if not any(a in _INFO_FLAGS or a.split("=")[0] in _INFO_FLAGS for a in args):
         overrides, multirun = _split(args)

@@ -28,11 +28,16 @@ class MethodConfig:
     # Whether the set of trainable parameters stays fixed while training: DDP's reducer and FSDP's shards are
     # built once, for a fixed set, so a method that re-samples it (LISA, OwLore) runs on one process.
     fixed_trainable_set: ClassVar[bool] = True
-    # train.lr when the config leaves it null on a real model (the tiny world keeps its own, TINY_WORLD_LR): the
-    # parameter-efficient methods' 1e-4, about 10x full fine-tuning's 1e-5 (Biderman et al. 2024, "LoRA Learns
-    # Less and Forgets Less", MetaMathQA instruction tuning: full 1e-5, LoRA 1e-4 at r=16/64); methods that
-    # update whole weight matrices (full, freeze, hft, lisa, owlore) take full fine-tuning's. A method's
-    # lr_scale multiplies it as it does train.lr.
+    # train.lr when the config leaves it null on a real model (the tiny world keeps its own, TINY_WORLD_LR; the
+    # loop uses AdamW). Parameter-efficient methods 1e-4, whole-weight-matrix methods (full, freeze, hft, lisa,
+    # owlore) 1e-5: LoRA's best rate is about 10x full fine-tuning's (Biderman et al. 2024, "LoRA Learns Less and
+    # Forgets Less", MetaMathQA on Llama-2-7B: full 1e-5, LoRA 1e-4 at r=16/64, LionW; Schulman et al. 2025,
+    # "LoRA Without Regret": the tinker cookbook's get_lora_lr_over_full_finetune_lr is a fixed 10). Absolute
+    # AdamW rates in the same range: LoRA 2e-4 (Hu et al. 2021, microsoft/LoRA examples/NLG, GPT-2 M; QLoRA,
+    # artidoro/qlora scripts/finetune_guanaco_7b.sh, 1e-4 for 65B), full fine-tuning 2e-5 (GraphPKU/PiSSA
+    # scripts/metamath_llama2_7b/run_full_finetune.sh). Where a method's authors train at another rate its
+    # config says so (pissa, corda 2e-5; prompt_tuning). A method's lr_scale multiplies it as it does train.lr
+    # (ia3: 1e-4 x 30 = 3e-3, T-Few's rate, r-three/t-few configs/ia3.json).
     default_lr: ClassVar[float] = 1e-4
 
     def check(self) -> None:

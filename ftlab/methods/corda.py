@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from ftlab.config.bounds import at_least, choice
 from ftlab.config.registry import ConfigError
@@ -46,6 +46,7 @@ class CordaConfig(LoraConfig):
     """CorDA: SVD of W times the input covariance of calibration rows (kpm: general data; ipm: the task's)."""
 
     name: str = "corda"
+    default_lr: ClassVar[float] = 2e-5  # the authors' (peft examples/corda_finetuning/tools/train_CorDA.sh), as pissa
     mode: str = "kpm"  # kpm: train the smallest r components (keep knowledge) | ipm: the largest r (task)
     # null: the mode's (kpm: general, ipm: task) | general: the run's general rows | task: its training rows |
     # a local .jsonl/.json file or a hub dataset id of text in `calib_field`

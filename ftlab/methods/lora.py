@@ -32,7 +32,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 from ftlab.config.bounds import at_least
 from ftlab.config.registry import ConfigError
@@ -85,6 +85,9 @@ class PissaConfig(LoraConfig):
     """PiSSA: the adapter starts as the top-r singular components of W; the residual stays frozen."""
 
     name: str = "pissa"
+    # The authors' rate (GraphPKU/PiSSA scripts/metamath_llama2_7b/run_pissa.sh: 2e-5, as their full fine-tuning):
+    # A and B start at sqrt of the top singular values, so one step moves W far more than LoRA's from B = 0.
+    default_lr: ClassVar[float] = 2e-5
     svd_niter: Optional[int] = 4  # fast randomized SVD with this many subspace iterations; None: full SVD
 
     def check(self) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 from ftlab.config.bounds import at_least, choice
 from ftlab.config.registry import ConfigError
@@ -41,6 +41,9 @@ class PromptTuningConfig(MethodConfig):
     """Prompt tuning: trained soft-prompt embeddings prepended to every input; the model is frozen."""
 
     name: str = "prompt_tuning"
+    # x lr_scale 30 = 3e-2 under AdamW, the PEFT prompt-tuning guide's (docs/source/task_guides/
+    # prompt_based_methods.md); Lester et al. train at 0.3 with Adafactor (r-three/t-few configs: 3e-1)
+    default_lr: ClassVar[float] = 1e-3
     num_virtual_tokens: int = 16
     init: str = "vocab"  # vocab: embeddings of tokens among the 5,000 most frequent | random | text: of init_text
     init_text: Optional[str] = None
