@@ -637,3 +637,17 @@ def test_a_generation_prompt_longer_than_the_window_is_cut_from_the_left_and_cou
     assert "prompt_tokens_cut" not in items[1]
     with pytest.raises(ValueError, match="leaves no room"):
         predict_generation(model, tok, Task("h", "target", "generation", t.rows, max_new_tokens=24, max_length=24), 2)
+
+
+def test_a_multiple_choice_context_longer_than_the_window_is_cut_and_counted(model, tok, tmp_path):
+    """Multiple choice cuts a context from the left so it fits the window with its longest continuation (as
+    lm-eval), and the record says so: context_tokens_cut per item, prompts_truncated per task."""
+    t = load_task("arc_easy", path=str(fixture_path("arc_easy")))
+    t.rows[0] = {**t.rows[0], "context": " ".join(["a long question about the cat"] * 30)}
+    short = Task(t.name, "forget", "multiple_choice", t.rows, max_length=32, metric=t.metric, delimiter=t.delimiter)
+    res = evaluate(model, tok, [short], 4, stage="base", run_dir=tmp_path, progress=False)["arc_easy"]
+    assert res["metrics"]["prompts_truncated"] >= 1
+    recs = [json.loads(x) for x in (tmp_path / "records" / "base" / "arc_easy.jsonl").read_text().splitlines()]
+    assert recs[0]["context_tokens_cut"] > 0
+    full = evaluate(model, tok, [t], 4, stage="base2", run_dir=tmp_path, progress=False)["arc_easy"]
+    assert "prompts_truncated" not in full["metrics"]

@@ -311,11 +311,14 @@ def predict_multiple_choice(model, tokenizer, task: Task, batch_size: int,
                             share_context: Optional[bool] = None) -> list[dict]:
     per_row = mc_requests(task, tokenizer)
     flat = [p for pairs in per_row for p in pairs]
-    lls = mc_loglikelihoods(model, tokenizer, encode_pairs(tokenizer, flat), batch_size,
-                            model_max_length(model, task), share_context=share_context)
+    encoded, window = encode_pairs(tokenizer, flat), model_max_length(model, task)
+    lls = mc_loglikelihoods(model, tokenizer, encoded, batch_size, window, share_context=share_context)
     preds, k = [], 0
     for r, pairs in zip(task.rows, per_row):
-        preds.append({"id": r["id"], "loglikelihoods": lls[k:k + len(pairs)]})
+        row = encoded[k:k + len(pairs)]
+        # contexts cut from the left to fit the window with their longest continuation (_trim_context), counted
+        cut = max(len(c) - len(_trim_context(c, max(len(x) for _, x in row), window)) for c, _ in row)
+        preds.append({"id": r["id"], "loglikelihoods": lls[k:k + len(pairs)], **({"context_tokens_cut": cut} if cut else {})})
         k += len(pairs)
     return preds
 
@@ -361,8 +364,13 @@ def score_multiple_choice(task: Task, predictions: list[dict]) -> tuple[dict, li
         acc, acc_norm = 100.0 * (pred == r["label"]), 100.0 * (pred_norm == r["label"])
         items.append({"id": r["id"], "label": r["label"], "loglikelihoods": lls, "prediction": pred,
                       "prediction_norm": pred_norm, "acc": acc, "acc_norm": acc_norm,
-                      "score": acc_norm if task.metric == "acc_norm" else acc})
-    return {"acc": mean([i["acc"] for i in items]), "acc_norm": mean([i["acc_norm"] for i in items])}, items
+                      "score": acc_norm if task.metric == "acc_norm" else acc,
+                      **({"context_tokens_cut": p["context_tokens_cut"]} if p.get("context_tokens_cut") else {})})
+    metrics = {"acc": mean([i["acc"] for i in items]), "acc_norm": mean([i["acc_norm"] for i in items])}
+    cut = sum(1 for i in items if i.get("context_tokens_cut"))
+    if cut:  # contexts cut from the left to fit the window (lm-eval cuts the same way)
+        metrics["prompts_truncated"] = cut
+    return metrics, items
 
 
 def _choice_index(pred: Any, row: dict, name: str) -> int:
