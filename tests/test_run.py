@@ -104,6 +104,25 @@ def test_base_evaluation_is_cached_and_reused(tmp_path, lora_run):
     assert not any(t["base_cached"] for t in third["tasks"].values())
 
 
+
+def test_base_cache_misses_when_how_the_model_computes_changes(tmp_path, ftlab_cache):
+    """Issue 10: the base result is keyed by how the model computes too (in bf16, batch size and kernel changed 4/24
+    and 9/24 base answers, and a stale base was reused). Through the pipeline: an unchanged rerun hits; evaluation
+    batch size, precision and attention kernel each miss (weight dtype and device type: tests/test_eval.py).
+    (eval.limit=5: a limit no other test of the session uses, so the shared cache starts without it.)"""
+    quick = ["method=full", "eval.limit=5", "train.max_steps=1", "eval.probe_every=0", "eval.diagnostics=[]"]
+
+    def cached(name, *change):
+        _, r = _run(tmp_path, [*quick, *change], name)
+        return {t["base_cached"] for t in r["tasks"].values()}
+
+    assert cached("first") == {False}
+    assert cached("unchanged") == {True}
+    assert cached("batch", "eval.batch_size=5") == {False}
+    assert cached("bf16", "hw.precision=bf16") == {False}
+    assert cached("sdpa", "model.attn_implementation=sdpa") == {False}
+    assert cached("unchanged_again") == {True}
+
 def test_full_finetuning_trains_every_parameter(tmp_path):
     _, r = _run(tmp_path, ["method=full"], "full")
     assert r["train"]["trainable_params"] == r["train"]["total_params"]
