@@ -15,7 +15,7 @@ commands:
                        ftlab run                        the embedded default (tiny world, LoRA, CPU, offline)
                        ftlab run method=full data=synth_rot1 train.max_steps=300
                        ftlab run -m method=full,lora seed=0,1,2     a sweep: one run directory per job
-                       ftlab run --cfg job              print the composed config
+                       ftlab run --cfg job              print the validated config
                        ftlab run --help                 config groups, their options and the knobs
   score TASK PREDS     score saved predictions with a task's metric, no model (ftlab score --help)
   version              print the version
