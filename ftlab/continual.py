@@ -200,6 +200,8 @@ def replay_rows(earlier: list[tuple[str, list[dict]]], n: int, seed: int, stage:
     per stage and replaying stage), ids ``replay:<stage name>:<id>``."""
     import random
 
+    from ftlab.data.sources import draw_passes
+
     if n <= 0 or not earlier:
         return []
     out = []
@@ -207,12 +209,7 @@ def replay_rows(earlier: list[tuple[str, list[dict]]], n: int, seed: int, stage:
         count = n // len(earlier) + (j < n % len(earlier))
         if not rows or not count:
             continue
-        rng = random.Random(f"replay:{seed}:{stage}:{j}")
-        picks: list[int] = []
-        while len(picks) < count:
-            order = list(range(len(rows)))
-            rng.shuffle(order)
-            picks += order[: count - len(picks)]
+        picks = draw_passes(len(rows), count, random.Random(f"replay:{seed}:{stage}:{j}"))
         out += [{**rows[p], "id": f"replay:{name}:{rows[p].get('id', p)}"} for p in picks]
     return out
 

@@ -307,14 +307,20 @@ def general_rows(cfg: DataConfig, n: int, seed: int) -> list[dict]:
                      "reference": ex["response"]} for ex in make_examples(skill, "train", count, seed)]
         return out
     texts = _general_texts(cfg)
-    rng = random.Random(f"mix:{seed}")
-    picks: list[int] = []
-    while len(picks) < n:
-        order = list(range(len(texts)))
-        rng.shuffle(order)
-        picks += order[: n - len(picks)]
+    picks = draw_passes(len(texts), n, random.Random(f"mix:{seed}"))
     return [{"id": f"mix:{texts[i][0]}", "prompt": "", "response": texts[i][1], "reference": texts[i][1]}
             for i in picks]
+
+
+def draw_passes(size: int, n: int, rng: random.Random) -> list[int]:
+    """`n` indices into `size` rows: shuffled passes over all of them, so no row repeats before every row was drawn
+    (a pass cut short at n)."""
+    picks: list[int] = []
+    while len(picks) < n:
+        order = list(range(size))
+        rng.shuffle(order)
+        picks += order[: n - len(picks)]
+    return picks
 
 
 def _general_texts(cfg: DataConfig) -> list[tuple[str, str]]:
