@@ -59,12 +59,6 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-def _peak_mem(device: str) -> int:
-    """CUDA: peak allocated bytes; CPU: the process's peak resident set; both since the last reset (the pipeline
-    resets them when training starts: ftlab.utils.memory)."""
-    return peak_bytes(device)
-
-
 @dataclass(frozen=True)
 class LoopSettings:
     """What the loop reads of a run's config: the train group, the seed and two hw knobs (ftlab.pipeline builds
@@ -132,7 +126,7 @@ def forward_backward(model: nn.Module, rows: list[dict], settings: LoopSettings,
             loss = task * tok_w
             if reg is not None:
                 reg_term = reg(model, batch, HeadOutputs(hidden, head, out))
-                if getattr(reg, "in_loss", True):  # decoupled regularisers act in after_step; logged only
+                if reg.in_loss:  # decoupled regularisers act in after_step; logged only
                     loss = loss + reg_term * row_w
                 reg_value = reg_term.item()
                 regs.append(dist.all_sum(reg_value * row_w / world))
@@ -270,7 +264,7 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
                         + (f" (hw.precision={settings.precision}: try hw.precision=fp32)"
                            if settings.precision != "fp32" else "") + f"; or lower train.lr (now {t.lr:g})")
             opt.step()
-            if reg is not None and hasattr(reg, "after_step"):
+            if reg is not None:
                 reg.after_step(model, opt)  # decoupled updates (L2-SP), at the lr this step used
             opt_state_peak = max(opt_state_peak, optimizer_state_bytes(opt))
             sched.step()
@@ -321,7 +315,8 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
     wall = time.perf_counter() - t0
     mixed.to_storage(model)  # masters back to the loaded dtype: the tuned model is evaluated as the base was
     return TrainResult(steps=t.max_steps, tokens=tokens, tokens_per_s=tokens / max(wall, 1e-9),
-                       peak_mem_bytes=_peak_mem(device), trainable_params=trainable, total_params=total,
+                       # peak since the pipeline's reset at the start of the training phase (ftlab.utils.memory)
+                       peak_mem_bytes=peak_bytes(device), trainable_params=trainable, total_params=total,
                        wall_s=wall, final_loss=loss_value, optimizer_state_bytes=opt_state_peak,
                        method=method.report())
 

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: discovering the registr
     import torch
     from torch import nn
 
+
 class Regulariser:
     kind = "none"
     in_loss = True  # the loop adds __call__'s term to the loss; False: it is only logged (decoupled L2-SP)
