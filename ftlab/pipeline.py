@@ -201,7 +201,7 @@ def _evaluate_base(r: _Run) -> None:
     from ftlab.eval.cache import compute_signature
     from ftlab.eval.evaluate import evaluate
     from ftlab.models.loading import model_fingerprint
-    from ftlab.world.base import cache_root
+    from ftlab.utils.files import cache_root
 
     if not r.main:
         return

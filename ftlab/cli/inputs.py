@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from ftlab.config.registry import ConfigError
+from ftlab.utils.files import cache_root
 
 # errors a reader raises for a bad file; each message already names the key, the file and the line
 _BAD = (OSError, ValueError, KeyError, TypeError)
@@ -81,12 +82,6 @@ def check_inputs(run) -> None:
             _builtin_file(task, fp, f"eval.tasks.{task}.fewshot_path")
 
 
-def _cache_root() -> str:
-    """Where base models and base evaluations are cached (the rule of ftlab.world.base, without its torch import)."""
-    if os.environ.get("FTLAB_CACHE"):
-        return os.environ["FTLAB_CACHE"]
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "ftlab")
-
 
 def _writable_dir(path: str, what: str, fix: str) -> None:
     """`path` is, or can be made, a writable directory: no part of it is a file, and its nearest existing
@@ -115,4 +110,4 @@ def check_places(out_dir: str) -> None:
     Hydra makes the run directory."""
     _writable_dir(os.path.join(out_dir, "runs"), "out_dir (FTLAB_OUTPUTS)",
                   "set FTLAB_OUTPUTS (or out_dir=) to a writable directory")
-    _writable_dir(_cache_root(), "cache (FTLAB_CACHE)", "set FTLAB_CACHE to a writable directory")
+    _writable_dir(str(cache_root()), "cache (FTLAB_CACHE)", "set FTLAB_CACHE to a writable directory")

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 COMPLETE = "COMPLETE"  # the marker atomic_dir writes last: a directory without it is never used
 
@@ -122,3 +122,15 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(path)
     tmp.rename(path)
     fsync_dir(path.parent)
+
+
+def cache_root(cache_dir: Optional[str | os.PathLike] = None) -> Path:
+    """Where ftlab caches base models and base evaluations: `cache_dir`, else $FTLAB_CACHE, else
+    $XDG_CACHE_HOME/ftlab, else ~/.cache/ftlab."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("FTLAB_CACHE"):
+        return Path(os.environ["FTLAB_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "ftlab"
+    return Path.home() / ".cache" / "ftlab"

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 
+from ftlab.utils.files import cache_root
 from ftlab.world import skills as sk
 from ftlab.world.model import ATTN_IMPL, world_config
 from ftlab.world.pretrain import _threads, pretrain
@@ -40,17 +41,6 @@ def world_hash(world: Any) -> str:
     cfg = world_config(world)
     blob = json.dumps({"world": cfg, "version": WORLD_VERSION}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def cache_root(cache_dir: Optional[str | os.PathLike] = None) -> pathlib.Path:
-    """`cache_dir`, else $FTLAB_CACHE, else $XDG_CACHE_HOME/ftlab, else ~/.cache/ftlab."""
-    if cache_dir is not None:
-        return pathlib.Path(cache_dir).expanduser()
-    if os.environ.get("FTLAB_CACHE"):
-        return pathlib.Path(os.environ["FTLAB_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return pathlib.Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "ftlab"
-    return pathlib.Path.home() / ".cache" / "ftlab"
 
 
 def base_dir(world: Any, cache_dir: Optional[str | os.PathLike] = None) -> pathlib.Path:
