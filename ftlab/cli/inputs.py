@@ -28,7 +28,7 @@ def _msg(e: BaseException, key: str, path: str) -> str:
 
 
 def _data_file(d, prefix: str) -> None:
-    from ftlab.data.sources import _format, read_jsonl
+    from ftlab.data.sources import format_row, read_jsonl
 
     for k, for_eval in (("path", False), ("eval_path", True)):
         p = getattr(d, k, None)
@@ -37,7 +37,7 @@ def _data_file(d, prefix: str) -> None:
         key = f"{prefix}.{k}"
         try:
             for raw in read_jsonl(p, key):
-                _format(d, raw, for_eval=for_eval)
+                format_row(d, raw, for_eval=for_eval)
         except _BAD as e:
             raise ConfigError(_msg(e, key, p)) from None
     src = getattr(d, "mix_source", None)
@@ -56,11 +56,11 @@ def _data_file(d, prefix: str) -> None:
 
 def _builtin_file(task: str, p: str, key: str) -> None:
     from ftlab.data.sources import read_jsonl
-    from ftlab.eval.builtin import BUILTINS, _to_row
+    from ftlab.eval.builtin import BUILTINS, checked_row
 
     spec = BUILTINS.get(task, "eval: built-in task")
     try:
-        rows = [_to_row(spec, raw.record, raw.where, key) for raw in read_jsonl(p, key)]
+        rows = [checked_row(spec, raw.record, raw.where, key) for raw in read_jsonl(p, key)]
     except _BAD as e:
         raise ConfigError(_msg(e, key, p)) from None
     if not any(r is not None for r in rows):

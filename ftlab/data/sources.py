@@ -112,7 +112,7 @@ def _formatter(cfg: DataConfig) -> Formatter:
     return FORMATS.get(alias) if alias else _default_format
 
 
-def _format(cfg: DataConfig, raw: RawRow, *, for_eval: bool) -> dict:
+def format_row(cfg: DataConfig, raw: RawRow, *, for_eval: bool) -> dict:
     rec = raw.record
 
     def field(name: str, key: str) -> str:
@@ -378,7 +378,7 @@ def _load_task_train(cfg: DataConfig, seed: int) -> list[dict]:
         raise ValueError("data.path: data.source=jsonl needs data.path=FILE.jsonl")
     else:
         raise ValueError(f"data.source: unknown value {cfg.source!r}; valid choices: synth, hf, jsonl")
-    return [_format(cfg, r, for_eval=False) for r in raws]
+    return [format_row(cfg, r, for_eval=False) for r in raws]
 
 
 def load_eval(cfg: DataConfig, limit: Optional[int], seed: int) -> list[dict]:
@@ -405,4 +405,4 @@ def load_eval(cfg: DataConfig, limit: Optional[int], seed: int) -> list[dict]:
         raise ValueError(f"data.source: unknown value {cfg.source!r}; valid choices: synth, hf, jsonl")
     if limit:
         raws = raws[:limit]
-    return [_format(cfg, r, for_eval=True) for r in raws]
+    return [format_row(cfg, r, for_eval=True) for r in raws]

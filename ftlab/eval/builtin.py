@@ -288,7 +288,7 @@ def _hub_where(spec: Builtin, split: str, hf_path: Optional[str], n: int) -> lis
     return [f"{hf_path or spec.hf_path}[{split}] row {i}" for i in range(n)]
 
 
-def _to_row(spec: Builtin, rec: dict, where: str, key: str) -> Optional[dict]:
+def checked_row(spec: Builtin, rec: dict, where: str, key: str) -> Optional[dict]:
     """spec.to_row(rec), checked: a record that cannot become a scorable item is refused with the key, file and
     line (or hub row), and the field."""
     try:
@@ -390,7 +390,7 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
     for i, rec in enumerate(records):
         if subset and spec.group is not None and spec.group(rec) not in subset:
             continue
-        row = _to_row(spec, rec, wheres[i], key)
+        row = checked_row(spec, rec, wheres[i], key)
         if row is not None:
             indexed.append((i, rec, row))
     if subset and spec.group is None:
@@ -431,7 +431,7 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
             fewshot_source = "eval rows (an item never sees itself)"
             pool_ids = [f"{name}/{i}" for i in range(len(recs))]
         for pid, rec, fwhere in zip(pool_ids, recs, fwheres):
-            row = _to_row(spec, rec, fwhere, fkey)
+            row = checked_row(spec, rec, fwhere, fkey)
             if row is not None:
                 pool.append((pid, rec, row))
         random.Random(FEWSHOT_SEED).shuffle(pool)
