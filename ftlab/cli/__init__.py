@@ -18,6 +18,7 @@ commands:
                        ftlab run --cfg job              print the validated config
                        ftlab run --help                 config groups, their options and the knobs
   score TASK PREDS     score saved predictions with a task's metric, no model (ftlab score --help)
+  report PATH...       compare runs: seeds folded, fairness, matched gain, paired intervals (ftlab report --help)
   version              print the version
 
 Config groups: model, data, method, eval, hw, logger, reg; overlays: +experiment=NAME, +debug=fast
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from ftlab.cli.score import score_command
 
         return score_command(rest)
+    if cmd == "report":
+        from ftlab.cli.report import report_command
+
+        return report_command(rest)
     if cmd in ("version", "--version"):
         from ftlab import __version__
 

@@ -218,6 +218,9 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+flatten = _flatten  # dotted keys of a config; ftlab.report groups runs by them
+
+
 def config_changes(old_yaml: str, new_yaml: str) -> list[str]:
     """`key: old -> new` for every leaf inside the identity that differs between two config.yaml texts."""
     import yaml

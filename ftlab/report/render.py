@@ -1,0 +1,337 @@
+"""`ftlab report` end to end: discover, group (or select), check fairness, compute, and write the terminal table,
+report.md, report.csv, report.html with its plots, and optionally a wandb run. docs/report.md documents it."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ftlab.report import compare as C
+from ftlab.report.runs import ReportError, check_key, discover
+
+
+@dataclass
+class Options:
+    paths: list[str]
+    over: tuple[str, ...] = ()
+    select: Optional[str] = None
+    levels: Optional[list[float]] = None
+    out: str = "report"
+    strict: bool = False
+    wandb: bool = False
+    baselines: list[str] = field(default_factory=lambda: ["method=full", "method=lora"])
+    n_boot: int = 2000
+
+
+class Refused(ReportError):
+    """--strict and the compared groups differ in what a fair comparison holds fixed."""
+
+
+def _f(x: Optional[float], nd: int = 1) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _ms(fd: Optional[dict]) -> str:
+    """mean ± std over seeds; "missing k" when a seed has no number."""
+    if not fd:
+        return "—"
+    if fd.get("missing"):
+        return f"missing in {fd['missing']}/{fd['n']} seeds"
+    if fd["mean"] is None:
+        return "—"
+    return f"{fd['mean']:.1f}" + (f" ± {fd['std']:.1f}" if fd["std"] is not None else "")
+
+
+def _ci(fd: Optional[dict]) -> str:
+    return f"[{fd['lo']:.1f}, {fd['hi']:.1f}]" if fd and fd.get("lo") is not None else "—"
+
+
+@dataclass
+class Section:
+    heading: str
+    columns: list[str] = field(default_factory=list)
+    rows: list[list[Any]] = field(default_factory=list)
+    text: str = ""  # a paragraph above the table (markdown-safe plain text)
+    images: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def build(opts: Options, log=print) -> dict:
+    """Everything the report shows, as sections plus the raw groups (for tests and the CSV)."""
+    found = discover(opts.paths)
+    counts = ", ".join(f"{v} {k}" for k, v in found.counts.items())
+    dup = f"; {len(found.duplicates)} duplicate run director{'y' if len(found.duplicates) == 1 else 'ies'} counted once" \
+        if found.duplicates else ""
+    log(f"runs: {counts}{dup} (only completed runs are compared)")
+    runs = found.completed
+    if not runs:
+        raise ReportError(f"no completed runs under {' '.join(opts.paths)} ({counts}); point at run or sweep "
+                          "directories whose result.json says completed")
+    for k in opts.over:
+        check_key(runs, k, "--over")
+    if opts.select:
+        check_key(runs, opts.select, "--select")
+        groups = C.select(runs, opts.select, opts.over)
+    else:
+        groups = C.make_groups(runs, opts.over)
+    compared = [g for g in groups if g.selected]
+    unfair = C.fairness(compared)
+    if unfair and opts.strict:
+        raise Refused(f"--strict: the compared groups differ ({len(unfair)}): {unfair[0]}"
+                      + (f" (and {len(unfair) - 1} more; run without --strict to list them)" if len(unfair) > 1 else ""))
+    sections: list[Section] = []
+    head = [f"Runs found: {counts}{dup}. Compared: {len(runs)} completed runs in {len(compared)} groups."]
+    if opts.over:
+        head.append(f"Folded over: {', '.join(opts.over)} (with seeds).")
+    if opts.select:
+        head.append(f"{opts.select} selected per group on the VALIDATION gain (ties: lower validation forgetting); "
+                    "the numbers below are the TEST scores of the selected runs.")
+    sections.append(Section("Fairness", ["difference"], [[x] for x in unfair],
+                            " ".join(head) + (" The compared groups differ in what a fair comparison holds fixed:"
+                                              if unfair else " The compared groups share base model, target data, "
+                                              "evaluation suite, item sets, prompt format and step budget.")))
+    pareto = C.front(compared)
+    main = Section("Gain and forgetting (points; mean ± std over seeds, 95% t-interval)",
+                   ["group", "seeds", "gain", "gain 95% CI", "forgetting", "forgetting 95% CI", "worst task drop",
+                    "retention %", "retention above chance %", "Pareto"]
+                   + (["selected", "validation gain"] if opts.select else []))
+    for g in compared:
+        s = g.stats
+        main.rows.append([g.label, len(g.runs), _ms(s["gain"]), _ci(s["gain"]), _ms(s["forgetting"]),
+                          _ci(s["forgetting"]), _ms(s["forgetting_max"]), _ms(s["retention"]),
+                          _ms(s["retention_above_chance"]), "*" if g.label in pareto else ""]
+                         + ([g.chosen, _ms(s["validation"]["gain"])] if opts.select else []))
+    main.text = ("Forgetting is the mean drop over forget tasks (> 0 is worse); worst task drop is the largest one. "
+                 "Retention above chance = (tuned - chance)/(base - chance) over tasks that record their chance level. "
+                 "* = on the Pareto front of mean gain (max) and mean forgetting (min).")
+    sections.append(main)
+    if opts.select:
+        cand = Section(f"Every {opts.select} candidate (selection reads validation only)",
+                       ["group", opts.select, "selected", "validation gain", "validation forgetting", "test gain",
+                        "test forgetting"])
+        for g in groups:
+            cand.rows.append([g.label, g.chosen.split("=", 1)[1], "yes" if g.selected else "",
+                              _ms(g.stats["validation"]["gain"]), _ms(g.stats["validation"]["forgetting"]),
+                              _ms(g.stats["gain"]), _ms(g.stats["forgetting"])])
+        sections.append(cand)
+    task_names = list(dict.fromkeys(n for g in compared for n in g.stats["tasks"]))
+    tasks = Section("Per task: change tuned - base (mean ± std over seeds; positive = better, perplexity: base - tuned)",
+                    ["group"] + [f"{n} ({compared[0].stats['tasks'].get(n, {}).get('role', '?')})" for n in task_names])
+    for g in compared:
+        tasks.rows.append([g.label] + [_ms(g.stats["tasks"][n]["improvement"]) if n in g.stats["tasks"] else "—"
+                                       for n in task_names])
+    sections.append(tasks)
+    mg = C.matched_gain(compared, opts.levels)
+    sections.append(_matched_section(mg))
+    refs = C.references(compared, opts.baselines)
+    pairs = Section("Paired differences vs the reference groups (bootstrap 95% over items and seeds)",
+                    ["group", "vs", "Δ gain", "Δ gain 95%", "Δ forgetting", "Δ forgetting 95%", "items", "seeds"])
+    pairs.text = ("Δ = group - reference; Δ forgetting < 0: the group forgets less. * = the interval excludes 0. "
+                  "Items: per-item records summed over the tasks of each role; seeds: group/reference.")
+    for ref in refs:
+        for g in compared:
+            if g is ref:
+                continue
+            p = C.paired(g, ref, n_boot=opts.n_boot)
+            pairs.rows.append([g.label, ref.label, *_pair_cells(p["gain"]), *_pair_cells(p["forgetting"]),
+                               _items(p), _seeds(p)])
+    if not refs:
+        pairs.text = f"No reference group matches --baseline {' '.join(opts.baselines)}."
+    sections.append(pairs)
+    for g in compared:
+        ct = C.continual_table(g)
+        if ct:
+            sec = Section(f"Continual: {g.label} (R[i][j] = stage j's target after stage i, mean over seeds)",
+                          ["after stage"] + [str(s) for s in ct["stages"]],
+                          [[str(s)] + [_f(v) for v in row] for s, row in zip(ct["stages"], ct["R"])])
+            sec.text = "; ".join(f"{k} {_ms(v)}" for k, v in ct["metrics"].items())
+            sec.images = [(f"R matrix: {g.label}", _plot("r_matrix", ct["R"], [str(s) for s in ct["stages"]],
+                                                         title=g.label))]
+            sections.append(sec)
+    _images(sections, groups, compared, pareto, task_names, mg)
+    return {"groups": groups, "compared": compared, "sections": sections, "fairness": unfair, "found": found,
+            "matched": mg, "pareto": pareto}
+
+
+def _pair_cells(d: Optional[dict]) -> list[str]:
+    if not d:
+        return ["no paired records", "—"]
+    return [f"{d['diff']:+.1f}{' *' if d['significant'] else ''}", f"[{d['lo']:+.1f}, {d['hi']:+.1f}]"]
+
+
+def _items(p: dict) -> str:
+    return " / ".join(f"{m} {p[m]['items'] if p[m] else 0}" for m in ("gain", "forgetting"))
+
+
+def _seeds(p: dict) -> str:
+    d = p["gain"] or p["forgetting"]
+    return f"{d['seeds_a']}/{d['seeds_b']}" if d else "—"
+
+
+def _matched_section(mg: dict) -> Section:
+    lv = mg["levels"]
+    sec = Section("Forgetting at matched gain (from curve.jsonl; mean ± std over seeds, rank)",
+                  ["group"] + [f"gain {x:g}" for x in lv])
+    for i, row in enumerate(mg["rows"]):
+        cells = []
+        for j, c in enumerate(row["cells"]):
+            if c["fold"] is None:
+                cells.append(f"not reached ({c['reached']}/{c['n']} seeds)")
+            else:
+                cells.append(f"{_ms(c['fold'])} (#{mg['ranks'][j][row['label']]})")
+        sec.rows.append([row["label"]] + cells)
+    notes = ["Each run's forgetting where its curve first reaches the level, linearly interpolated between the two "
+             "curve points around the crossing; never extrapolated."]
+    if not lv:
+        notes.append("No common gain level: not every compared run has a curve that rises above 0 "
+                     "(train with eval.curve_every=N, or give --levels).")
+    if mg["no_curves"]:
+        notes.append(f"Without curve.jsonl (not ranked): {', '.join(mg['no_curves'])}.")
+    sec.text = " ".join(notes)
+    return sec
+
+
+def _plot(name: str, *args, **kw) -> Optional[bytes]:
+    from ftlab.report import plots
+
+    return getattr(plots, name)(*args, **kw)
+
+
+def _images(sections: list[Section], groups, compared, pareto, task_names, mg) -> None:
+    pts = [{"label": g.label, "gain": g.stats["gain"]["mean"], "forgetting": g.stats["forgetting"]["mean"],
+            "gain_err": _half(g.stats["gain"]), "forgetting_err": _half(g.stats["forgetting"]),
+            "selected": g.selected, "group": g.label.split(" [")[0]} for g in groups
+           if g.stats["gain"]["mean"] is not None and g.stats["forgetting"]["mean"] is not None]
+    sections[1].images.append(("Gain vs forgetting (error bars: 95% t-interval; Pareto front marked)",
+                               _plot("gain_forgetting", pts, pareto, title="gain vs forgetting")))
+    points_tasks = [n for n in task_names if compared[0].stats["tasks"].get(n, {}).get("unit", "points") == "points"]
+    vals = [[(g.stats["tasks"].get(n) or {}).get("improvement", {}).get("mean") for n in points_tasks]
+            for g in compared]
+    sections[_index(sections, "Per task")].images.append(
+        ("Per-task change (points; red = worse)", _plot("task_heatmap", [g.label for g in compared], points_tasks,
+                                                         vals, title="per-task change")))
+    if mg["curves"]:
+        sections[_index(sections, "Forgetting at matched gain")].images.append(
+            ("Forgetting vs gain along training (first seed of each group)",
+             _plot("matched_gain", mg["curves"], mg["levels"], title="forgetting vs gain")))
+    curves = {g.label: [r for r in (g.runs[0].train_curve() or []) if r.get("loss") is not None] for g in compared}
+    curves = {k: v for k, v in curves.items() if v}
+    if curves:
+        imgs = [("Training loss (first seed)", _plot("training_curves", curves, key="loss", title="training loss"))]
+        probes = {k: [r for r in v if r.get("probe_ppl") is not None] for k, v in curves.items()}
+        if any(probes.values()):
+            imgs.append(("In-training probe perplexity (first seed)",
+                         _plot("training_curves", {k: v for k, v in probes.items() if v}, key="probe_ppl",
+                               title="probe perplexity")))
+        sections.append(Section("Training curves", images=imgs))
+    profiles = {g.label: p for g in compared if (p := C.update_profile(g))}
+    if profiles:
+        sections.append(Section("Update profile (diagnostics: mean ||dW||/||W|| per layer)",
+                                images=[("Relative update per layer", _plot("update_profile", profiles,
+                                                                           title="update profile"))]))
+
+
+def _index(sections: list[Section], prefix: str) -> int:
+    return next(i for i, s in enumerate(sections) if s.heading.startswith(prefix))
+
+
+def _half(fd: dict) -> Optional[float]:
+    return (fd["hi"] - fd["mean"]) if fd.get("hi") is not None else None
+
+
+def _md_table(columns: list[str], rows: list[list[Any]]) -> str:
+    def esc(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(esc(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows])
+
+
+def markdown(title: str, sections: list[Section], image_names: dict[int, list[str]]) -> str:
+    out = [f"# {title}", ""]
+    for i, s in enumerate(sections):
+        out += [f"## {s.heading}", ""]
+        if s.text:
+            out += [s.text, ""]
+        if s.columns and s.rows:
+            out += [_md_table(s.columns, s.rows), ""]
+        out += [f"![{cap}]({name})" for cap, name in zip([c for c, _ in s.images], image_names.get(i, []))]
+        out.append("")
+    return "\n".join(out)
+
+
+def csv_text(groups: list) -> str:
+    """One row per group (every --select candidate too), raw numbers: the table to load elsewhere."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    keys = ["gain", "forgetting", "forgetting_max", "retention", "retention_above_chance"]
+    w.writerow(["group", "selected", "choice", "n_seeds", "seeds"]
+               + [f"{k}_{s}" for k in keys for s in ("mean", "std", "ci_lo", "ci_hi")])
+    for g in groups:
+        row = [g.label, g.selected, g.chosen or "", len(g.runs), " ".join(map(str, g.seeds))]
+        for k in keys:
+            fd = g.stats.get(k) or {}
+            row += [fd.get("mean"), fd.get("std"), fd.get("lo"), fd.get("hi")]
+        w.writerow(["" if v is None else v for v in row])
+    return buf.getvalue()
+
+
+def write(opts: Options, log=print) -> dict:
+    from ftlab.report.html import build_html, table_html
+    from ftlab.utils.files import atomic_write_text
+
+    rep = build(opts, log)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names: dict[int, list[str]] = {}
+    k = 0
+    for i, s in enumerate(rep["sections"]):
+        for cap, png in s.images:
+            k += 1
+            name = f"fig{k:02d}.png"
+            (out / name).write_bytes(png)
+            names.setdefault(i, []).append(name)
+    title = "ftlab report"
+    atomic_write_text(out / "report.md", markdown(title, rep["sections"], names))
+    atomic_write_text(out / "report.csv", csv_text(rep["groups"]))
+    html_secs = [{"heading": s.heading,
+                  "html": (f"<p>{_esc(s.text)}</p>" if s.text else "")
+                  + (table_html(s.columns, s.rows) if s.columns and s.rows else ""),
+                  "images": list(s.images)} for s in rep["sections"]]
+    atomic_write_text(out / "report.html", build_html(title, html_secs))
+    _terminal(rep, log)
+    if opts.wandb:
+        from ftlab.report.wandb_log import log_report
+
+        tables = {s.heading.split(" (")[0]: (s.columns, s.rows) for s in rep["sections"] if s.columns and s.rows}
+        images = {f"{i}_{cap}"[:80]: png for i, s in enumerate(rep["sections"]) for cap, png in s.images}
+        rep["wandb"] = log_report(tables, images, dir=str(out))
+        log(f"wandb: {rep['wandb']}")
+    log(f"wrote {out / 'report.md'}, report.csv, report.html and {k} PNG(s)")
+    rep["out"] = out
+    return rep
+
+
+def _esc(s: str) -> str:
+    import html
+
+    return html.escape(s)
+
+
+def _terminal(rep: dict, log) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    for line in rep["fairness"]:
+        console.print(f"[yellow]fairness:[/yellow] {line}", highlight=False)
+    main = rep["sections"][1]
+    t = Table(title=main.heading)
+    for c in main.columns:
+        t.add_column(c)
+    for r in main.rows:
+        t.add_row(*map(str, r))
+    console.print(t)
