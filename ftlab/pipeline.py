@@ -150,6 +150,8 @@ class _Run:
     model: Any = None
     tok: Any = None
     tasks: list = field(default_factory=list)
+    val_tasks: list = field(default_factory=list)  # eval.validation: the tasks on their validation split
+    val_base: Optional[dict] = None
     probes: Any = None
     train_rows: list = field(default_factory=list)
     encoded: list = field(default_factory=list)
@@ -188,6 +190,7 @@ def _load(r: _Run) -> None:
     r.record.update(encoding=encoding)
     r.model = load_model(cfg.model, r.tok, device=r.device)
     r.tasks = build_tasks(cfg) if r.main else []  # rank 0 alone evaluates (continual runs are one process)
+    r.val_tasks = build_tasks(cfg, "validation") if r.main and cfg.eval.validation else []
     r.probes = build_probes(cfg, r.tok)  # None unless eval.probe_every > 0
     if r.main:  # what the run trains on, and how much of it each target task's eval shares (issue 11)
         from ftlab.eval.overlap import measure_overlap
@@ -212,6 +215,10 @@ def _evaluate_base(r: _Run) -> None:
     with r.memory.phase("eval_base"):
         r.base = evaluate(r.model, r.tok, r.tasks, r.cfg.eval.batch_size, stage="base", run_dir=r.run_dir,
                           cache_dir=cache, fingerprint=fp, compute=compute, progress=r.progress)
+        if r.val_tasks:
+            r.val_base = evaluate(r.model, r.tok, r.val_tasks, r.cfg.eval.batch_size, stage="validation_base",
+                                  run_dir=r.run_dir, cache_dir=cache, fingerprint=fp, compute=compute,
+                                  progress=r.progress)
 
 
 def _prepare(r: _Run) -> None:
@@ -247,8 +254,15 @@ def _train(r: _Run):
     from ftlab.train.loop import LoopSettings, train
 
     cfg = r.cfg
+    curve = None
+    if cfg.eval.curve_every and r.main:  # the trajectory, for forgetting at matched gain (ftlab report)
+        from ftlab.eval.curve import Curve
+        from ftlab.eval.suites import first_items
+
+        curve = Curve(first_items(r.tasks, cfg.eval.curve_limit), r.tok, cfg.eval.curve_every, cfg.eval.batch_size,
+                      r.run_dir)
     kw = dict(device=r.device, pad_id=pad_id(r.tok), run_dir=r.run_dir, on_log=r.logger.log, progress=r.progress,
-              reg=r.reg, probes=r.probes, forward=r.forward)
+              reg=r.reg, probes=r.probes, forward=r.forward, curve=curve)
     stage_log = None
     with r.memory.phase("train"):  # train.peak_mem_bytes is this phase's peak too
         if cfg.stages:  # continual: the stages in order, every stage's target scored after each (R[i][j])
@@ -266,7 +280,7 @@ def _train(r: _Run):
 def _evaluate_tuned_and_record(r: _Run, stats, stage_log, t_start: float) -> None:
     """Export the trained weights, evaluate the tuned model, diagnostics, gain and forgetting into result.json."""
     from ftlab.eval.evaluate import evaluate
-    from ftlab.eval.metrics import summarize, task_entry
+    from ftlab.eval.metrics import summarize
     from ftlab.train.checkpoint import save_checkpoint
 
     cfg, base, record = r.cfg, r.base, r.record
@@ -274,13 +288,14 @@ def _evaluate_tuned_and_record(r: _Run, stats, stage_log, t_start: float) -> Non
     with r.memory.phase("eval_tuned"):
         tuned = evaluate(r.model, r.tok, r.tasks, cfg.eval.batch_size, stage="tuned", run_dir=r.run_dir,
                          progress=r.progress)
+        val_tuned = evaluate(r.model, r.tok, r.val_tasks, cfg.eval.batch_size, stage="validation_tuned",
+                             run_dir=r.run_dir, progress=r.progress) if r.val_tasks else None
     if cfg.eval.diagnostics:
         record.update(diagnostics=_diagnostics(cfg, r.model, r.tok, r.tasks, r.run_dir, r.device))
-    table = {t.name: {**task_entry(t.role, t.metric, t.higher_is_better, t.unit, base[t.name]["score"],
-                                   tuned[t.name]["score"], tuned[t.name]["n"]),
-                      "metrics": {"base": base[t.name].get("metrics"), "tuned": tuned[t.name].get("metrics")},
-                      "base_cached": base[t.name]["cached"], **t.meta}
-             for t in r.tasks}
+    table = _task_table(r.tasks, base, tuned)
+    if val_tuned is not None:
+        val_table = _task_table(r.val_tasks, r.val_base, val_tuned)
+        record.update(validation={"tasks": val_table, "summary": summarize(val_table)})
     if stage_log is not None:
         record.update(continual=continual_section(cfg, stage_log, base, tuned, r.tasks))
     record.update(summary=summarize(table), tasks=table, memory=r.memory.record(),
@@ -288,6 +303,24 @@ def _evaluate_tuned_and_record(r: _Run, stats, stage_log, t_start: float) -> Non
                          **({"stages": [{"stage": x["stage"], "name": x["name"], **x["train"]}
                                         for x in stage_log]} if stage_log is not None else {})})
     record.complete()
+
+
+def _task_table(tasks, base: dict, tuned: dict) -> dict:
+    """result.json `tasks` (or `validation.tasks`): per task its role, metric, base, tuned, delta, n, chance level,
+    both sides' metrics and the task's meta."""
+    from ftlab.eval.metrics import chance_points, task_entry
+
+    out = {}
+    for t in tasks:
+        entry = {**task_entry(t.role, t.metric, t.higher_is_better, t.unit, base[t.name]["score"],
+                              tuned[t.name]["score"], tuned[t.name]["n"]),
+                 "metrics": {"base": base[t.name].get("metrics"), "tuned": tuned[t.name].get("metrics")},
+                 "base_cached": base[t.name]["cached"], **t.meta}
+        chance = chance_points(t.kind, t.metric, t.rows)
+        if chance is not None:
+            entry["chance"] = chance
+        out[t.name] = entry
+    return out
 
 
 def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None = None) -> dict:

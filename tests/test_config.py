@@ -178,3 +178,22 @@ def test_learning_rate_follows_the_method_on_a_real_model_and_the_world_keeps_it
         assert out["train"]["lr"] == lr
     assert run_command(["--cfg", "job", "-p", "train.lr", *real]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == {"lr": lr}
+
+
+def test_validation_split_is_refused_where_a_task_has_none(tmp_path):
+    """eval.validation=true needs a validation split for every task, said before anything loads."""
+    assert check(["eval.validation=true"])[0].eval.validation  # the world and synth data have one
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "q", "answer": "a"}\n')
+    real = ["model=smollm2-135m", "data=gsm8k", "eval=quick", "eval.validation=true"]
+    assert check(real + ["eval.forget=[arc_easy]", "eval.target=[data,mmlu]", f"data.validation_path={rows}"])
+    with pytest.raises(ConfigError, match=r"eval.validation: data \(gsm8k\) has no validation split"):
+        check(real + ["eval.forget=[arc_easy]"])
+    with pytest.raises(ConfigError, match=r"eval.validation: task 'hellaswag' has no validation split"):
+        check(real + ["eval.forget=[hellaswag]", f"data.validation_path={rows}"])
+    with pytest.raises(ConfigError, match=r"data \(mine\) has no validation split; give data.validation_path"):
+        check([f"data.path={rows}", "data.name=mine", "data.source=jsonl", "eval.validation=true"])
+    with pytest.raises(ConfigError, match="data.validation_path: file"):
+        check([f"data.path={rows}", "data.source=jsonl", f"data.validation_path={tmp_path / 'no.jsonl'}"])
+    with pytest.raises(ConfigError, match="eval.curve_every"):
+        check(["eval.curve_every=-1"])

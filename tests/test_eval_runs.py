@@ -38,8 +38,28 @@ def final_weights(run_dir):
 
 # ------------------------------------------------------------------------------------------------ probes
 def test_probes_draw_a_forgetting_curve_without_changing_training(tmp_path, ftlab_cache):
-    probed, with_probes = _run(tmp_path, "probed", ["method=full", "eval.probe_every=5"])
+    """Probes, the scored trajectory (eval.curve_every) and the validation split ride along with training: the
+    same weights and test scores as a run without them."""
+    probed, with_probes = _run(tmp_path, "probed", ["method=full", "eval.probe_every=5", "eval.curve_every=10",
+                                                     "eval.curve_limit=8", "eval.validation=true"])
     plain, without = _run(tmp_path, "plain", ["method=full", "eval.probe_every=0"])
+    # the trajectory: step 0 is the base on the same 8 items, its gain/forgetting are against that row
+    traj = [json.loads(line) for line in (probed / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in traj] == [0, 10, 20]
+    assert traj[0]["gain"] == 0 and traj[0]["forgetting"] == 0 and set(traj[0]["n"].values()) == {8}
+    assert set(traj[0]["tasks"]) == set(with_probes["tasks"])
+    target = next(k for k, t in with_probes["tasks"].items() if t["role"] == "target")
+    assert traj[-1]["gain"] == pytest.approx(traj[-1]["tasks"][target] - traj[0]["tasks"][target])
+    assert not (plain / "curve.jsonl").exists() and "validation" not in without
+    # validation: the same tasks on items disjoint from the test items, base and tuned, with a summary
+    val = with_probes["validation"]
+    assert set(val["tasks"]) == set(with_probes["tasks"]) and val["summary"]["gain"] is not None
+    ids = lambda stage, name: {json.loads(x)["id"] for x in (probed / "records" / stage / f"{name}.jsonl").open()}  # noqa: E731
+    assert ids("validation_tuned", target) and not ids("validation_tuned", target) & ids("tuned", target)
+    test_prompts = {json.loads(x)["prompt"] for x in (probed / "records" / "tuned" / f"{target}.jsonl").open()}
+    val_prompts = {json.loads(x)["prompt"] for x in (probed / "records" / "validation_tuned" / f"{target}.jsonl").open()}
+    assert not test_prompts & val_prompts
+    assert with_probes["tasks"]["synth_add"]["chance"] == 0.0
     rows = curve(probed)
     assert [r["step"] for r in rows] == [0, 5, 10, 15, 20]
     assert rows[0]["loss"] is None and rows[0]["probe_kl"] == 0.0 and rows[0]["probe_ppl"] > 1
@@ -59,7 +79,8 @@ def test_probe_curve_resumes_exactly_with_the_checkpointed_base_reference(tmp_pa
     bit-identical. The resumed process's own capture of the base is perturbed: equality shows that the KL is
     computed against the reference saved in the checkpoint (probes.pt), not a rebuilt one."""
     ovr = ["method=lora", "method.dropout=0.1", "train.max_steps=9", "train.log_every=1", "train.save_every=1",
-           "train.keep_checkpoints=100", "eval.probe_every=3", "eval.diagnostics=[]"]
+           "train.keep_checkpoints=100", "eval.probe_every=3", "eval.diagnostics=[]", "eval.curve_every=4",
+           "eval.curve_limit=10"]
     ref, _ = _run(tmp_path, "ref", ovr)
     assert (ref / "checkpoints" / "step_000005" / "probes.pt").is_file()
     run_dir = tmp_path / "resumed"
@@ -85,6 +106,10 @@ def test_probe_curve_resumes_exactly_with_the_checkpointed_base_reference(tmp_pa
     assert [r["step"] for r in got] == list(range(0, 10))
     assert [r["step"] for r in got if "probe_kl" in r] == [0, 3, 6, 9]
     assert got == want
+    # the scored trajectory too: rows after the checkpoint are re-scored, the step-0 base is read back
+    traj = lambda d: [{k: v for k, v in json.loads(x).items() if k != "curve_s"}  # noqa: E731
+                      for x in (d / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in traj(run_dir)] == [0, 4, 8, 9] and traj(run_dir) == traj(ref)
 
 
 # ----------------------------------------------------------------------------------------------- diagnostics

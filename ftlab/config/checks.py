@@ -8,7 +8,7 @@ import os
 from typing import TYPE_CHECKING
 
 from ftlab.config.bounds import at_least, choice
-from ftlab.config.names import PRETRAIN_SKILLS, PROMPT_FORMATS, TARGET_SKILLS
+from ftlab.config.names import PRETRAIN_SKILLS, PROMPT_FORMATS, TARGET_SKILLS, VALIDATION_SPLITS
 from ftlab.config.reg import check_reg
 from ftlab.config.registry import ConfigError
 
@@ -96,7 +96,7 @@ def check_ranges(c: RunConfig) -> None:
     check_name(d.name)
     if d.source == "hf" and not (d.hf_path or d.path):
         raise ConfigError("data.hf_path: data.source=hf needs data.hf_path (a hub dataset id) or data.path=FILE.jsonl")
-    for key in ("path", "eval_path"):
+    for key in ("path", "eval_path", "validation_path"):
         p = getattr(d, key)
         if p is not None and not os.path.isfile(os.path.expanduser(p)):
             raise ConfigError(f"data.{key}: file {p!r} does not exist; give a .jsonl with fields "
@@ -106,6 +106,10 @@ def check_ranges(c: RunConfig) -> None:
     e = c.eval
     at_least("eval.limit", e.limit, 1, allow_none=True)
     at_least("eval.batch_size", e.batch_size, 1)
+    check_validation(c)
+    if e.curve_every and c.hw.strategy == "fsdp" and c.hw.nproc * c.hw.nnodes > 1:
+        raise ConfigError("eval.curve_every: the curve scores the model on rank 0 during training, which FSDP's sharded "
+                          "weights cannot do; set eval.curve_every=0 or hw.strategy=ddp")
     for task in e.forget:
         if task == "world" and m.name_or_path != "tiny":
             raise ConfigError("eval.forget: 'world' is the tiny world's forgetting suite and needs model=tiny; "
@@ -249,3 +253,30 @@ def check_mix(d: DataConfig, m: ModelConfig) -> None:
 def looks_like_path(s: str) -> bool:
     # "org/name" is a hub id; "./x", "/x", "~/x" and "a/b/c" are paths.
     return s.startswith((".", "/", "~")) or s.count("/") >= 2
+
+
+def check_validation(c: "RunConfig") -> None:
+    """eval.validation=true needs a validation split, disjoint from train and test, for every target and forgetting
+    task: the world and synth data have one; a data file needs data.validation_path; a built-in task needs a hub
+    validation split that is not its evaluation split (`VALIDATION_SPLITS`)."""
+    e = c.eval
+    if not e.validation:
+        return
+    for i, d in enumerate(c.stages or [c.data]):
+        key = "data" if not c.stages else f"stages.{i}"
+        if d.source != "synth" and not d.validation_path:
+            raise ConfigError(f"eval.validation: {key} ({d.name}) has no validation split; give {key}.validation_path="
+                              "FILE.jsonl (rows disjoint from the training and test rows), or set eval.validation=false")
+    for name in list(e.target) + list(e.forget):
+        if name in ("data", "world", "synth_ppl") or name.startswith("synth_"):
+            continue
+        why = None
+        if name.startswith("lm_eval:"):
+            why = "lm-eval tasks are scored on the split their YAML names"
+        elif name not in VALIDATION_SPLITS:
+            why = "its evaluation split is the dataset's only labelled held-out split"
+        elif (e.paths or {}).get(name):
+            why = f"its rows come from a local file (eval.paths.{name})"
+        if why:
+            raise ConfigError(f"eval.validation: task {name!r} has no validation split ({why}); drop it from eval.target/"
+                              "eval.forget for a selection sweep, or set eval.validation=false")

@@ -38,3 +38,9 @@ TARGET_SKILLS = ("sub", "rot1")
 # Where a GSM8K continuation ends: lm-evaluation-harness's gsm8k task (`generation_kwargs.until`), so a model that
 # goes on to write the next "Question:" is cut there, as lm-eval cuts it (conf/data/gsm8k.yaml repeats it).
 GSM8K_STOP = ("Question:", "</s>", "<|im_end|>")
+
+# Built-in tasks with a hub validation split distinct from the split they are scored on (eval.validation=true):
+# task -> split. HellaSwag, WinoGrande and BoolQ are scored on their validation split (their test labels are
+# hidden) and GSM8K has none, so they have no validation split here.
+VALIDATION_SPLITS = {"arc_challenge": "validation", "arc_easy": "validation", "mmlu": "validation",
+                     "wikitext": "validation"}

@@ -82,6 +82,8 @@ class DataConfig:
     revision: Optional[str] = None
     path: Optional[str] = None  # a local .jsonl; overrides hf_path (same fields)
     eval_path: Optional[str] = None  # local .jsonl for the target eval; default: `path`'s test rows
+    # local .jsonl for the target's validation split (eval.validation=true); synth data has its own split
+    validation_path: Optional[str] = None
     split: str = "train"
     eval_split: str = "test"
     prompt_field: str = "question"
@@ -173,6 +175,14 @@ class EvalConfig:
     # summaries in result.json `diagnostics`, tables in the run's diagnostics/. [] = off.
     diagnostics: list[str] = field(default_factory=list)
     diagnostics_n: int = 64  # TuCo prompts per role (target, forget), spread over the role's tasks
+    # Scores on a validation split disjoint from train and test (the world: its validation payloads; data files:
+    # data.validation_path; built-in tasks: the dataset's validation split), base and tuned, into result.json
+    # `validation`: what `ftlab report --select` picks hyperparameters on, so that the test split is never read.
+    validation: bool = False
+    # The run's trajectory: every curve_every steps (0: off) the target and forgetting tasks are scored on their
+    # first curve_limit items (null: eval.limit), into curve.jsonl (step 0 = the base): forgetting at matched gain.
+    curve_every: int = 0
+    curve_limit: Optional[int] = None
 
     def __post_init__(self) -> None:
         synth = {"data", "world", "synth_ppl"} | {f"synth_{s}" for s in PRETRAIN_SKILLS + TARGET_SKILLS}
@@ -191,6 +201,8 @@ class EvalConfig:
         if self.lm_eval.include_path is not None and not os.path.isdir(os.path.expanduser(self.lm_eval.include_path)):
             raise ConfigError(f"eval.lm_eval.include_path: directory {self.lm_eval.include_path!r} does not exist")
         _at_least("eval.probe_every", self.probe_every, 0)
+        _at_least("eval.curve_every", self.curve_every, 0)
+        _at_least("eval.curve_limit", self.curve_limit, 1, allow_none=True)
         _at_least("eval.probe_n", self.probe_n, 1)
         _at_least("eval.probe_max_length", self.probe_max_length, 2)
         for d in self.diagnostics:

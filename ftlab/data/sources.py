@@ -381,8 +381,22 @@ def _load_task_train(cfg: DataConfig, seed: int) -> list[dict]:
     return [format_row(cfg, r, for_eval=False) for r in raws]
 
 
-def load_eval(cfg: DataConfig, limit: Optional[int], seed: int) -> list[dict]:
-    """The target-eval rows of `cfg`, the first `limit` of them (synth: `limit` or 200 generated rows)."""
+def load_eval(cfg: DataConfig, limit: Optional[int], seed: int, split: str = "test") -> list[dict]:
+    """The target-eval rows of `cfg`, the first `limit` of them (synth: `limit` or 200 generated rows).
+
+    split="validation": the rows hyperparameters are selected on, disjoint from train and test (synth: the world's
+    validation payloads; otherwise data.validation_path)."""
+    if split == "validation":
+        if cfg.source == "synth":
+            return _synth(cfg, "validation", limit or SYNTH_N_EVAL, seed)
+        if not cfg.validation_path:
+            raise ValueError(f"data.validation_path: data {cfg.name!r} has no validation split; give a .jsonl of rows "
+                             "disjoint from the training and test rows, or set eval.validation=false")
+        raws = read_jsonl(cfg.validation_path, "data.validation_path")
+        raws = raws[:limit] if limit else raws
+        return [format_row(cfg, r, for_eval=True) for r in raws]
+    if split != "test":
+        raise ValueError(f"load_eval: split must be 'test' or 'validation', got {split!r}")
     if cfg.eval_path:
         raws = read_jsonl(cfg.eval_path, "data.eval_path")
     elif cfg.path:

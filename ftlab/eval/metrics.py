@@ -54,3 +54,22 @@ def task_entry(role: str, metric: str, higher_is_better: bool, unit: str, base: 
                n: int) -> dict:
     return {"role": role, "metric": metric, "higher_is_better": higher_is_better, "unit": unit,
             "base": base, "tuned": tuned, "delta": tuned - base, "n": n}
+
+
+def chance_points(kind: str, metric: str, rows: list[dict]) -> float | None:
+    """The score (points) of guessing uniformly: multiple choice 100/(choices), averaged over items; 0 for exact-match
+    generation; None where chance is not a point score (perplexities, lm-eval metrics)."""
+    if kind == "multiple_choice" and metric in ("acc", "acc_norm") and rows:
+        return sum(100.0 / len(r.get("choices") or r.get("contexts")) for r in rows) / len(rows)
+    if kind == "generation":
+        return 0.0
+    return None
+
+
+def above_chance_retention(base: float, tuned: float, chance: float) -> float | None:
+    """The share (%) of the base's above-chance ability that the tuned model keeps: (tuned - chance)/(base - chance);
+    WinoGrande 60 -> 52 at chance 50 keeps 20 %, where tuned/base says 87 %. None when the base is at or below
+    chance (nothing to keep)."""
+    if base - chance <= 1e-9:
+        return None
+    return 100.0 * (tuned - chance) / (base - chance)

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from ftlab.config.names import VALIDATION_SPLITS
+
 # the built-in kinds register themselves on import: every task built here has a registered kind
 from ftlab.eval import generation, multiple_choice, perplexity  # noqa: F401
 from ftlab.eval.builtin import BUILTINS, load_builtin
 from ftlab.eval.task import EVAL_SEED, FORMATS, Task
 
-__all__ = ["build_tasks", "load_task"]
+__all__ = ["build_tasks", "load_task", "first_items"]
 
 
-def build_tasks(cfg: Any) -> list[Task]:
-    """The run's target tasks and forgetting suite, from the eval config."""
+def build_tasks(cfg: Any, split: str = "test") -> list[Task]:
+    """The run's target tasks and forgetting suite, from the eval config.
+
+    split="validation": the same tasks on their validation split (eval.validation; ftlab.config.checks
+    .check_validation says which tasks have one), for hyperparameter selection that never reads the test split."""
     from ftlab.data.sources import load_eval
 
     e, limit = cfg.eval, cfg.eval.limit
@@ -27,19 +32,20 @@ def build_tasks(cfg: Any) -> list[Task]:
                 raise ValueError(f"model.prompt_format: {fmt!r} is decided when the tokenizer loads "
                                  "(ftlab.models.loading.load_tokenizer); build the tasks of the resolved config")
             for d in getattr(cfg, "stages", None) or [cfg.data]:
-                rows = load_eval(d, limit, EVAL_SEED)
+                rows = load_eval(d, limit, EVAL_SEED, split=split)
                 tasks.append(Task(d.name, "target", "generation",
                                   [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"]} for r in rows],
                                   answer=d.answer, max_new_tokens=d.max_new_tokens, format=fmt, stop=tuple(d.stop),
-                                  meta={"source": d.source, "few_shot": 0, "format": fmt}))
+                                  meta={"source": d.source, "few_shot": 0, "format": fmt,
+                                        **({"split": split} if split != "test" else {})}))
         else:
-            tasks.append(_named_task(name, "target", cfg))
+            tasks.append(_named_task(name, "target", cfg, split))
     for name in e.forget:
         if name == "world":
-            tasks += [_named_task(f"synth_{s}", "forget", cfg) for s in cfg.model.world.skills]
-            tasks.append(_named_task("synth_ppl", "forget", cfg))
+            tasks += [_named_task(f"synth_{s}", "forget", cfg, split) for s in cfg.model.world.skills]
+            tasks.append(_named_task("synth_ppl", "forget", cfg, split))
         else:
-            tasks.append(_named_task(name, "forget", cfg))
+            tasks.append(_named_task(name, "forget", cfg, split))
     names = [t.name for t in tasks]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -61,7 +67,10 @@ def _task_options(cfg: Any, name: str) -> dict:
     return out
 
 
-def _named_task(name: str, role: str, cfg: Any) -> Task:
+def _named_task(name: str, role: str, cfg: Any, split: str = "test") -> Task:
+    if split != "test" and name.startswith("lm_eval:"):
+        raise ValueError(f"eval.validation: task {name!r} has no validation split (lm-eval tasks are scored on the "
+                         "split their YAML names)")
     if name.startswith("lm_eval:"):
         from ftlab.eval.lm_eval_adapter import load_lm_eval_task
 
@@ -71,6 +80,11 @@ def _named_task(name: str, role: str, cfg: Any) -> Task:
     if name in BUILTINS:
         opts = _task_options(cfg, name)
         opts.setdefault("n", cfg.eval.limit)
+        if split != "test":
+            if name not in VALIDATION_SPLITS or opts.get("path"):
+                raise ValueError(f"eval.validation: task {name!r} has no validation split distinct from its "
+                                 "evaluation split; drop it from the suite or set eval.validation=false")
+            opts["split"] = VALIDATION_SPLITS[name]
         return load_task(name, role, **opts)
 
     from ftlab.world import skills
@@ -79,17 +93,18 @@ def _named_task(name: str, role: str, cfg: Any) -> Task:
     if name == "synth_ppl":
         # Held-out pretraining examples, scored on their answers (what pretraining trained), skills interleaved.
         per = -(-n // len(cfg.model.world.skills))
-        pools = [skills.make_examples(sk, "test", per, seed=EVAL_SEED) for sk in cfg.model.world.skills]
+        pools = [skills.make_examples(sk, split, per, seed=EVAL_SEED) for sk in cfg.model.world.skills]
         rows = [pool[j] for j in range(per) for pool in pools if j < len(pool)][:n]
         return Task(name, role, "perplexity",
                     [{"id": f"ppl-{r['id']}", "context": r["prompt"], "text": r["response"]} for r in rows],
-                    meta={"source": "world", "scored": "answers"})
+                    meta={"source": "world", "scored": "answers", **({"split": split} if split != "test" else {})})
     if name.startswith("synth_") and name[6:] in skills.ALL_SKILLS:
-        rows = skills.make_examples(name[6:], "test", n, seed=EVAL_SEED)
+        rows = skills.make_examples(name[6:], split, n, seed=EVAL_SEED)
         return Task(name, role, "generation",
                     [{"id": r["id"], "prompt": r["prompt"], "reference": r["response"]} for r in rows],
                     answer="exact", max_new_tokens=max(len(r["response"]) for r in rows) + 2,
-                    meta={"source": "world", "few_shot": 0, "format": "plain"})
+                    meta={"source": "world", "few_shot": 0, "format": "plain",
+                          **({"split": split} if split != "test" else {})})
     raise ValueError(f"eval: unknown task {name!r}; known here: data, world, synth_ppl, "
                      + ", ".join(f"synth_{s}" for s in skills.ALL_SKILLS) + ", " + ", ".join(BUILTINS))
 
@@ -113,3 +128,12 @@ def load_task(name: str, role: str = "target", *, n: Optional[int] = None, few_s
     return Task(name, role, spec.kind, rows, answer=spec.answer,
                 max_new_tokens=max_new_tokens or spec.max_new_tokens, meta=meta, metric=metric or spec.metric,
                 format=format, delimiter=" " if format == "plain" else "", max_length=max_length, stop=spec.stop)
+
+
+def first_items(tasks: list[Task], n: Optional[int]) -> list[Task]:
+    """The tasks cut to their first n items (eval.curve_limit; None: unchanged), for the training curve."""
+    import dataclasses
+
+    if n is None:
+        return list(tasks)
+    return [dataclasses.replace(t, rows=t.rows[:n], meta=dict(t.meta)) for t in tasks]

@@ -36,7 +36,9 @@ DIGEST_CHARS = 10  # 40 bits: a collision among a million runs has odds ~5e-7
 # keys added after run names were first given out, left out of the digest while at their default so that the
 # directories of existing configs keep their names: (group, key) -> default; "data" covers every stage too
 NEUTRAL_DEFAULTS = {("data", "allow_overlap"): False, ("data", "allow_truncation"): False,
-                    ("data", "replay_previous"): 0.0, ("data", "stop"): [], ("reg", "kl_on"): "task"}
+                    ("data", "replay_previous"): 0.0, ("data", "stop"): [], ("reg", "kl_on"): "task",
+                    ("data", "validation_path"): None, ("eval", "validation"): False, ("eval", "curve_every"): 0,
+                    ("eval", "curve_limit"): None}
 
 
 _MISSING = object()
@@ -82,14 +84,14 @@ def _slug(x: Any) -> str:
 
 def input_files(config: dict) -> dict[str, str]:
     """`key: path` of every local file a run reads, by the config key that names it: data.path, data.eval_path,
-    data.mix_source (when it is a file and data.mix > 0), the same for continual stages after the first
+    data.validation_path, data.mix_source (when it is a file and data.mix > 0), the same for continual stages after the first
     (stages.<i>.*; stage 0 is `data`), eval.paths.<task> and eval.tasks.<task>.fewshot_path."""
     out: dict[str, str] = {}
 
     def data(prefix: str, d: Any) -> None:
         if not isinstance(d, dict):
             return
-        for k in ("path", "eval_path"):
+        for k in ("path", "eval_path", "validation_path"):
             if d.get(k):
                 out[f"{prefix}.{k}"] = str(d[k])
         src = d.get("mix_source")

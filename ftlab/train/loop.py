@@ -170,7 +170,7 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
           run_dir: Path, on_log: Callable[[dict], None] | None = None, progress: bool = True,
           reg: Callable[[nn.Module, dict, Any], torch.Tensor] | None = None,
           resume_from: Any = None, probes: Any = None, forward: nn.Module | None = None, step_offset: int = 0,
-          stage: int | None = None) -> TrainResult:
+          stage: int | None = None, curve: Any = None) -> TrainResult:
     """Train `model` (already prepared by the method) for settings.train.max_steps optimizer steps.
 
     Every train.save_every steps (and after the last step) a training-state checkpoint goes to
@@ -185,7 +185,10 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
     then probe_ppl / probe_kl every `probes.every` steps and at the last step, on the curve's rows (a probed
     step is always logged). Probes run in eval mode under inference_mode and draw no random numbers, so the
     training itself is the same with or without them. Continual stages (ftlab.pipeline): `step_offset` shifts
-    the curve's steps (and checkpoint names) past the earlier stages, `stage` tags the rows."""
+    the curve's steps (and checkpoint names) past the earlier stages, `stage` tags the rows.
+
+    `curve` (an ftlab.eval.curve.Curve, or None; rank 0): the target and forgetting tasks scored at step 0 (the
+    base) and every `curve.every` steps into curve.jsonl, likewise without touching the training's randomness."""
     from transformers import get_scheduler
 
     t = settings.train
@@ -236,10 +239,13 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
     opt_state_peak = optimizer_state_bytes(opt)  # a resumed optimizer already holds state
     bar = Bar(t.max_steps, "train", "loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s",
               enabled=progress and main, loss=float("nan"), tps=0.0)
-    with open(curve_path if main else os.devnull, "a") as curve, bar, preempt.deferred():
+    if curve is not None and main:
+        with autocast(device, settings.precision):
+            curve.start(model, None if start == 1 and step_offset == 0 else step_offset + start - 1)
+    with open(curve_path if main else os.devnull, "a") as curve_file, bar, preempt.deferred():
         if probes is not None and start == 1 and step_offset == 0:  # step 0 = the base model
             row0 = {"step": 0, "loss": None, **probes.base_row()}
-            curve.write(json.dumps(row0) + "\n")
+            curve_file.write(json.dumps(row0) + "\n")
             if on_log is not None and main:
                 on_log(row0)
         for step in range(start, t.max_steps + 1):
@@ -289,11 +295,17 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
                     with autocast(device, settings.precision):  # the trained weights may be float32 masters
                         row.update(probes(model))
                     row["probe_s"] = time.perf_counter() - tp
-                curve.write(json.dumps(row) + "\n")
-                curve.flush()
+                curve_file.write(json.dumps(row) + "\n")
+                curve_file.flush()
                 if on_log is not None and main:
                     on_log(row)
                 window_loss, window_n, window_reg = 0.0, 0, 0.0
+            if curve is not None and main and curve.due(step, t.max_steps):
+                with autocast(device, settings.precision):
+                    scored = curve.record(model, step_offset + step)
+                if on_log is not None:
+                    on_log({"step": step_offset + step, "curve_gain": scored["gain"],
+                            "curve_forgetting": scored["forgetting"]})
             # A stop signal (ftlab.train.preempt: SLURM preemption, time limit, requeue) is acted on here, at the step
             # boundary: checkpoint, then stop. In a SLURM job the last step is always saved, so a signal during
             # the tuned evaluation costs no training.

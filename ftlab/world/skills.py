@@ -7,11 +7,13 @@ as learnable in about a minute on 2 CPU cores (research note synthetic-world.md,
 fixed-width zero-padded numbers (free-length addition reached only 2.5 %) and strings of 3-6 letters.
 `cnt` counts a fixed letter: counting a letter named in the prompt stalled at 73-86 % in that budget.
 
-Train/test split: a procedural skill's example is in the test split iff a stable hash of its payload (the
-text between ``<skill>:`` and ``=``) falls in the held-out 1/10. The hash ignores the skill name, so a
-string held out for ``rev`` is held out for ``copy``, ``sort`` and ``rot1`` too: the model never sees a test
-payload under any skill. ``fact`` is the exception: it is a memorised table, and its test split *is* the
-table (it measures recall of what pretraining stored, not generalisation).
+Train/validation/test split: a procedural skill's example is held out iff a stable hash of its payload (the
+text between ``<skill>:`` and ``=``) falls in the held-out 1/10; the hash's next digit halves the held-out
+payloads into ``validation`` and ``test`` (so pretraining, which draws only ``train``, is the same with or without
+a validation split). The hash ignores the skill name, so a string held out for ``rev`` is held out for ``copy``,
+``sort`` and ``rot1`` too: the model never sees a held-out payload under any skill. ``fact`` is the exception: it
+is a memorised table, and its validation and test splits *are* the table (they measure recall of what pretraining
+stored, not generalisation).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ftlab.config.names import PRETRAIN_SKILLS, TARGET_SKILLS
 ALL_SKILLS = PRETRAIN_SKILLS + TARGET_SKILLS
 # The default pretraining mix (ftlab.config.schema.WorldConfig.skills mirrors it; a test checks they agree).
 DEFAULT_SKILLS = ("add", "rev", "copy", "sort", "succ", "cnt")
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 
 SKILL_DOCS = {
     "add": "2-digit addition, zero-padded operands and 3-digit sum: add:07+45=052",
@@ -50,10 +52,12 @@ _FACT_SIZE = 200
 _FACT_SEED = 20240611  # the table is part of the world's definition, independent of any run seed
 
 
-def _is_test(payload: str) -> bool:
+def _split_of(payload: str) -> str:
     # blake2b, not hash(): Python's str hash is salted per process.
-    h = hashlib.blake2b(payload.encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") % _TEST_BUCKETS == 0
+    h = int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "little")
+    if h % _TEST_BUCKETS:
+        return "train"
+    return "test" if (h // _TEST_BUCKETS) % 2 == 0 else "validation"
 
 
 def _word(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
@@ -162,18 +166,18 @@ def sample_payload(skill: str, split: str, rng: random.Random) -> str:
     sk = _check(skill, split)
     if not sk.procedural:
         return sk.sample(rng)
-    want_test = split == "test"
     while True:
         p = sk.sample(rng)
-        if _is_test(p) == want_test:
+        if _split_of(p) == split:
             return p
 
 
 def payload_split(skill: str, payload: str) -> str:
-    """Which split a payload belongs to ("train" or "test"; a memorised skill's entries are in both)."""
+    """Which split a payload belongs to ("train", "validation" or "test"; a memorised skill's entries are in all:
+    "both")."""
     if not _check(skill, "train").procedural:
         return "both"
-    return "test" if _is_test(payload) else "train"
+    return _split_of(payload)
 
 
 def _seed_for(skill: str, split: str, seed: int) -> int:
@@ -184,7 +188,7 @@ def _seed_for(skill: str, split: str, seed: int) -> int:
 def make_examples(skill: str, split: str, n: int, seed: int = 0) -> list[dict]:
     """`n` examples of `skill` from `split`, deterministic by `seed`.
 
-    Payloads are distinct while the split has unused ones (add's test split holds ~1,000, sub's ~500), then
+    Payloads are distinct while the split has unused ones (add's test split holds ~500, sub's ~250), then
     may repeat. Ids are ``<skill>-<split>-<i>`` (``<skill>-<split>-s<seed>-<i>`` for seed != 0).
 
     Returns:
@@ -230,7 +234,7 @@ def pretrain_text(split: str, n: int, seed: int = 0, skills: Optional[Sequence[s
     pretraining memorised, so it is left out of ``test``). Lines cycle over the skills in order.
 
     Args:
-        split: "train" or "test".
+        split: "train", "validation" or "test".
         n: number of lines.
         seed: picks the lines.
         skills: pretraining skills to draw from; default: the default mix (`DEFAULT_SKILLS`).
@@ -239,7 +243,7 @@ def pretrain_text(split: str, n: int, seed: int = 0, skills: Optional[Sequence[s
     bad = [s for s in skills if s not in PRETRAIN_SKILLS]
     if bad:
         raise ValueError(f"not pretraining skills: {bad}; valid: {', '.join(PRETRAIN_SKILLS)}")
-    if split == "test":
+    if split != "train":
         skills = tuple(s for s in skills if SKILLS[s].procedural)
     if not skills:
         raise ValueError("pretrain_text: no procedural skill to draw held-out lines from")
