@@ -184,6 +184,30 @@ def test_tuco_is_zero_without_tuning_and_grows_with_the_update():
     assert one[0]["tuco"] == pytest.approx(t_large[0]["tuco"], rel=1e-5)
 
 
+def test_tuco_of_a_long_prompt_is_measured_at_its_last_token():
+    """A prompt over max_length keeps its LAST max_length tokens (TuCo is read at the last prompt token): its TuCo
+    equals that of its last max_length tokens alone, and differs from that of its first max_length tokens."""
+    import copy
+
+    from ftlab.eval.diagnostics import tuning_contribution
+
+    class NoBos(_Tok):  # the same ids without the leading BOS: a text that encodes to exactly the kept tokens
+        def __call__(self, texts, add_special_tokens=True):
+            return {"input_ids": [ids[1:] for ids in super().__call__(texts)["input_ids"]]}
+
+    base = _tiny_llama()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        w = tuned.model.layers[1].mlp.down_proj.weight
+        w += 0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    long, n = "the first words differ from the last words of this prompt", 12
+    cut = tuning_contribution(tuned, _Tok(), [long, "short"], base_model=base, max_length=n)[0]["tuco"]
+    last = tuning_contribution(tuned, NoBos(), [long[-n:]], base_model=base)[0]["tuco"]
+    first = tuning_contribution(tuned, _Tok(), [long[:n - 1]], base_model=base)[0]["tuco"]
+    assert cut == pytest.approx(last, rel=1e-5)
+    assert first != pytest.approx(last, rel=1e-3)
+
+
 def test_tuco_decomposition_is_exact_and_peft_needs_no_base_copy():
     from peft import LoraConfig, get_peft_model
 

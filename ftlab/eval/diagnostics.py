@@ -240,7 +240,9 @@ def tuning_contribution(tuned_model, tokenizer, prompts: Sequence[str], base_mod
         base_model: the pre-trained model with the same architecture; None for a PEFT model, whose base is its
             own layers with the adapters disabled (right for LoRA; not for PiSSA-like inits, which change the
             frozen weights: give the base then).
-        max_length: keep the first max_length tokens of each prompt (None: all).
+        max_length: keep the last max_length tokens of each prompt (None: all): TuCo is measured at the last
+            prompt token, where the model answers, so a long prompt loses its beginning (as lm-eval cuts
+            contexts), never the token TuCo is read at.
 
     Returns:
         One dict per prompt: ``{"tuco", "ftc_norm", "ptc_norm"}`` (and with return_vectors the summed
@@ -269,7 +271,7 @@ def tuning_contribution(tuned_model, tokenizer, prompts: Sequence[str], base_mod
                 chunk = list(prompts[start:start + batch_size])
                 enc = tokenizer(chunk, add_special_tokens=True)["input_ids"]
                 if max_length:
-                    enc = [e[:max_length] for e in enc]
+                    enc = [e[-max_length:] for e in enc]
                 ids, mask = right_pad(enc, pad)  # right padding: causal attention keeps real tokens unaffected
                 last = torch.tensor([len(e) - 1 for e in enc], device=device)
                 rows = torch.arange(len(enc), device=device)
