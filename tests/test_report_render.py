@@ -289,6 +289,8 @@ def test_wandb_mode_is_checked_before_anything_is_written(tmp_path, monkeypatch)
         log_report({}, {}, dir=tmp_path / "wb")
     with pytest.raises(ValueError, match=r"images\['x'\] is not PNG bytes"):
         log_report({}, {"x": b"not a png"}, dir=tmp_path / "wb")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert log_report({"t": (["a"], [[1]])}, {}, dir=tmp_path / "wb") == ""
     assert not (tmp_path / "wb").exists()
 
 

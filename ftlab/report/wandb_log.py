@@ -30,7 +30,8 @@ def log_report(tables: dict[str, tuple[Sequence[str], Sequence[Sequence[Any]]]],
                project: str = "ftlab-report", name: str | None = None, dir: str | os.PathLike | None = None) -> str:
     """Log `tables` ({name: (columns, rows)}) as wandb.Table and `images` ({name: png_bytes}) as wandb.Image, in
     one step of a new run; return its local directory (the offline-run-*/run-* folder holding the .wandb file and
-    files/media/). `dir` is wandb's dir (default: WANDB_DIR, else the working directory)."""
+    files/media/), or "" under WANDB_MODE=disabled, which writes nothing. `dir` is wandb's dir (default: WANDB_DIR,
+    else the working directory)."""
     for key, png in images.items():
         if not isinstance(png, (bytes, bytearray)) or bytes(png[:8]) != PNG_MAGIC:
             raise ValueError(f"log_report: images[{key!r}] is not PNG bytes (pass what ftlab.report.plots returns)")
@@ -43,6 +44,8 @@ def log_report(tables: dict[str, tuple[Sequence[str], Sequence[Sequence[Any]]]],
                 raise ValueError(f"log_report: tables[{key!r}] row {i} has {len(row)} cells for {len(columns)} "
                                  f"columns")
     mode = _mode()
+    if mode == "disabled":  # wandb switched off for this environment: nothing is written, no directory to give
+        return ""
     import wandb
 
     if dir is not None:
