@@ -27,8 +27,15 @@ def fixture_path(name: str) -> Path:
     return FIX / "gsm8k_mini.jsonl" if name == "gsm8k" else EVAL_FIX / f"{name}.jsonl"
 
 
+def fewshot_path(name: str) -> Path:
+    """The few-shot pool of a task's fixture (its hub few-shot split's fields). GSM8K's is its eval file itself:
+    lm-eval's rule when the few-shot split is the eval split (an item never is its own example)."""
+    return {"mmlu": EVAL_FIX / "mmlu_dev.jsonl", "gsm8k": fixture_path("gsm8k")}.get(
+        name, EVAL_FIX / f"{name}_train.jsonl")
+
+
 def fewshot_kw(name: str) -> dict:
-    return {"fewshot_path": str(EVAL_FIX / "mmlu_dev.jsonl")} if name == "mmlu" else {}
+    return {"fewshot_path": str(fewshot_path(name))}
 
 
 # ------------------------------------------------------------------------------------------ tiny model
@@ -96,7 +103,7 @@ def test_registries_refuse_an_unknown_name_with_the_closest_one():
 
 @pytest.mark.parametrize("name", list(BUILTINS))
 def test_builtin_task_loads_from_its_fixture(name):
-    t = load_task(name, "forget", path=str(fixture_path(name)))
+    t = load_task(name, "forget", path=str(fixture_path(name)), **(fewshot_kw(name) if BUILTINS.get(name).few_shot else {}))
     assert t.kind == BUILTINS.get(name).kind and t.metric == BUILTINS.get(name).metric and t.rows
     assert all(r["id"].startswith(f"{name}/") for r in t.rows)
     assert len({r["id"] for r in t.rows}) == len(t.rows)
@@ -134,35 +141,72 @@ def test_row_formats_follow_lm_eval():
     assert [r["id"] for r in wt.rows] == ["wikitext/1", "wikitext/3", "wikitext/4", "wikitext/5", "wikitext/6"]
 
 
-def test_few_shot_examples_are_fixed_recorded_and_never_the_item_itself():
-    rows, meta = load_builtin("arc_easy", path=str(fixture_path("arc_easy")), few_shot=2)
-    assert meta["few_shot"] == 2 and meta["fewshot_source"].startswith("eval rows")
+def test_few_shot_examples_are_drawn_per_item_as_lm_eval_draws_them_and_recorded():
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.samplers import ContextSampler
+
+    rows, meta = load_builtin("arc_easy", path=str(fixture_path("arc_easy")), few_shot=2, **fewshot_kw("arc_easy"))
+    assert meta["few_shot"] == 2 and meta["fewshot_source"].startswith("file:") and meta["fewshot_seed"] == 1234
+    assert meta["fewshot_sampler"] == "default" and len(meta["fewshot_sample_sha256"]) == 64
+    # lm-eval's default sampler, seeded once per task, one draw per doc in doc order
+    pool = [json.loads(x) for x in fewshot_path("arc_easy").read_text().splitlines()]
+    sampler = ContextSampler(pool, rnd=1234)
     for r in rows:
+        want = [f"arc_easy/fewshot/{pool.index(d)}" for d in sampler.sample(2)]
+        assert meta["fewshot_ids"][r["id"]] == want
         blocks = r["context"].split("\n\n")
         assert len(blocks) == 3 and blocks[-1].startswith("Question:")
-        assert blocks[-1] not in blocks[:2]  # its own question is not an example
-        for b in blocks[:2]:
-            assert b.count("\nAnswer: ") == 1  # an example ends with its correct answer
-    again, _ = load_builtin("arc_easy", path=str(fixture_path("arc_easy")), few_shot=2)
-    assert again == rows
-    gsm = load_task("gsm8k", path=str(fixture_path("gsm8k")), n=3)
+        for b, pid in zip(blocks[:2], want):
+            ex = pool[int(pid.rsplit("/", 1)[1])]
+            assert b.startswith(f"Question: {ex['question']}\nAnswer: ")  # an example ends with its correct answer
+    assert len({tuple(v) for v in meta["fewshot_ids"].values()}) > 1  # not the same examples for every item
+    # a limit keeps each item's draw: item i's prompt is the same with or without it (lm-eval's --limit too)
+    assert load_builtin("arc_easy", path=str(fixture_path("arc_easy")), few_shot=2, n=2, **fewshot_kw("arc_easy"))[0] \
+        == rows[:2]
+    with pytest.raises(ValueError, match=r"eval.tasks.arc_easy.fewshot_path=FILE.jsonl .* eval.tasks.arc_easy.few_shot=0"):
+        load_builtin("arc_easy", path=str(fixture_path("arc_easy")), few_shot=2)  # never the rows being evaluated
+    with pytest.raises(ValueError, match="only 6 available"):
+        load_builtin("arc_easy", path=str(fixture_path("arc_easy")), few_shot=7, **fewshot_kw("arc_easy"))
+    # the eval file as its own pool (lm-eval's fewshot_split == test_split): k+1 drawn, the item itself removed
+    gsm = load_task("gsm8k", path=str(fixture_path("gsm8k")), n=3, **fewshot_kw("gsm8k"))
     assert gsm.meta["few_shot"] == 5 and len(gsm.rows) == 3
     assert gsm.rows[0]["prompt"].count("Question: ") == 6 and gsm.rows[0]["prompt"].count("#### ") == 5
-    with pytest.raises(ValueError, match="only 3 available"):
-        load_builtin("arc_easy", path=str(fixture_path("arc_easy")), few_shot=4)
+    for r in gsm.rows:
+        assert f"gsm8k/fewshot/{r['id'].split('/')[1]}" not in gsm.meta["fewshot_ids"][r["id"]]
 
 
-def test_mmlu_subset_interleaving_and_same_subject_examples():
+def test_mmlu_limit_per_subject_and_first_n_examples_of_the_subject():
     rows, meta = load_builtin("mmlu", path=str(fixture_path("mmlu")), subset=["anatomy", "virology"])
     assert len(rows) == 4 and meta["subset"] == ["anatomy", "virology"]
-    rows, _ = load_builtin("mmlu", path=str(fixture_path("mmlu")), n=3)
-    assert [r["id"] for r in rows] == ["mmlu/0", "mmlu/3", "mmlu/6"]  # one per subject first
+    rows, _ = load_builtin("mmlu", path=str(fixture_path("mmlu")), n=2)  # lm-eval's --limit: per subject
+    assert [r["id"] for r in rows] == ["mmlu/0", "mmlu/1", "mmlu/3", "mmlu/4", "mmlu/6"]
     rows, meta = load_builtin("mmlu", path=str(fixture_path("mmlu")), few_shot=2, **fewshot_kw("mmlu"))
+    assert meta["fewshot_sampler"] == "first_n" and meta["fewshot_seed"] is None
     anatomy = rows[3]["context"]
     assert anatomy.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
     assert anatomy.count("(dev)") == 2 and "abstract" not in anatomy.split("\n\n", 1)[1]
+    assert anatomy.index("hyoid bone? (dev)") < anatomy.index("trigeminal nerve contain somatic motor processes? (dev)")
+    assert meta["fewshot_ids"]["mmlu/3"] == meta["fewshot_ids"]["mmlu/5"] == ["mmlu/fewshot/2", "mmlu/fewshot/3"]
+    with pytest.raises(ValueError, match="only 2 available for 'abstract_algebra'"):
+        load_builtin("mmlu", path=str(fixture_path("mmlu")), few_shot=3, **fewshot_kw("mmlu"))
     with pytest.raises(ValueError, match="no rows for"):
         load_builtin("mmlu", path=str(fixture_path("mmlu")), subset=["astronomy"])
+
+
+def test_boolq_reads_super_glue_by_default_and_google_boolq_when_asked(tmp_path):
+    assert (BUILTINS.get("boolq").hf_path, BUILTINS.get("boolq").hf_name) == ("aps/super_glue", "boolq")
+    from ftlab.eval.builtin import _hub_location
+
+    assert _hub_location(BUILTINS.get("boolq"), None, None) == ("aps/super_glue", "boolq")
+    assert _hub_location(BUILTINS.get("boolq"), "google/boolq", None) == ("google/boolq", None)
+    sg = load_task("boolq", path=str(fixture_path("boolq"))).rows
+    assert sg[0]["context"].startswith("Persian language -- Persian")  # the title is part of super_glue's passage
+    google = tmp_path / "google_boolq.jsonl"  # google/boolq's fields: answer true/false, no title
+    google.write_text("".join(json.dumps({"question": json.loads(x)["question"], "answer": bool(json.loads(x)["label"]),
+                                          "passage": json.loads(x)["passage"].split(" -- ", 1)[1]}) + "\n"
+                              for x in fixture_path("boolq").read_text().splitlines()))
+    og = load_task("boolq", path=str(google)).rows
+    assert [r["label"] for r in og] == [r["label"] for r in sg] and og[0]["context"].startswith("Persian (/")
 
 
 def test_offline_hub_failure_names_the_local_file_override(monkeypatch):
@@ -466,7 +510,7 @@ def test_suites_build_their_tasks_from_local_files():
     from ftlab.cli.run import check
 
     paths = [f"eval.paths.{n}={fixture_path(n)}" for n in ("gsm8k", "hellaswag", "arc_challenge", "winogrande")]
-    (cfg,) = check(["eval=biderman", "eval.limit=3", *paths])
+    (cfg,) = check(["eval=biderman", "eval.limit=3", *paths, f"eval.tasks.gsm8k.fewshot_path={fewshot_path('gsm8k')}"])
     tasks = build_tasks(cfg)
     assert [(t.name, t.role, t.metric) for t in tasks] == [
         ("gsm8k", "target", "exact_match"), ("hellaswag", "forget", "acc_norm"),
@@ -541,6 +585,7 @@ def test_a_run_on_a_local_model_with_the_biderman_suite(model, tok, tmp_path, ft
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     paths = [f"eval.paths.{n}={fixture_path(n)}" for n in ("gsm8k", "hellaswag", "arc_challenge", "winogrande")]
+    paths.append(f"eval.tasks.gsm8k.fewshot_path={fewshot_path('gsm8k')}")
     overrides = ["model=smollm2-135m", f"model.name_or_path={model_dir}", "model.dtype=float32",
                  "model.attn_implementation=eager", "model.max_length=96", "data=gsm8k",
                  f"data.path={fixture_path('gsm8k')}", "eval=biderman", "eval.limit=3", "eval.tasks.gsm8k.few_shot=1",
@@ -605,7 +650,7 @@ def test_generation_ends_at_the_tasks_stop_strings(model, tok):
     from ftlab.models.generate import cut_at_stop, greedy_decode
 
     assert GSM8K_STOP == ("Question:", "</s>", "<|im_end|>")
-    assert load_task("gsm8k", path=str(fixture_path("gsm8k"))).stop == GSM8K_STOP
+    assert load_task("gsm8k", path=str(fixture_path("gsm8k")), few_shot=0).stop == GSM8K_STOP
     fixtures = Path(__file__).parent / "fixtures"
     (cfg,) = check(["data=gsm8k", f"data.path={fixtures / 'gsm8k_mini.jsonl'}", "model=qwen2.5-0.5b", "eval=target"])
     assert tuple(cfg.data.stop) == GSM8K_STOP

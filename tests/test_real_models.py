@@ -377,6 +377,7 @@ def test_every_readme_eval_suite_runs_on_a_real_model_from_local_files(suite, re
              + [f"eval.tasks.mmlu.fewshot_path={FIXTURES / 'eval' / 'mmlu_dev.jsonl'}", "eval.tasks.mmlu.few_shot=1"],
              "biderman": _paths("hellaswag", "arc_challenge", "winogrande") + [f"eval.paths.gsm8k={test}",
                                                                                "eval.tasks.gsm8k.few_shot=1",
+                                                                               f"eval.tasks.gsm8k.fewshot_path={train}",
                                                                                "eval.tasks.gsm8k.max_new_tokens=4"]}[suite]
     _, result = _run(tmp_path, suite, [*base, *paths])
     assert result["status"] == "completed", result.get("error")

@@ -79,6 +79,7 @@ class Builtin:
     stop: tuple[str, ...] = ()  # generation: where a continuation ends
     description: Callable[[dict], str] = lambda rec: ""  # text before the few-shot block (MMLU's subject line)
     group: Optional[Callable[[dict], str]] = None  # MMLU: subject (few-shot examples and subsets by group)
+    sampler: str = "default"  # lm-eval's fewshot_config.sampler: "default" (seeded per-item draws) | "first_n"
     doc: str = ""
 
     @property
@@ -254,10 +255,10 @@ for _b in [
             "acc_norm", doc="HellaSwag sentence completion"),
     Builtin("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train",
             _winogrande, "acc", doc="WinoGrande (partial scoring: the option goes in the context)"),
-    Builtin("boolq", "google/boolq", None, "validation", "train", _boolq, "acc",
-            doc="BoolQ yes/no questions on a passage"),
+    Builtin("boolq", "aps/super_glue", "boolq", "validation", "train", _boolq, "acc",
+            doc="BoolQ yes/no questions on a passage (super_glue's, as lm-eval; hf_path=google/boolq: the original)"),
     Builtin("mmlu", "cais/mmlu", "all", "test", "dev", _mmlu, "acc",
-            description=_mmlu_description, group=lambda rec: str(rec.get("subject", "")),
+            description=_mmlu_description, group=lambda rec: str(rec.get("subject", "")), sampler="first_n",
             doc="MMLU, 57 subjects (subset=[...] picks some)"),
     Builtin("wikitext", "Salesforce/wikitext", "wikitext-2-raw-v1", "test", None, _wikitext,
             "perplexity", doc="WikiText-2 (raw) perplexity, one row per non-empty line"),
@@ -303,12 +304,21 @@ def checked_row(spec: Builtin, rec: dict, where: str, key: str) -> Optional[dict
     return row
 
 
+def _hub_location(spec: Builtin, hf_path: Optional[str], hf_name: Optional[str]) -> tuple[str, Optional[str]]:
+    """(dataset, config): the spec's config belongs to the spec's dataset, so another hf_path without hf_name
+    loads that dataset's default config (hf_path=google/boolq has none named "boolq")."""
+    path = hf_path or spec.hf_path
+    if hf_name is not None:
+        return path, hf_name
+    return path, spec.hf_name if path == spec.hf_path else None
+
+
 def _read_hub(spec: Builtin, split: str, hf_path: Optional[str], hf_name: Optional[str],
               revision: Optional[str], what: str) -> list[dict]:
     """One split of a hub dataset, as a list of records. Fails fast (HubUnavailable) offline."""
     from ftlab.models.hub import load_hub_dataset
 
-    path, name = hf_path or spec.hf_path, hf_name if hf_name is not None else spec.hf_name
+    path, name = _hub_location(spec, hf_path, hf_name)
     fix = (f"Point ftlab at a local file instead: eval.paths.{spec.name}=FILE.jsonl (one JSON object per line, with "
            "the hub dataset's fields)")
     ds = load_hub_dataset(path, name, revision=revision, split=split, what=f"eval: cannot load task {spec.name!r}",
@@ -318,14 +328,6 @@ def _read_hub(spec: Builtin, split: str, hf_path: Optional[str], hf_name: Option
 
 def _records_sha(records: list[dict]) -> str:
     return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _interleave(groups: dict[str, list[int]]) -> list[int]:
-    """Round-robin over groups (in their first-appearance order): the first n indices cover every group."""
-    out, lists = [], [list(v) for v in groups.values()]
-    for k in range(max((len(v) for v in lists), default=0)):
-        out += [v[k] for v in lists if k < len(v)]
-    return out
 
 
 def render_fewshot(spec_kind: str, row: dict, delimiter: str = " ") -> str:
@@ -349,6 +351,58 @@ def _with_prefix(row: dict, prefix: str) -> dict:
     return out
 
 
+def fewshot_draws(spec: Builtin, k: int, docs: list[dict], wanted: set[int], pool: list[dict],
+                  same_split: bool, source: str) -> dict[int, list[int]]:
+    """Which pool rows precede each wanted doc: {doc index: [pool index, ...]}, as lm-evaluation-harness 0.4.13
+    picks them (api/samplers.py, api/task.py fewshot_context).
+
+    `docs` are the task's eval documents in dataset order, `pool` its few-shot split in dataset order.
+    - sampler "default" (ContextSampler): one random.Random(FEWSHOT_SEED) per task, seeded once, then one
+      ``rnd.sample(pool, k)`` per doc in doc order. The draw of doc i is the i-th draw whatever the limit, so every
+      doc before the last wanted one is drawn for too (and thrown away) to keep the sequence. When the few-shot
+      split is the eval split, lm-eval draws k+1 and removes the doc itself (by equality), keeping the first k,
+      and resamples k from the pool without the doc's copies if duplicates left fewer.
+    - sampler "first_n" (MMLU): the first k pool rows of the doc's group (subject), in order; the doc itself
+      removed first when the splits are the same.
+    random.sample picks by position only, so sampling indices gives lm-eval's documents."""
+    if k <= 0:
+        return {}
+    group = spec.group or (lambda rec: "")
+    out: dict[int, list[int]] = {}
+    if spec.sampler == "first_n":
+        by_group: dict[str, list[int]] = {}
+        for j, rec in enumerate(pool):
+            by_group.setdefault(group(rec), []).append(j)
+        for i in sorted(wanted):
+            cands = [j for j in by_group.get(group(docs[i]), []) if not (same_split and pool[j] == docs[i])]
+            if len(cands) < k:
+                raise ValueError(f"eval.tasks.{spec.name}.few_shot: {k} examples asked for, only {len(cands)} "
+                                 f"available for {group(docs[i])!r} in {source}")
+            out[i] = cands[:k]
+        return out
+    if spec.sampler != "default":
+        raise ValueError(f"built-in task {spec.name!r}: unknown few-shot sampler {spec.sampler!r}")
+    if len(pool) < k + same_split:
+        raise ValueError(f"eval.tasks.{spec.name}.few_shot: {k} examples asked for, only {len(pool) - same_split} "
+                         f"available in {source}")
+    rnd = random.Random(FEWSHOT_SEED)
+    everything = range(len(pool))
+    for i in range(max(wanted) + 1 if wanted else 0):
+        if not same_split:
+            draw = rnd.sample(everything, k)
+        else:
+            draw = [j for j in rnd.sample(everything, k + 1) if pool[j] != docs[i]][:k]
+            if len(draw) < k:
+                others = [j for j in everything if pool[j] != docs[i]]
+                if len(others) < k:
+                    raise ValueError(f"eval.tasks.{spec.name}.few_shot: {k} examples asked for, only {len(others)} "
+                                     f"differ from item {i} in {source}")
+                draw = rnd.sample(others, k)
+        if i in wanted:
+            out[i] = draw
+    return out
+
+
 def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] = None,
                  path: Optional[str] = None, fewshot_path: Optional[str] = None,
                  subset: Optional[Sequence[str]] = None, split: Optional[str] = None,
@@ -357,23 +411,31 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
     """The rows of built-in task `name` and what to record about them.
 
     Args:
-        n: the first n eval rows (file/split order; MMLU: subjects interleaved); None: all.
-        few_shot: examples before each item (None: the task's default).
+        n: the first n eval rows in file/split order (MMLU: the first n of each subject, lm-eval's --limit per
+            subtask); None: all.
+        few_shot: examples before each item (None: the task's default); picked as lm-eval picks them
+            (`fewshot_draws`).
         path: a local .jsonl with the hub's fields, instead of the hub.
-        fewshot_path: a local .jsonl for the few-shot examples (default: the hub's few-shot split, or the
-            eval rows of `path` when only a local file is given).
+        fewshot_path: a local .jsonl for the few-shot examples (default: the hub's few-shot split). Needed when
+            `path` is given and few_shot > 0: the eval rows are never their own examples' pool.
         subset: MMLU subjects (the ``subject`` field), e.g. ``["abstract_algebra", "anatomy"]``.
-        split, hf_path, hf_name, revision: override the hub location.
+        split, hf_path, hf_name, revision: override the hub location (another hf_path drops the spec's hf_name).
 
     Returns:
         (rows, meta): rows in the kind's format with ids ``<name>/<index>``; meta has ``source``, ``sha256``,
-        ``few_shot``, ``fewshot_source``, ``fewshot_ids``, ``split`` and (MMLU) ``subset``.
+        ``few_shot``, ``fewshot_source``, ``fewshot_sampler``, ``fewshot_seed``, ``fewshot_sample_sha256`` (of
+        every item's example ids), ``fewshot_ids`` (item id -> example ids; None when over 5000 ids: the hash
+        stands for them), ``split`` and (MMLU) ``subset``.
     """
     spec = BUILTINS.get(name, "eval: built-in task")
     k = spec.few_shot if few_shot is None else int(few_shot)
     if k < 0:
         raise ValueError(f"eval.tasks.{name}.few_shot: must be >= 0, got {k}")
     split = split or spec.split
+    if path and k > 0 and not fewshot_path:
+        raise ValueError(f"eval.paths.{name}: with a local eval file, {k}-shot needs its own examples: set "
+                         f"eval.tasks.{name}.fewshot_path=FILE.jsonl (e.g. the hub's "
+                         f"{spec.fewshot_split or 'train'} split) or eval.tasks.{name}.few_shot=0")
     if path:
         key = f"eval.paths.{name}"
         records, wheres = _read_local(path, key)
@@ -382,8 +444,8 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
         key = f"eval: task {name!r}"
         records = _read_hub(spec, split, hf_path, hf_name, revision, "eval rows")
         wheres = _hub_where(spec, split, hf_path, len(records))
-        where = (hf_path or spec.hf_path) + (f"/{hf_name or spec.hf_name}" if (hf_name or spec.hf_name) else "")
-        source, sha = f"hub:{where}@{revision or 'main'}:{split}", _records_sha(records)
+        hub, config = _hub_location(spec, hf_path, hf_name)
+        source, sha = f"hub:{hub}{'/' + config if config else ''}@{revision or 'main'}:{split}", _records_sha(records)
 
     # eval rows: (index in the split, record, row)
     indexed = []
@@ -400,66 +462,66 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
         missing = [s for s in subset if s not in found]
         if missing:
             raise ValueError(f"eval.tasks.{name}.subset: no rows for {missing} in {source}")
-    if spec.group is not None and n is not None:
-        groups: dict[str, list[int]] = {}
-        for j, (_, rec, _) in enumerate(indexed):
-            groups.setdefault(spec.group(rec), []).append(j)
-        indexed = [indexed[j] for j in sorted(_interleave(groups)[:n])]
+    if spec.group is not None and n is not None:  # lm-eval runs each subject as a task of its own, --limit in each
+        seen: dict[str, int] = {}
+        kept = []
+        for item in indexed:
+            g = spec.group(item[1])
+            seen[g] = seen.get(g, 0) + 1
+            if seen[g] <= n:
+                kept.append(item)
+        indexed = kept
     elif n is not None:
         indexed = indexed[:n]
     if not indexed:
         raise ValueError(f"eval: task {name!r} has no rows in {source}")
 
-    # few-shot pool: (id, record, row); the same k examples for every item (MMLU: per subject)
     fewshot_source = fewshot_sha = None
-    pool: list[tuple[str, dict, dict]] = []
+    shots: dict[int, list[int]] = {}
+    pool: list[tuple[str, dict]] = []  # (id, row)
     if k > 0:
         if fewshot_path:
             fkey = f"eval.tasks.{name}.fewshot_path"
             recs, fwheres = _read_local(fewshot_path, fkey)
-            fewshot_source = f"file:{Path(fewshot_path).expanduser().resolve()}"
-            fewshot_sha = sha256_file(Path(fewshot_path).expanduser())
+            resolved = Path(fewshot_path).expanduser().resolve()
+            fewshot_source, fewshot_sha = f"file:{resolved}", sha256_file(resolved)
             pool_ids = [f"{name}/fewshot/{i}" for i in range(len(recs))]
-        elif not path and spec.fewshot_split:
+            same_split = bool(path) and resolved == Path(path).expanduser().resolve()
+        elif spec.fewshot_split:
             fkey = f"eval: task {name!r} (few-shot split)"
             recs = _read_hub(spec, spec.fewshot_split, hf_path, hf_name, revision, "few-shot rows")
             fwheres = _hub_where(spec, spec.fewshot_split, hf_path, len(recs))
             fewshot_source = f"hub:{spec.fewshot_split}"
             pool_ids = [f"{name}/{spec.fewshot_split}/{i}" for i in range(len(recs))]
-        else:  # the eval rows themselves
-            recs, fwheres, fkey = records, wheres, key
-            fewshot_source = "eval rows (an item never sees itself)"
-            pool_ids = [f"{name}/{i}" for i in range(len(recs))]
+            same_split = spec.fewshot_split == split
+        else:
+            raise ValueError(f"eval.tasks.{name}.few_shot: task {name!r} has no few-shot split; set "
+                             f"eval.tasks.{name}.fewshot_path=FILE.jsonl or eval.tasks.{name}.few_shot=0")
+        kept_recs = []  # lm-eval's pool is every record of the split, in order; a record that is no item is refused
         for pid, rec, fwhere in zip(pool_ids, recs, fwheres):
             row = checked_row(spec, rec, fwhere, fkey)
             if row is not None:
-                pool.append((pid, rec, row))
-        random.Random(FEWSHOT_SEED).shuffle(pool)
-    # the first k+1 of the shuffled pool per group: k examples for every item, skipping the item itself
-    first: dict[str, list[tuple[str, dict, dict]]] = {}
-    for p in pool:
-        g = spec.group(p[1]) if spec.group is not None else ""
-        if len(first.setdefault(g, [])) <= k:
-            first[g].append(p)
+                pool.append((pid, row))
+                kept_recs.append(rec)
+        shots = fewshot_draws(spec, k, records, {i for i, _, _ in indexed}, kept_recs, same_split, fewshot_source)
 
-    rows, used_ids = [], set()
+    rows, per_item = [], {}
     for i, rec, row in indexed:
         rid = f"{name}/{i}"
         prefix = spec.description(rec)
         if k > 0:
-            g = spec.group(rec) if spec.group is not None else ""
-            cands = [p for p in first.get(g, []) if p[0] != rid][:k]
-            if len(cands) < k:
-                raise ValueError(f"eval.tasks.{name}.few_shot: {k} examples asked for, only {len(cands)} available "
-                                 f"in {fewshot_source}")
-            used_ids.update(p[0] for p in cands)
-            prefix += FEWSHOT_SEP.join(render_fewshot(spec.kind, p[2]) for p in cands) + FEWSHOT_SEP
+            examples = [pool[j] for j in shots[i]]
+            per_item[rid] = [pid for pid, _ in examples]
+            prefix += FEWSHOT_SEP.join(render_fewshot(spec.kind, ex) for _, ex in examples) + FEWSHOT_SEP
         out = {"id": rid, **_with_prefix(row, prefix)}
         out.pop("response", None)
         rows.append(out)
     meta = {"source": source, "sha256": sha, "split": split if not path else None, "few_shot": k,
-            "fewshot_source": fewshot_source, "fewshot_ids": sorted(used_ids)[:50],
-            "fewshot_seed": FEWSHOT_SEED if k else None}
+            "fewshot_source": fewshot_source}
+    if k:
+        meta.update(fewshot_sampler=spec.sampler, fewshot_seed=FEWSHOT_SEED if spec.sampler == "default" else None,
+                    fewshot_sample_sha256=hashlib.sha256(json.dumps(per_item, sort_keys=True).encode()).hexdigest(),
+                    fewshot_ids=per_item if k * len(per_item) <= 5000 else None)
     if fewshot_sha is not None:  # the few-shot file's content: in the task's signature, so in the base cache key
         meta["fewshot_sha256"] = fewshot_sha
     if subset:
