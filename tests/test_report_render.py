@@ -99,6 +99,7 @@ def test_edge_inputs_draw_or_say_no_data():
     (lambda: plots.gain_forgetting([{"label": "a", "gain": None, "forgetting": 1.0}], []), "point 'a' gain is None"),
     (lambda: plots.gain_forgetting([{"label": "a", "gain": "3", "forgetting": 1.0}], []), "is not a number"),
     (lambda: plots.gain_forgetting([{"gain": 1.0, "forgetting": 1.0}], []), "points[0] needs a dict with a 'label'"),
+    (lambda: plots.gain_forgetting([{"label": "a", "gain": 1.0, "forgetting": 1.0}] * 2, []), "labels ['a'] name more"),
     (lambda: plots.task_heatmap(["a", "b"], ["t"], [[1.0]]), "1 rows of values for 2 row labels"),
     (lambda: plots.task_heatmap(["a"], ["t", "u"], [[1.0]]), "row 0 has 1 values for 2 columns"),
     (lambda: plots.r_matrix([[1.0, 2.0], [3.0]], ["a", "b"]), "row 1 has 1 values"),

@@ -93,6 +93,10 @@ def gain_forgetting(points: list[dict], pareto_labels: Sequence[str], title: str
                      "forgetting_err": _num(p.get("forgetting_err"), f"gain_forgetting: point {lab!r} forgetting_err",
                                             none_ok=True)})
     by_label = {r["label"]: r for r in rows}
+    if len(by_label) < len(rows):
+        dup = sorted({r["label"] for r in rows if sum(q["label"] == r["label"] for q in rows) > 1})
+        raise ValueError(f"gain_forgetting: labels {dup} name more than one point: pareto_labels could not tell "
+                         f"them apart (put the varied value, e.g. the lr, in the label)")
     unknown = [lab for lab in pareto_labels if lab not in by_label]
     if unknown:
         raise ValueError(f"gain_forgetting: pareto_labels {unknown} name no point (labels: {sorted(by_label)})")
