@@ -19,7 +19,7 @@ import yaml
 from ftlab.cli import main
 from ftlab.eval.metrics import summarize, task_entry
 from ftlab.report import compare as C
-from ftlab.report.render import Options, Refused, build
+from ftlab.report.render import Options, Refused, build, write
 from ftlab.report.runs import ReportError, discover
 from ftlab.report.stats import fold, forgetting_at_gain, paired_bootstrap, pareto_front, t_quantile
 from ftlab.rundir.identity import run_name
@@ -291,6 +291,10 @@ def test_continual_runs_r_matrix(tmp_path):
     ct = C.continual_table(g)
     assert ct["R"] == [[15.0, 0.0], [7.5, 50.0]] and ct["stages"] == ["s1", "s2"]
     assert ct["metrics"]["bwt"]["mean"] == pytest.approx(-7.5)
+    rep = build(Options(paths=[str(root)], n_boot=200), log=lambda *_: None)
+    sec = next(s for s in rep["sections"] if s.heading.startswith("Continual"))
+    assert sec.rows == [["s1", "15.0", "0.0"], ["s2", "7.5", "50.0"]]
+    assert len(sec.images) == 1 and sec.images[0][1][:4] == b"\x89PNG"
 
 
 class _Page(HTMLParser):
@@ -334,3 +338,14 @@ def test_cli_end_to_end_writes_md_csv_html_and_pngs(sweep, tmp_path, capsys):
     assert page.errors == [] and page.stack == []
     assert len(page.imgs) == len(pngs) and all(s.startswith("data:image/png;base64,") for s in page.imgs)
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_wandb_logs_the_tables_and_plots_offline(sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    rep = write(Options(paths=[str(sweep)], out=str(out), wandb=True, n_boot=200), log=lambda *_: None)
+    run_dir = Path(rep["wandb"])
+    assert run_dir.is_dir() and list(run_dir.glob("*.wandb"))
+    media = list(run_dir.rglob("*.png"))
+    assert len(media) == len(list(out.glob("fig*.png")))

@@ -35,7 +35,7 @@ def _f(x: Optional[float], nd: int = 1) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
 
 
-def _ms(fd: Optional[dict]) -> str:
+def _ms(fd: Optional[dict], nd: int = 1) -> str:
     """mean ± std over seeds; "missing k" when a seed has no number."""
     if not fd:
         return "—"
@@ -43,7 +43,16 @@ def _ms(fd: Optional[dict]) -> str:
         return f"missing in {fd['missing']}/{fd['n']} seeds"
     if fd["mean"] is None:
         return "—"
-    return f"{fd['mean']:.1f}" + (f" ± {fd['std']:.1f}" if fd["std"] is not None else "")
+    return f"{fd['mean']:.{nd}f}" + (f" ± {fd['std']:.{nd}f}" if fd["std"] is not None else "")
+
+
+def _task_head(name: str, t: dict) -> str:
+    bits = [t.get("role") or "?"]
+    if t.get("unit", "points") != "points":
+        bits.append(t["unit"])
+    if t.get("chance") is not None:
+        bits.append(f"chance {t['chance']:g}")
+    return f"{name} ({', '.join(bits)})"
 
 
 def _ci(fd: Optional[dict]) -> str:
@@ -119,10 +128,12 @@ def build(opts: Options, log=print) -> dict:
         sections.append(cand)
     task_names = list(dict.fromkeys(n for g in compared for n in g.stats["tasks"]))
     tasks = Section("Per task: change tuned - base (mean ± std over seeds; positive = better, perplexity: base - tuned)",
-                    ["group"] + [f"{n} ({compared[0].stats['tasks'].get(n, {}).get('role', '?')})" for n in task_names])
+                    ["group"] + [_task_head(n, next(g.stats["tasks"][n] for g in compared if n in g.stats["tasks"]))
+                                 for n in task_names])
     for g in compared:
-        tasks.rows.append([g.label] + [_ms(g.stats["tasks"][n]["improvement"]) if n in g.stats["tasks"] else "—"
-                                       for n in task_names])
+        tasks.rows.append([g.label] + [_ms(g.stats["tasks"][n]["improvement"],
+                                           1 if g.stats["tasks"][n]["unit"] == "points" else 3)
+                                       if n in g.stats["tasks"] else "—" for n in task_names])
     sections.append(tasks)
     mg = C.matched_gain(compared, opts.levels)
     sections.append(_matched_section(mg))

@@ -217,8 +217,14 @@ def label_groups(groups: list[list[Run]], drop: tuple[str, ...] = ()) -> list[st
                 continue
         chosen.append(k)
     if not chosen:
-        return [_show(g[0].flat.get("method.name", "all")) for g in groups]
-    return [" ".join(f"{_short(k)}={_show(g[0].flat.get(k, '-'))}" for k in chosen) for g in groups]
+        labels = [_show(g[0].flat.get("method.name", "all")) for g in groups]
+    else:
+        labels = [" ".join(f"{_short(k)}={_show(g[0].flat.get(k, '-'))}" for k in chosen) for g in groups]
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(labels):  # a label names one group in every table and plot
+        seen[lab] = seen.get(lab, 0) + 1
+        labels[i] = lab if seen[lab] == 1 else f"{lab} #{seen[lab]}"
+    return labels
 
 
 def finite(x: Any) -> Optional[float]:
