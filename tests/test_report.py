@@ -349,3 +349,30 @@ def test_wandb_logs_the_tables_and_plots_offline(sweep, tmp_path, monkeypatch):
     assert run_dir.is_dir() and list(run_dir.glob("*.wandb"))
     media = list(run_dir.rglob("*.png"))
     assert len(media) == len(list(out.glob("fig*.png")))
+
+
+def test_update_profile_averages_seeds_per_layer(tmp_path):
+    root = tmp_path / "r"
+    for s, x in ((0, 0.1), (1, 0.3)):
+        d = write_run(root, make_config("lora", s))
+        (d / "diagnostics").mkdir()
+        by_layer = {"0": {"rel_update": x}, "1": {"rel_update": 2 * x}, "None": {"rel_update": 9.0}}
+        (d / "diagnostics" / "weights.json").write_text(json.dumps({"summary": {"by_layer": by_layer}}))
+        res = json.loads((d / "result.json").read_text())
+        res["diagnostics"] = {"files": {"weights": "diagnostics/weights.json"}}
+        (d / "result.json").write_text(json.dumps(res))
+    g = C.make_groups(discover([str(root)]).completed)[0]
+    prof = C.update_profile(g)
+    assert [k for k, _ in prof] == [0, 1] and prof[0][1] == pytest.approx(0.2) and prof[1][1] == pytest.approx(0.4)
+    rep = build(Options(paths=[str(root)], n_boot=200), log=lambda *_: None)
+    assert any(s.heading.startswith("Update profile") and s.images for s in rep["sections"])
+
+
+def test_report_imports_neither_torch_nor_hydra():
+    import subprocess
+    import sys
+
+    code = ("import sys, ftlab.cli.report, ftlab.report.render; "
+            "print(sorted(m for m in ('torch', 'hydra', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
