@@ -271,6 +271,8 @@ def test_fairness_lists_differences_and_strict_refuses(tmp_path, capsys):
     text = "\n".join(rep["fairness"])
     assert "step/token budget differs" in text and "800" in text and "1600" in text
     assert "item sets differs — items of tgt" in text
+    pairs = next(s for s in rep["sections"] if s.heading.startswith("Paired"))
+    assert pairs.rows[0][2] == "no paired records" and "Left out of some pairs" in pairs.text and "fb" in pairs.text
     md_rows = rep["sections"][0].rows
     assert len(md_rows) == len(rep["fairness"]) >= 4
     with pytest.raises(Refused):

@@ -205,7 +205,8 @@ def default_levels(groups: list[Group], n: int = 4) -> list[float]:
             if gains:
                 tops.append(max(gains))
     top = min(tops) if tops else 0.0
-    return [round(top * k / n, 6) for k in range(1, n + 1)] if top > 0 else []
+    # not rounded: a level rounded up past the lowest top would be "not reached" by the run that defines it
+    return [top * k / n for k in range(1, n + 1)] if top > 0 else []
 
 
 def matched_gain(groups: list[Group], levels: Optional[list[float]] = None) -> dict:

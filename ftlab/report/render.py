@@ -142,6 +142,7 @@ def build(opts: Options, log=print) -> dict:
                     ["group", "vs", "Δ gain", "Δ gain 95%", "Δ forgetting", "Δ forgetting 95%", "items", "seeds"])
     pairs.text = ("Δ = group - reference; Δ forgetting < 0: the group forgets less. * = the interval excludes 0. "
                   "Items: per-item records summed over the tasks of each role; seeds: group/reference.")
+    left_out: set[str] = set()
     for ref in refs:
         for g in compared:
             if g is ref:
@@ -149,6 +150,10 @@ def build(opts: Options, log=print) -> dict:
             p = C.paired(g, ref, n_boot=opts.n_boot)
             pairs.rows.append([g.label, ref.label, *_pair_cells(p["gain"]), *_pair_cells(p["forgetting"]),
                                _items(p), _seeds(p)])
+            left_out |= set(p["gain_skipped"]) | set(p["forgetting_skipped"])
+    if left_out:  # then Δ covers fewer tasks than the summary's gain/forgetting: say which
+        pairs.text += (f" Left out of some pairs (no per-item scores on the same items in both groups): "
+                       f"{', '.join(sorted(left_out))}.")
     if not refs:
         pairs.text = f"No reference group matches --baseline {' '.join(opts.baselines)}."
     sections.append(pairs)
