@@ -318,30 +318,6 @@ def _lm_eval_tasks(tmp_path, names):
     return tmp_path
 
 
-def test_multiple_choice_equals_lm_eval_on_its_own_task_definitions(model, tok, tmp_path):
-    """ftlab's prompts, log-likelihoods, acc and acc_norm equal lm-evaluation-harness's (HF backend, same
-    in-memory model) on its task YAMLs for ARC, HellaSwag (its preprocessing) and WinoGrande (partial scoring)."""
-    lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    names = ["arc_challenge", "hellaswag", "winogrande"]
-    tm = TaskManager(include_path=str(_lm_eval_tasks(tmp_path, names)), include_defaults=False)
-    res = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu"),
-                                  tasks=[f"ftlab_{n}" for n in names], task_manager=tm, log_samples=True)
-    for name in names:
-        task = load_task(name, path=str(fixture_path(name)))
-        ours = score_predictions(task, mc.predict_multiple_choice(model, tok, task, 4))
-        theirs = res["results"][f"ftlab_{name}"]
-        assert ours["metrics"]["acc"] == pytest.approx(100 * theirs["acc,none"])
-        if "acc_norm,none" in theirs:
-            assert ours["metrics"]["acc_norm"] == pytest.approx(100 * theirs["acc_norm,none"])
-        samples = sorted(res["samples"][f"ftlab_{name}"], key=lambda s: s["doc_id"])
-        assert len(samples) == len(task.rows)
-        for item, s in zip(ours["items"], samples):
-            assert item["loglikelihoods"] == pytest.approx([float(r[0][0]) for r in s["resps"]], abs=1e-4)
-
-
 def test_lm_eval_task_kind_runs_the_in_memory_model(model, tok, tmp_path):
     """lm_eval:<task> through build_tasks and evaluate: lm-eval's acc on the in-memory model, cached like any task,
     equal to ftlab's own multiple-choice scoring of the same task."""

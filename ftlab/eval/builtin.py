@@ -21,19 +21,22 @@ arc_challenge     allenai/ai2_arc [ARC-Challenge]           test        "Questio
 arc_easy          allenai/ai2_arc [ARC-Easy]                test        same                                acc_norm
 hellaswag         Rowan/hellaswag                           validation  "LABEL: CTX" -> " ENDING"           acc_norm
 winogrande        allenai/winogrande [winogrande_xl]        validation  "SENT[:_] OPTION" -> " REST"        acc
-boolq             google/boolq                              validation  "P\\nQuestion: Q?\\nAnswer:" -> yes|no acc
+boolq             aps/super_glue [boolq]                    validation  "P\\nQuestion: Q?\\nAnswer:" -> yes|no acc
 mmlu              cais/mmlu [all]                           test        "Q\\nA. ..\\nD. ..\\nAnswer:" -> " A".." D" acc
 wikitext          Salesforce/wikitext [wikitext-2-raw-v1]   test        the text (non-empty lines)           perplexity
 gsm8k             openai/gsm8k [main]                       test        "Question: Q\\nAnswer:" (data.py)    exact_match
 ================  ========================================  ==========  ==================================  ==========
 
 The prompts follow lm-evaluation-harness's default task definitions (ARC, HellaSwag's preprocessing, WinoGrande's
-partial scoring, BoolQ, MMLU with its per-subject description, GSM8K's ``Question:/Answer:``). Few-shot
-examples (``few_shot=k``) are the same k examples for every item, drawn with a fixed seed from the task's
-few-shot split (ARC/HellaSwag/WinoGrande/BoolQ/GSM8K: train; MMLU: dev, same subject), from ``fewshot_path``
-when given, else from the eval rows themselves (an item never sees itself as an example); they precede the
-item, separated by a blank line. MMLU's subjects are picked with ``subset`` (its ``subject`` field); with a
-limit the subjects are interleaved so that the first n rows cover all of them.
+partial scoring, BoolQ on super_glue's passages with their title, MMLU with its per-subject description, GSM8K's
+``Question:/Answer:``); tests/test_eval_parity.py checks equal prompts, log-likelihoods and accuracies against
+lm-eval's own YAMLs at 0-shot and k-shot. Few-shot examples (``few_shot=k``) are picked as lm-eval 0.4.13 picks
+them (`fewshot_draws`): per item, from one random.Random(1234) per task drawn in the split's order (MMLU: the
+first k dev rows of the item's subject, lm-eval's first_n), from the task's few-shot split (ARC/HellaSwag/
+WinoGrande/BoolQ/GSM8K: train; MMLU: dev) or ``fewshot_path``, never from a local eval file (``path`` with k > 0
+and no ``fewshot_path`` is refused); they precede the item, separated by a blank line. MMLU's subjects are
+picked with ``subset`` (its ``subject`` field); a limit n takes the first n of each subject (lm-eval's --limit
+per subtask).
 
 **Local files.** ``path=FILE.jsonl`` (``eval.paths.<task>=FILE.jsonl``) replaces the hub: one JSON object per
 line with the hub dataset's fields (e.g. ARC's ``question``, ``choices: {text, label}``, ``answerKey``). Item
@@ -80,6 +83,10 @@ class Builtin:
     description: Callable[[dict], str] = lambda rec: ""  # text before the few-shot block (MMLU's subject line)
     group: Optional[Callable[[dict], str]] = None  # MMLU: subject (few-shot examples and subsets by group)
     sampler: str = "default"  # lm-eval's fewshot_config.sampler: "default" (seeded per-item draws) | "first_n"
+    # lm-eval hands its sampler the item itself when the task's fewshot_split equals its test_split, which holds as
+    # None == None for tasks scored on validation without a fewshot_split (HellaSwag, WinoGrande, BoolQ): then k+1
+    # are drawn per item and the first k that are not the item kept, another random sequence than k draws
+    fewshot_drop_item: bool = False
     doc: str = ""
 
     @property
@@ -252,10 +259,10 @@ for _b in [
     Builtin("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "train", _arc, "acc_norm",
             doc="ARC-Easy"),
     Builtin("hellaswag", "Rowan/hellaswag", None, "validation", "train", _hellaswag,
-            "acc_norm", doc="HellaSwag sentence completion"),
-    Builtin("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train",
-            _winogrande, "acc", doc="WinoGrande (partial scoring: the option goes in the context)"),
-    Builtin("boolq", "aps/super_glue", "boolq", "validation", "train", _boolq, "acc",
+            "acc_norm", fewshot_drop_item=True, doc="HellaSwag sentence completion"),
+    Builtin("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train", _winogrande, "acc",
+            fewshot_drop_item=True, doc="WinoGrande (partial scoring: the option goes in the context)"),
+    Builtin("boolq", "aps/super_glue", "boolq", "validation", "train", _boolq, "acc", fewshot_drop_item=True,
             doc="BoolQ yes/no questions on a passage (super_glue's, as lm-eval; hf_path=google/boolq: the original)"),
     Builtin("mmlu", "cais/mmlu", "all", "test", "dev", _mmlu, "acc",
             description=_mmlu_description, group=lambda rec: str(rec.get("subject", "")), sampler="first_n",
@@ -359,9 +366,10 @@ def fewshot_draws(spec: Builtin, k: int, docs: list[dict], wanted: set[int], poo
     `docs` are the task's eval documents in dataset order, `pool` its few-shot split in dataset order.
     - sampler "default" (ContextSampler): one random.Random(FEWSHOT_SEED) per task, seeded once, then one
       ``rnd.sample(pool, k)`` per doc in doc order. The draw of doc i is the i-th draw whatever the limit, so every
-      doc before the last wanted one is drawn for too (and thrown away) to keep the sequence. When the few-shot
-      split is the eval split, lm-eval draws k+1 and removes the doc itself (by equality), keeping the first k,
-      and resamples k from the pool without the doc's copies if duplicates left fewer.
+      doc before the last wanted one is drawn for too (and thrown away) to keep the sequence. When lm-eval passes
+      the doc to its sampler (`same_split`, or spec.fewshot_drop_item), it draws k+1, removes the doc itself (by
+      equality) and keeps the first k, and resamples k from the pool without the doc's copies if duplicates left
+      fewer.
     - sampler "first_n" (MMLU): the first k pool rows of the doc's group (subject), in order; the doc itself
       removed first when the splits are the same.
     random.sample picks by position only, so sampling indices gives lm-eval's documents."""
@@ -382,13 +390,14 @@ def fewshot_draws(spec: Builtin, k: int, docs: list[dict], wanted: set[int], poo
         return out
     if spec.sampler != "default":
         raise ValueError(f"built-in task {spec.name!r}: unknown few-shot sampler {spec.sampler!r}")
-    if len(pool) < k + same_split:
-        raise ValueError(f"eval.tasks.{spec.name}.few_shot: {k} examples asked for, only {len(pool) - same_split} "
-                         f"available in {source}")
+    with_item = same_split or spec.fewshot_drop_item
+    if len(pool) < k + with_item:
+        raise ValueError(f"eval.tasks.{spec.name}.few_shot: {k} examples asked for, only {len(pool) - with_item} "
+                         f"available in {source} (lm-eval draws {k + with_item} per item)")
     rnd = random.Random(FEWSHOT_SEED)
     everything = range(len(pool))
     for i in range(max(wanted) + 1 if wanted else 0):
-        if not same_split:
+        if not with_item:
             draw = rnd.sample(everything, k)
         else:
             draw = [j for j in rnd.sample(everything, k + 1) if pool[j] != docs[i]][:k]
