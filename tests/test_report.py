@@ -196,6 +196,18 @@ def test_labels_name_only_the_keys_that_differ_and_over_folds_a_key(tmp_path):
                                                "method=lora train.lr=0.01"]
     folded = C.make_groups(discover([str(root)]).completed, over=("train.lr",))
     assert sorted((g.label, len(g.runs)) for g in folded) == [("method=full", 1), ("method=lora", 2)]
+    # a key added later with a null default does not split old runs from new ones; of keys that split the
+    # groups the same way (max_steps and curve_every here) the label takes the first in LABEL_ORDER only
+    root2 = tmp_path / "r2"
+    write_run(root2, make_config("lora", 0))
+    new = make_config("lora", 1)
+    new["eval"]["added_later"] = None
+    write_run(root2, new)
+    other = make_config("lora", 0, max_steps=300)
+    other["eval"]["curve_every"] = 10
+    write_run(root2, other)
+    groups = C.make_groups(discover([str(root2)]).completed)
+    assert sorted((g.label, len(g.runs)) for g in groups) == [("train.max_steps=100", 2), ("train.max_steps=300", 1)]
     with pytest.raises(ReportError, match="--over train.lrr: no run"):
         build(Options(paths=[str(root)], over=("train.lrr",)), log=lambda *_: None)
 

@@ -133,8 +133,8 @@ def _aspects(run: Run) -> dict[str, dict[str, str]]:
     f = run.flat
 
     def pick(prefixes: tuple[str, ...], skip: tuple[str, ...] = ()) -> dict[str, str]:
-        return {k: json.dumps(v, default=str) for k, v in f.items()
-                if k.startswith(prefixes) and not k.startswith(skip)}
+        return {k: json.dumps(v, default=str) for k, v in f.items()  # null = absent, as in runs.group_key
+                if v is not None and k.startswith(prefixes) and not k.startswith(skip)}
 
     tasks = run.tasks()
     items = {}
@@ -150,8 +150,9 @@ def _aspects(run: Run) -> dict[str, dict[str, str]]:
     return {
         "base model": pick(("model.",), ("model.prompt_format",)),
         "target data": pick(("data.", "stages.")),
+        # (curves and validation scores are extra measurements: the test numbers are the same with or without)
         "evaluation suite": {**pick(("eval.",), ("eval.batch_size", "eval.cache_base", "eval.diagnostics",
-                                                 "eval.probe_")),
+                                                 "eval.probe_", "eval.curve_", "eval.validation")),
                              "tasks": json.dumps(sorted((n, t.get("role"), t.get("metric")) for n, t in tasks.items()))},
         "item sets": items,
         "prompt format": {"model.prompt_format": json.dumps(f.get("model.prompt_format")),

@@ -143,10 +143,12 @@ def build(opts: Options, log=print) -> dict:
     pairs.text = ("Δ = group - reference; Δ forgetting < 0: the group forgets less. * = the interval excludes 0. "
                   "Items: per-item records summed over the tasks of each role; seeds: group/reference.")
     left_out: set[str] = set()
+    done: set[tuple[int, int]] = set()
     for ref in refs:
         for g in compared:
-            if g is ref:
+            if g is ref or (id(ref), id(g)) in done:  # full vs lora shown once, not also lora vs full
                 continue
+            done.add((id(g), id(ref)))
             p = C.paired(g, ref, n_boot=opts.n_boot)
             pairs.rows.append([g.label, ref.label, *_pair_cells(p["gain"]), *_pair_cells(p["forgetting"]),
                                _items(p), _seeds(p)])

@@ -162,9 +162,11 @@ def _dropped(key: str, drop: tuple[str, ...]) -> bool:
 
 def group_key(run: Run, drop: tuple[str, ...] = ()) -> tuple:
     """The run's config minus seed and minus `drop` (the --over and --select keys): runs that differ only there
-    are one group. out_dir, logger and hw.slurm are already outside the identity (ftlab.rundir.identity)."""
+    are one group. out_dir, logger and hw.slurm are already outside the identity (ftlab.rundir.identity). A null
+    key is the same as an absent one: a key added to the config later, null by default, does not split runs
+    written before it from runs written after."""
     return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in run.flat.items()
-                        if k != "seed" and not _dropped(k, drop)))
+                        if k != "seed" and v is not None and not _dropped(k, drop)))
 
 
 def check_key(runs: list[Run], key: str, flag: str) -> None:
@@ -194,18 +196,24 @@ def _show(v: Any) -> str:
     return str(v)
 
 
+# label keys are tried in this order of sections (then by how many values they take): what was swept first
+LABEL_ORDER = ("method.", "train.", "data.", "stages.", "reg.", "model.", "eval.", "hw.")
+
+
 def label_groups(groups: list[list[Run]], drop: tuple[str, ...] = ()) -> list[str]:
-    """A label per group from the keys whose values differ between groups. A key under a section whose `name`
-    differs (method.r when the methods differ) enters only when it also differs between groups of the same name,
-    so `method=full` and `method=lora` are not labelled with every LoRA knob."""
+    """A label per group from keys whose values differ between groups: the fewest keys, taken in LABEL_ORDER, that
+    tell every group apart (the fairness section lists every difference, so the labels stay readable). A key
+    under a section whose `name` differs (method.r when the methods differ) is a candidate only when it also
+    differs between groups of the same name, so `method=full` and `method=lora` are not labelled with LoRA
+    knobs. A null key counts as absent (group_key)."""
     reps = [g[0].flat for g in groups]
     keys = sorted({k for f in reps for k in f if k != "seed" and not _dropped(k, drop)})
 
     def val(f: dict, k: str) -> str:
-        return json.dumps(f.get(k, "(absent)"), sort_keys=True, default=str)
+        return json.dumps(f.get(k), sort_keys=True, default=str)
 
     differ = [k for k in keys if len({val(f, k) for f in reps}) > 1]
-    chosen = []
+    candidates = []
     for k in differ:
         section = k.rpartition(".")[0]
         name_key = f"{section}.name" if section else None
@@ -215,7 +223,21 @@ def label_groups(groups: list[list[Run]], drop: tuple[str, ...] = ()) -> list[st
                 by_name.setdefault(val(f, name_key), set()).add(val(f, k))
             if all(len(v) == 1 for v in by_name.values()):
                 continue
-        chosen.append(k)
+        candidates.append(k)
+
+    def order(k: str) -> tuple:
+        rank = next((i for i, p in enumerate(LABEL_ORDER) if k.startswith(p)), len(LABEL_ORDER))
+        return (k != "method.name", rank, -len({val(f, k) for f in reps}), k)
+
+    chosen: list[str] = []
+    distinct = 1
+    for k in sorted(candidates, key=order):
+        n = len({tuple(val(f, c) for c in chosen + [k]) for f in reps})
+        if n > distinct:
+            chosen.append(k)
+            distinct = n
+        if distinct == len(groups):
+            break
     if not chosen:
         labels = [_show(g[0].flat.get("method.name", "all")) for g in groups]
     else:
