@@ -94,7 +94,8 @@ def model(tok):
 # --------------------------------------------------------------------------------------- built-in tasks
 def test_registries_refuse_an_unknown_name_with_the_closest_one():
     assert {k: ftask.KINDS.get(k).metrics for k in ("generation", "perplexity", "multiple_choice")} == \
-        {"generation": ("exact_match",), "perplexity": ("perplexity",), "multiple_choice": ("acc", "acc_norm")}
+        {"generation": ("exact_match", "strict_match", "flexible_extract", "robust_match"),
+         "perplexity": ("perplexity",), "multiple_choice": ("acc", "acc_norm")}
     with pytest.raises(ValueError, match="did you mean 'generation'"):
         Task("t", "target", "generaton", [{"id": "1", "prompt": "p", "reference": "r"}])
     with pytest.raises(ValueError, match="did you mean 'hellaswag'"):
@@ -373,13 +374,14 @@ ADVERSARIAL = [  # (prediction, scores against reference 27)
 
 
 def test_generation_scoring_reads_the_final_number():
+    """robust_match, ftlab's lenient reading (lm-eval's strict/flexible: tests/test_eval_parity_gsm8k.py)."""
     task = load_task("gsm8k", path=str(fixture_path("gsm8k")), few_shot=0)
     ref_row = next(r for r in task.rows if r["reference"] == "27")
     for pred, ok in ADVERSARIAL:
         preds = [{"id": r["id"], "prediction": pred if r is ref_row else ""} for r in task.rows]
         res = score_predictions(task, preds)
         item = next(i for i in res["items"] if i["id"] == ref_row["id"])
-        assert item["score"] == (100.0 if ok else 0.0), pred
+        assert item["scores"]["robust_match"] == (100.0 if ok else 0.0), pred
 
 
 # ----------------------------------------------------------------------------------------- evaluate, cache
@@ -489,7 +491,7 @@ def test_suites_build_their_tasks_from_local_files():
     (cfg,) = check(["eval=biderman", "eval.limit=3", *paths, f"eval.tasks.gsm8k.fewshot_path={fewshot_path('gsm8k')}"])
     tasks = build_tasks(cfg)
     assert [(t.name, t.role, t.metric) for t in tasks] == [
-        ("gsm8k", "target", "exact_match"), ("hellaswag", "forget", "acc_norm"),
+        ("gsm8k", "target", "strict_match"), ("hellaswag", "forget", "acc_norm"),
         ("arc_challenge", "forget", "acc_norm"), ("winogrande", "forget", "acc")]
     assert all(len(t.rows) == 3 for t in tasks)
     assert tasks[0].meta["few_shot"] == 5 and tasks[0].max_new_tokens == 256
@@ -511,6 +513,7 @@ def test_suites_build_their_tasks_from_local_files():
     ("+eval.paths.hellaswg=x.jsonl", "eval.paths.hellaswg: unknown built-in task"),
     ("eval.paths.boolq=/no/such.jsonl", "eval.paths.boolq: file"),
     ("eval.tasks.boolq.metric=exact_match", "eval.tasks.boolq.metric: unknown value"),
+    ("eval.tasks.gsm8k.metric=exact_match", "eval.tasks.gsm8k.metric: unknown value"),
     ("eval.tasks.arc_easy.subset=[x]", "eval.tasks.arc_easy.subset: only mmlu"),
     ("eval.tasks.gsm8k.few_shot=-1", "eval.tasks.gsm8k.few_shot: must be >= 0"),
 ])
@@ -576,10 +579,15 @@ def test_a_run_on_a_local_model_with_the_biderman_suite(model, tok, tmp_path, ft
     assert first["status"] == "completed", first.get("error")
     tasks = first["tasks"]
     assert list(tasks) == ["gsm8k", "hellaswag", "arc_challenge", "winogrande"]
-    assert tasks["gsm8k"]["role"] == "target" and tasks["gsm8k"]["metric"] == "exact_match"
+    assert tasks["gsm8k"]["role"] == "target" and tasks["gsm8k"]["metric"] == "strict_match"
     assert tasks["hellaswag"]["metric"] == "acc_norm" and tasks["winogrande"]["metric"] == "acc"
     assert all(t["n"] == 3 and t["source"].startswith("file:") for t in tasks.values())
     assert tasks["gsm8k"]["few_shot"] == 1 and first["summary"]["forgetting"] is not None
+    gsm = {"strict_match", "flexible_extract", "robust_match"}
+    assert gsm <= set(tasks["gsm8k"]["metrics"]["base"]) and gsm <= set(tasks["gsm8k"]["metrics"]["tuned"])
+    grecs = [json.loads(x) for x in (tmp_path / "a" / "records" / "tuned" / "gsm8k.jsonl").open()]
+    assert all(set(r["extracted"]) == set(r["scores"]) == gsm and r["score"] == r["scores"]["strict_match"]
+               for r in grecs)
     recs = [json.loads(x) for x in (tmp_path / "a" / "records" / "tuned" / "hellaswag.jsonl").open()]
     assert len(recs) == 3 and {"loglikelihoods", "acc", "acc_norm", "score"} <= set(recs[0])
     assert all(t["base_cached"] for t in second["tasks"].values())

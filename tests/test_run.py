@@ -144,6 +144,9 @@ def test_jsonl_data_runs_offline_end_to_end(tmp_path):
                            "train.log_every=2"], "gsm8k")
     assert r["status"] == "completed" and list(r["tasks"]) == ["gsm8k"]
     assert r["tasks"]["gsm8k"]["role"] == "target" and r["summary"]["forgetting"] is None
+    # data.answer=number: ftlab's robust reading is primary, lm-eval's two are reported beside it
+    assert r["tasks"]["gsm8k"]["metric"] == "robust_match"
+    assert set(r["tasks"]["gsm8k"]["metrics"]["tuned"]) >= {"strict_match", "flexible_extract", "robust_match"}
 
 
 def _cli(args, env_extra, cwd):

@@ -13,7 +13,8 @@ usage: ftlab score TASK PREDICTIONS.jsonl [--path FILE] [-n N] [--few-shot K] [-
 
 Score saved predictions with a built-in task's metric, exactly as evaluation does (no model is loaded).
 PREDICTIONS: one JSON object per line, matched to the task's items by id (<task>/<index>; every item once):
-  generation (gsm8k)        {"id", "prediction": "generated text"}       -> exact_match on the final number
+  generation (gsm8k)        {"id", "prediction": "generated text"}       -> strict_match, flexible_extract
+                                                                            (lm-eval's), robust_match (ftlab's)
   multiple choice           {"id", "loglikelihoods": [one per choice]}   -> acc and acc_norm
                             {"id", "prediction": index | choice text}    -> acc
   perplexity (wikitext)     {"id", "nll": summed NLL, "n_tokens"}         -> perplexity

@@ -6,15 +6,24 @@ ftlab), so validating a config never loads the eval or world code.
 
 from __future__ import annotations
 
-__all__ = ["GSM8K_STOP", "KIND_METRICS", "BUILTIN_TASK_KINDS", "PROMPT_FORMATS", "DIAGNOSTICS", "PRETRAIN_SKILLS",
-           "TARGET_SKILLS"]
+__all__ = ["GSM8K_STOP", "KIND_METRICS", "ANSWER_METRICS", "BUILTIN_TASK_METRICS", "BUILTIN_TASK_KINDS",
+           "PROMPT_FORMATS", "DIAGNOSTICS", "PRETRAIN_SKILLS", "TARGET_SKILLS"]
 
 # The built-in task kinds (ftlab.eval.generation, .perplexity, .multiple_choice) and their metrics; the first is a
 # task's default primary metric. Plug-in kinds (lm_eval) register their own metrics in ftlab.eval.task.KINDS.
 KIND_METRICS: dict[str, tuple[str, ...]] = {
-    "generation": ("exact_match",),
+    "generation": ("exact_match", "strict_match", "flexible_extract", "robust_match"),
     "perplexity": ("perplexity",),
     "multiple_choice": ("acc", "acc_norm"),
+}
+
+# What a generation task reports, by how it reads an answer (Task.answer, data.answer); the first is its default
+# primary metric. exact: the whitespace-normalised text. number: lm-evaluation-harness's gsm8k filters
+# (strict_match = its "strict-match", flexible_extract = its "flexible-extract", both scored by its exact_match) and
+# ftlab's lenient final-number reading (robust_match, ftlab.data.answers.extract_number), all three on every item.
+ANSWER_METRICS: dict[str, tuple[str, ...]] = {
+    "exact": ("exact_match",),
+    "number": ("strict_match", "flexible_extract", "robust_match"),
 }
 
 # The built-in benchmark tasks (ftlab.eval.builtin.BUILTINS: hub location, row format, prompts) and their kinds.
@@ -23,6 +32,9 @@ BUILTIN_TASK_KINDS: dict[str, str] = {
     "winogrande": "multiple_choice", "boolq": "multiple_choice", "mmlu": "multiple_choice",
     "wikitext": "perplexity", "gsm8k": "generation",
 }
+
+# Built-in tasks whose metrics are fewer than their kind's (eval.tasks.<task>.metric is checked against these).
+BUILTIN_TASK_METRICS: dict[str, tuple[str, ...]] = {"gsm8k": ANSWER_METRICS["number"]}
 
 # How a prompt is fed to the model (ftlab.eval.prompts.apply_format): as is, or as the chat template's user turn.
 PROMPT_FORMATS = ("plain", "chat")

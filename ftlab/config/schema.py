@@ -19,6 +19,7 @@ from ftlab.config.bounds import at_least as _at_least
 from ftlab.config.bounds import choice as _choice
 from ftlab.config.names import (
     BUILTIN_TASK_KINDS,
+    BUILTIN_TASK_METRICS,
     DIAGNOSTICS,
     KIND_METRICS,
     PRETRAIN_SKILLS,
@@ -221,7 +222,7 @@ class EvalConfig:
             if o.format is not None:
                 _choice(f"{k}.format", o.format, PROMPT_FORMATS)
             if o.metric is not None:
-                _choice(f"{k}.metric", o.metric, KIND_METRICS[BUILTIN_TASK_KINDS[name]])
+                _choice(f"{k}.metric", o.metric, BUILTIN_TASK_METRICS.get(name, KIND_METRICS[BUILTIN_TASK_KINDS[name]]))
             if o.subset is not None and name != "mmlu":
                 raise ConfigError(f"{k}.subset: only mmlu has subsets, got {o.subset!r}")
             if o.fewshot_path is not None and not os.path.isfile(os.path.expanduser(o.fewshot_path)):

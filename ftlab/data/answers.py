@@ -14,7 +14,14 @@ Numbers are normalised so that equal values compare equal as strings: thousands 
 ``18%``), a trailing period is not a decimal point, ``+`` is dropped and the unicode minus (U+2212) reads as
 ``-``, decimal zeros are trimmed (``5.00`` -> ``5``, ``2.50`` -> ``2.5``, ``.5`` -> ``0.5``, ``-0`` -> ``0``),
 and fractions stay fractions (``3/4``). A number glued to a preceding letter (``mp3``, ``x2``) or written as
-an ordinal (``3rd``, ``21st``) is not an answer candidate.
+an ordinal (``3rd``, ``21st``) is not an answer candidate. This is ftlab's own lenient reading (the ``robust_match``
+metric): it credits answers that lm-evaluation-harness's GSM8K filters do not.
+
+`lm_eval_strict`, `lm_eval_flexible` and `lm_eval_exact_match` are lm-evaluation-harness 0.4.13's GSM8K scoring,
+verbatim (``tasks/gsm8k/gsm8k.yaml``: the ``strict-match`` and ``flexible-extract`` filters, ``RegexFilter`` then
+``take_first``, and ``exact_match`` with the task's ``regexes_to_ignore`` and ``ignore_case``), so that
+``strict_match`` and ``flexible_extract`` are the numbers lm-eval reports as ``exact_match,strict-match`` and
+``exact_match,flexible-extract`` (tests/test_eval_parity_gsm8k.py runs lm-eval's own task on the same texts).
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import re
 from fractions import Fraction
 from typing import Optional
 
-__all__ = ["extract_number", "normalize_number", "normalize_exact", "score", "SCORE_KINDS"]
+__all__ = ["extract_number", "normalize_number", "normalize_exact", "score", "SCORE_KINDS", "lm_eval_strict",
+           "lm_eval_flexible", "lm_eval_exact_match", "LM_EVAL_FALLBACK"]
 
 SCORE_KINDS = ("exact", "number")
 
@@ -147,3 +155,48 @@ def score(kind: str, prediction: Optional[str], reference: Optional[str]) -> flo
             return 0.0
         return 100.0 if _same_number(pred, ref) else 0.0
     raise ValueError(f"unknown answer kind {kind!r}; valid: {', '.join(SCORE_KINDS)}")
+
+
+# ------------------------------------------------------------------ lm-evaluation-harness 0.4.13, tasks/gsm8k
+# The patterns and options are copied from gsm8k.yaml, not rewritten: a "better" regex here would be a different
+# metric under lm-eval's name.
+_LM_EVAL_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_LM_EVAL_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_LM_EVAL_IGNORE = (",", "\\$", "(?s).*#### ", "\\.$")  # exact_match's regexes_to_ignore, applied in this order
+LM_EVAL_FALLBACK = "[invalid]"  # RegexFilter's answer when nothing matches
+
+
+def _lm_eval_regex(pattern: re.Pattern, text: Optional[str], group_select: int) -> str:
+    """lm_eval.filters.extraction.RegexFilter on one response (take_first keeps the one response there is)."""
+    match = pattern.findall(text if isinstance(text, str) else "")
+    if not match:
+        return LM_EVAL_FALLBACK
+    found = match[group_select]
+    if isinstance(found, tuple):  # several groups: the first non-empty one
+        found = next((g for g in found if g), LM_EVAL_FALLBACK)
+    return found.strip()
+
+
+def lm_eval_strict(text: Optional[str]) -> str:
+    """lm-eval's gsm8k ``strict-match`` filter: the first ``#### N`` (N of digits, ``.``, ``,``, an optional
+    leading ``-``), or "[invalid]"."""
+    return _lm_eval_regex(_LM_EVAL_STRICT, text, 0)
+
+
+def lm_eval_flexible(text: Optional[str]) -> str:
+    """lm-eval's gsm8k ``flexible-extract`` filter: the last run of 2+ characters of ``-$0-9.,`` or the last
+    integer, whichever comes last, or "[invalid]"."""
+    return _lm_eval_regex(_LM_EVAL_FLEXIBLE, text, -1)
+
+
+def _lm_eval_ignore(text: str) -> str:
+    for pattern in _LM_EVAL_IGNORE:
+        text = re.sub(pattern, "", text)
+    return text.lower()  # ignore_case: true (ignore_punctuation: false)
+
+
+def lm_eval_exact_match(filtered: str, target: str) -> float:
+    """lm-eval's exact_match (``exact_match_hf_evaluate``) with gsm8k's options: 100.0 if equal after both drop
+    ``,``, ``$``, everything up to the last ``#### `` and one trailing ``.``, and are lower-cased; else 0.0.
+    `target` is the dataset's answer field as is (lm-eval's ``doc_to_target``), or a bare number."""
+    return 100.0 if _lm_eval_ignore(filtered) == _lm_eval_ignore(target) else 0.0

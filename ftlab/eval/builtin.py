@@ -9,7 +9,9 @@ Every task is one of three kinds (see `ftlab.eval.task.KINDS`):
   scoring). Scored by the log-likelihood of each continuation after its context (the continuation follows the
   context after ``Task.delimiter``, a space); ``acc`` = argmax log-likelihood, ``acc_norm`` = argmax
   log-likelihood divided by the continuation's length in characters (lm-evaluation-harness's definitions).
-- ``generation``: rows ``{"id", "prompt", "reference"}``; greedy decoding, answer extraction, exact match.
+- ``generation``: rows ``{"id", "prompt", "reference"}`` (GSM8K also ``target``: the answer field as is, what
+  lm-eval compares with); greedy decoding, answer extraction, exact match (GSM8K: strict_match, flexible_extract
+  and robust_match, `ftlab.eval.generation`).
 - ``perplexity``: rows ``{"id", "text"}``; corpus perplexity over every token after the first.
 
 Built-in tasks (name: hub dataset [config], eval split, prompt, primary metric, default few-shot):
@@ -24,7 +26,7 @@ winogrande        allenai/winogrande [winogrande_xl]        validation  "SENT[:_
 boolq             aps/super_glue [boolq]                    validation  "P\\nQuestion: Q?\\nAnswer:" -> yes|no acc
 mmlu              cais/mmlu [all]                           test        "Q\\nA. ..\\nD. ..\\nAnswer:" -> " A".." D" acc
 wikitext          Salesforce/wikitext [wikitext-2-raw-v1]   test        the text (non-empty lines)           perplexity
-gsm8k             openai/gsm8k [main]                       test        "Question: Q\\nAnswer:" (data.py)    exact_match
+gsm8k             openai/gsm8k [main]                       test        "Question: Q\\nAnswer:" (data.py)    strict_match
 ================  ========================================  ==========  ==================================  ==========
 
 The prompts follow lm-evaluation-harness's default task definitions (ARC, HellaSwag's preprocessing, WinoGrande's
@@ -54,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ftlab.config.names import BUILTIN_TASK_KINDS, GSM8K_STOP, KIND_METRICS
+from ftlab.config.names import BUILTIN_TASK_KINDS, BUILTIN_TASK_METRICS, GSM8K_STOP, KIND_METRICS
 from ftlab.config.registry import Registry
 from ftlab.eval.scoring import row_problem
 from ftlab.utils.files import sha256_file
@@ -249,7 +251,9 @@ def _gsm8k(rec: dict) -> Optional[dict]:
     out = FORMATS.get("gsm8k")(rec, DataConfig(name="gsm8k", answer="number"), field_)
     if out["reference"] is None:
         raise RowError("field 'answer' has no final number ('#### N') to score against")
-    return {"prompt": out["prompt"], "reference": out["reference"], "response": out["response"]}
+    # target: lm-eval's doc_to_target ("{{answer}}", unstripped), which its strict/flexible scores compare with
+    return {"prompt": out["prompt"], "reference": out["reference"], "response": out["response"],
+            "target": _text(rec, "answer")}
 
 
 BUILTINS: Registry[Builtin] = Registry("built-in task", "eval.target")
@@ -269,11 +273,11 @@ for _b in [
             doc="MMLU, 57 subjects (subset=[...] picks some)"),
     Builtin("wikitext", "Salesforce/wikitext", "wikitext-2-raw-v1", "test", None, _wikitext,
             "perplexity", doc="WikiText-2 (raw) perplexity, one row per non-empty line"),
-    Builtin("gsm8k", "openai/gsm8k", "main", "test", "train", _gsm8k, "exact_match", few_shot=5,
+    Builtin("gsm8k", "openai/gsm8k", "main", "test", "train", _gsm8k, "strict_match", few_shot=5,
             answer="number", max_new_tokens=256, stop=GSM8K_STOP,
-            doc="GSM8K grade-school math, final-number exact match"),
+            doc="GSM8K grade-school math: lm-eval's strict-match (primary) and flexible-extract, ftlab's robust_match"),
 ]:
-    if _b.name not in BUILTIN_TASK_KINDS or _b.metric not in KIND_METRICS[_b.kind]:
+    if _b.name not in BUILTIN_TASK_KINDS or _b.metric not in BUILTIN_TASK_METRICS.get(_b.name, KIND_METRICS[_b.kind]):
         raise RuntimeError(f"built-in task {_b.name!r}: not in ftlab.config.names.BUILTIN_TASK_KINDS, or its metric "
                            f"{_b.metric!r} is not one of its kind's")
     BUILTINS.register(_b.name, _b)

@@ -36,6 +36,9 @@ def build_tasks(cfg: Any, split: str = "test") -> list[Task]:
                 tasks.append(Task(d.name, "target", "generation",
                                   [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"]} for r in rows],
                                   answer=d.answer, max_new_tokens=d.max_new_tokens, format=fmt, stop=tuple(d.stop),
+                                  # data.answer=number is any numeric data, not only answers ending in '#### N'
+                                  # (lm-eval's strict_match and flexible_extract are reported beside it)
+                                  metric="robust_match" if d.answer == "number" else "",
                                   meta={"source": d.source, "few_shot": 0, "format": fmt,
                                         **({"split": split} if split != "test" else {})}))
         else:

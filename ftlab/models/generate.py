@@ -23,8 +23,9 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 @torch.inference_mode()
 def _decode_batch(model, enc: list[list[int]], max_new_tokens: int, pad: int, eos: torch.Tensor,
-                  device: torch.device) -> list[list[int]]:
-    """Greedy continuation token ids of one batch of tokenized prompts (each row cut at its first eos)."""
+                  device: torch.device, stopped: Optional[Callable[[list[int]], bool]] = None) -> list[list[int]]:
+    """Greedy continuation token ids of one batch of tokenized prompts. A row ends at its first eos (dropped) or,
+    with `stopped`, at the first token after which `stopped(its tokens so far)` holds (kept)."""
     b = len(enc)
     ids, mask = left_pad(enc, pad, device)  # left padding: every row's next token lands in the same column
     # Positions count real tokens only, so a left-padded row sees the same positions as it would alone.
@@ -39,11 +40,24 @@ def _decode_batch(model, enc: list[list[int]], max_new_tokens: int, pad: int, eo
     next_pos = pos[:, -1:] + 1
     done = torch.zeros(b, dtype=torch.bool, device=device)
     new = []
+    rows: list[list[int]] = [[] for _ in range(b)]
+    ends = [max_new_tokens] * b  # tokens kept per row before its eos cut
     for step in range(max_new_tokens):
         tok = out.logits[:, -1, :].argmax(-1)  # [b]
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         new.append(tok)
         done |= torch.isin(tok, eos)
+        if stopped is not None:
+            # A row that wrote a stop string is finished: what it would generate next is cut anyway, and lm-eval
+            # (at batch size 1) stops it here too, so a stop written as a special token ends it as there.
+            flags, finished = [], done.tolist()
+            for i, t in enumerate(tok.tolist()):
+                if ends[i] == max_new_tokens and not finished[i]:
+                    rows[i].append(t)
+                    if stopped(rows[i]):
+                        ends[i] = step + 1
+                flags.append(ends[i] < max_new_tokens)
+            done |= torch.tensor(flags, dtype=torch.bool, device=device)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
@@ -53,7 +67,8 @@ def _decode_batch(model, enc: list[list[int]], max_new_tokens: int, pad: int, eo
     gen = torch.stack(new, dim=1).tolist()  # [b, steps]
     eos_set = set(eos.tolist())
     result = []
-    for row in gen:
+    for row, end in zip(gen, ends):
+        row = row[:end]
         cut = next((j for j, t in enumerate(row) if t in eos_set), len(row))
         result.append(row[:cut])
     return result
@@ -85,8 +100,10 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
         progress: called with the number of prompts finished after each batch.
         max_prompt_tokens: a prompt longer than this keeps its last `max_prompt_tokens` tokens (left truncation,
             as lm-eval's HF backend cuts to the window minus the generation budget); None: no cut.
-        stop: strings that end a continuation (cut at the first; rows are independent, so what a row generates
-            after its stop cannot change what comes before it).
+        stop: strings that end a continuation, as lm-eval's `until` (plus the eos token's text, as lm-eval adds):
+            a row stops generating once its tokens, decoded with special tokens, contain one, and its text is cut
+            at the first (rows are independent, so what a row generates after its stop cannot change what comes
+            before it).
 
     Returns:
         The decoded continuations, in the order of `prompts`, without the prompt, eos or special tokens.
@@ -98,7 +115,20 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("greedy_decode: the tokenizer has neither a pad nor an eos token")
     pad, device = pad_id(tokenizer), model_device(model)
-    eos = torch.tensor(_eos_ids(model, tokenizer) or [-1], dtype=torch.long, device=device)
+    eos_ids = _eos_ids(model, tokenizer)
+    eos = torch.tensor(eos_ids or [-1], dtype=torch.long, device=device)
+    stopped = None
+    if stop:
+        # lm-eval's HF backend adds the eos token's text to `until` (handle_stop_sequences) and checks the stop
+        # strings on the generated tokens decoded with their special tokens, then cuts the text decoded without
+        # them at the first stop: the same two steps here.
+        eos_text = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False) \
+            if tokenizer.eos_token_id is not None else ""
+        stop = [s for s in dict.fromkeys([*stop, eos_text]) if s]
+
+        def stopped(row: list[int]) -> bool:
+            text = tokenizer.decode(row, skip_special_tokens=False)
+            return any(s in text for s in stop)
     enc = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     if max_prompt_tokens is not None:
         enc = [e[-max_prompt_tokens:] if len(e) > max_prompt_tokens else e for e in enc]
@@ -107,7 +137,7 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            rows = _decode_batch(model, [enc[i] for i in idx], max_new_tokens, pad, eos, device)
+            rows = _decode_batch(model, [enc[i] for i in idx], max_new_tokens, pad, eos, device, stopped)
             texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
             for i, t in zip(idx, texts):
                 outputs[i] = cut_at_stop(t, stop)
