@@ -194,7 +194,9 @@ BAD_ITEMS = [  # (task, good record, bad record, field named in the message)
     ("winogrande", WG, _with(WG, option2=_DROP), "option2"),
     ("boolq", BQ, _with(BQ, answer="maybe"), "answer"),
     ("boolq", BQ, _with(BQ, passage=_DROP), "passage"),
-    ("wikitext", {"text": "some text"}, {"txt": "x"}, "text"),
+    ("wikitext", {"page": " = T = \n some text . \n"}, {"txt": "x"}, "page"),
+    ("wikitext", {"page": " = T = \n some text . \n"}, {"text": " a line of Salesforce/wikitext \n"}, "page"),
+    ("wikitext_lines", {"text": "some text"}, {"txt": "x"}, "text"),
     ("gsm8k", {"question": "q", "answer": "so #### 4"}, {"question": "q", "answer": "no number"}, "answer"),
     ("gsm8k", {"question": "q", "answer": "so #### 4"}, {"question": "q"}, "answer"),
 ]
@@ -260,13 +262,15 @@ def nan_model():
     return model, tok
 
 
-@pytest.mark.parametrize("name", ["mmlu", "wikitext"])
+@pytest.mark.parametrize("name", ["mmlu", "wikitext", "wikitext_lines"])
 def test_a_nan_model_fails_the_evaluation_and_nothing_is_cached(nan_model, tmp_path, name, one_thread):
+    from test_eval import fixture_path
+
     from ftlab.eval.evaluate import evaluate
     from ftlab.eval.suites import load_task
 
     model, tok = nan_model
-    task = load_task(name, "forget", path=str(EVAL_FIX / f"{name}.jsonl"), n=3)
+    task = load_task(name, "forget", path=str(fixture_path(name)), n=3)
     cache = tmp_path / "cache"
     with pytest.raises(ValueError, match=rf"task '{name}' item '{name}/\d+': .*nan"):
         evaluate(model, tok, [task], 4, stage="base", run_dir=tmp_path, cache_dir=cache, fingerprint="fp",
@@ -315,9 +319,11 @@ def _score(args, capsys):
     ("mmlu", {"loglikelihoods": [-1.0, -2.0, -3.0, -4.0], "id": None}, "id"),
 ])
 def test_score_validates_every_prediction_line(tmp_path, capsys, task, line, field):
+    from test_eval import fixture_path
+
     from ftlab.eval.suites import load_task
 
-    path = str(FIX / "gsm8k_mini.jsonl") if task == "gsm8k" else str(EVAL_FIX / f"{task}.jsonl")
+    path = str(fixture_path(task))
     t = load_task(task, path=path, few_shot=0, n=3)
     good = {"gsm8k": {"prediction": "#### 1"}, "mmlu": {"loglikelihoods": [-1.0, -2.0, -3.0, -4.0]},
             "wikitext": {"nll": 3.0, "n_tokens": 4}}[task]

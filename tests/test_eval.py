@@ -24,7 +24,9 @@ MC_TASKS = ["arc_challenge", "arc_easy", "hellaswag", "winogrande", "boolq", "mm
 
 
 def fixture_path(name: str) -> Path:
-    return FIX / "gsm8k_mini.jsonl" if name == "gsm8k" else EVAL_FIX / f"{name}.jsonl"
+    # wikitext's pages are a .json list: make_tokenizer trains on the *.jsonl fixtures, and these pages stay out of it
+    special = {"gsm8k": FIX / "gsm8k_mini.jsonl", "wikitext": EVAL_FIX / "wikitext.json"}
+    return special.get(name, EVAL_FIX / f"{name}.jsonl")
 
 
 def fewshot_path(name: str) -> Path:
@@ -138,8 +140,10 @@ def test_row_formats_follow_lm_eval():
     assert mm["context"].startswith("The following are multiple choice questions (with answers) about abstract "
                                     "algebra.\n\nFind the degree")
     assert mm["context"].endswith("\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:") and mm["choices"] == list("ABCD")
-    wt = load_task("wikitext", path=str(fixture_path("wikitext")))
-    assert [r["id"] for r in wt.rows] == ["wikitext/1", "wikitext/3", "wikitext/4", "wikitext/5", "wikitext/6"]
+    wt = load_task("wikitext_lines", path=str(fixture_path("wikitext_lines")))
+    assert [r["id"] for r in wt.rows] == [f"wikitext_lines/{i}" for i in (1, 3, 4, 5, 6)]
+    assert [r["id"] for r in load_task("wikitext", path=str(fixture_path("wikitext"))).rows] == \
+        ["wikitext/0", "wikitext/1", "wikitext/2"]  # pages: every one is an item
 
 
 def test_few_shot_examples_are_drawn_per_item_as_lm_eval_draws_them_and_recorded():
@@ -347,14 +351,14 @@ def test_lm_eval_task_kind_runs_the_in_memory_model(model, tok, tmp_path):
 
 # ------------------------------------------------------------------------------------ perplexity, generation
 def test_perplexity_windows_predict_every_token_once(model, tok):
-    task = load_task("wikitext", path=str(fixture_path("wikitext")))
+    task = load_task("wikitext_lines", path=str(fixture_path("wikitext_lines")))
     whole = predict_perplexity(model, tok, task, 2)
     for r, p in zip(task.rows, whole):  # one window: a plain forward
         ids = torch.tensor([tok(r["text"])["input_ids"]])
         with torch.no_grad():
             nll = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="sum")
         assert p["nll"] == pytest.approx(float(nll), rel=1e-4) and p["n_tokens"] == ids.shape[1] - 1
-    windowed = predict_perplexity(model, tok, load_task("wikitext", path=str(fixture_path("wikitext")),
+    windowed = predict_perplexity(model, tok, load_task("wikitext_lines", path=str(fixture_path("wikitext_lines")),
                                                            max_length=16), 3)
     assert [p["n_tokens"] for p in windowed] == [p["n_tokens"] for p in whole]
     assert all(math.isfinite(p["nll"]) and p["nll"] > 0 for p in windowed)
@@ -504,7 +508,7 @@ def test_suites_build_their_tasks_from_local_files():
                           "wikitext"}
     assert tasks["mmlu"].meta["few_shot"] == 2 and tasks["mmlu"].meta["subset"] == ["anatomy"]
     assert [r["id"] for r in tasks["mmlu"].rows] == ["mmlu/3", "mmlu/4"]
-    assert len(tasks["wikitext"].rows) == 5  # the suite's own n (500) wins over eval.limit
+    assert len(tasks["wikitext"].rows) == 3  # the suite's own n (every page) wins over eval.limit
     assert all(len(t.rows) == 2 for n, t in tasks.items() if n != "wikitext")
 
 

@@ -307,7 +307,7 @@ def test_probes_with_two_processes_match_one(strategy, method, assets, tmp_path,
     from test_dist import TOL, full_ft, launch, one_process, two_procs
     from test_resume import make_run, overrides
 
-    wikitext = Path(__file__).parent / "fixtures" / "eval" / "wikitext.jsonl"
+    wikitext = Path(__file__).parent / "fixtures" / "eval" / "wikitext.json"
     ovr = overrides(assets, *two_procs(f"hw.strategy={strategy}", f"method={method}", "train.save_every=0",
                                        "eval.probe_every=4", f"eval.paths.wikitext={wikitext}"))
     ovr = full_ft(ovr) if method == "full" else ovr

@@ -262,7 +262,7 @@ def test_chunked_scoring_equals_whole_logits(monkeypatch):
 
     tok = make_tokenizer()
     model, other = tiny_model(tok), tiny_model(tok, seed=1)
-    ppl_task = load_task("wikitext", path=str(fixture_path("wikitext")), max_length=24)
+    ppl_task = load_task("wikitext_lines", path=str(fixture_path("wikitext_lines")), max_length=24)
     texts = [r["text"] for r in ppl_task.rows]
 
     def scores():

@@ -361,7 +361,7 @@ def test_the_readme_offline_command_works_as_written(real_models, gsm8k_files, t
 
 # ------------------------------------------------------------------------------------------ eval suites
 def _paths(*names: str) -> list[str]:
-    return [f"eval.paths.{n}={FIXTURES / 'eval' / f'{n}.jsonl'}" for n in names]
+    return [f"eval.paths.{n}={FIXTURES / 'eval' / (f'{n}.json' if n == 'wikitext' else f'{n}.jsonl')}" for n in names]
 
 
 @pytest.mark.parametrize("suite", ["quick", "standard", "biderman"])

@@ -10,10 +10,14 @@ __all__ = ["GSM8K_STOP", "KIND_METRICS", "ANSWER_METRICS", "BUILTIN_TASK_METRICS
            "PROMPT_FORMATS", "DIAGNOSTICS", "PRETRAIN_SKILLS", "TARGET_SKILLS"]
 
 # The built-in task kinds (ftlab.eval.generation, .perplexity, .multiple_choice) and their metrics; the first is a
-# task's default primary metric. Plug-in kinds (lm_eval) register their own metrics in ftlab.eval.task.KINDS.
+# task's default primary metric. perplexity: token perplexity exp(sum NLL / sum tokens) of texts (the world's
+# synth_ppl, wikitext_lines); loglikelihood_rolling: lm-evaluation-harness's metrics of the same name, per word and
+# per byte of the original text (wikitext).
+# Plug-in kinds (lm_eval) register their own metrics in ftlab.eval.task.KINDS.
 KIND_METRICS: dict[str, tuple[str, ...]] = {
     "generation": ("exact_match", "strict_match", "flexible_extract", "robust_match"),
     "perplexity": ("perplexity",),
+    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
     "multiple_choice": ("acc", "acc_norm"),
 }
 
@@ -30,7 +34,7 @@ ANSWER_METRICS: dict[str, tuple[str, ...]] = {
 BUILTIN_TASK_KINDS: dict[str, str] = {
     "arc_challenge": "multiple_choice", "arc_easy": "multiple_choice", "hellaswag": "multiple_choice",
     "winogrande": "multiple_choice", "boolq": "multiple_choice", "mmlu": "multiple_choice",
-    "wikitext": "perplexity", "gsm8k": "generation",
+    "wikitext": "loglikelihood_rolling", "wikitext_lines": "perplexity", "gsm8k": "generation",
 }
 
 # Built-in tasks whose metrics are fewer than their kind's (eval.tasks.<task>.metric is checked against these).

@@ -1,8 +1,8 @@
-# Over 400 lines on purpose: the eight built-in tasks' specs, their row formatters and the per-item checks that
+# Over 400 lines on purpose: the nine built-in tasks' specs, their row formatters and the per-item checks that
 # refuse malformed rows (file:line:field) read together; splitting them would scatter one task over three modules.
 """Built-in benchmark tasks: where their rows come from and how each row becomes a prompt. Pure Python.
 
-Every task is one of three kinds (see `ftlab.eval.task.KINDS`):
+Every task is one of four kinds (see `ftlab.eval.task.KINDS`):
 
 - ``multiple_choice``: rows ``{"id", "context", "choices", "label"}`` (one context, several continuations), or
   ``{"id", "contexts", "continuation", "label"}`` (several contexts, one continuation: WinoGrande's partial
@@ -13,6 +13,8 @@ Every task is one of three kinds (see `ftlab.eval.task.KINDS`):
   lm-eval compares with); greedy decoding, answer extraction, exact match (GSM8K: strict_match, flexible_extract
   and robust_match, `ftlab.eval.generation`).
 - ``perplexity``: rows ``{"id", "text"}``; corpus perplexity over every token after the first.
+- ``loglikelihood_rolling``: rows ``{"id", "text", "n_words", "n_bytes"}``; lm-evaluation-harness's rolling
+  log-likelihood of the whole text (`ftlab.eval.perplexity`), per word and per byte of the original text.
 
 Built-in tasks (name: hub dataset [config], eval split, prompt, primary metric, default few-shot):
 
@@ -25,7 +27,9 @@ hellaswag         Rowan/hellaswag                           validation  "LABEL: 
 winogrande        allenai/winogrande [winogrande_xl]        validation  "SENT[:_] OPTION" -> " REST"        acc
 boolq             aps/super_glue [boolq]                    validation  "P\\nQuestion: Q?\\nAnswer:" -> yes|no acc
 mmlu              cais/mmlu [all]                           test        "Q\\nA. ..\\nD. ..\\nAnswer:" -> " A".." D" acc
-wikitext          Salesforce/wikitext [wikitext-2-raw-v1]   test        the text (non-empty lines)           perplexity
+wikitext          EleutherAI/wikitext_document_level        test        the page, detokenized (lm-eval's)   word_perplexity
+                  [wikitext-2-raw-v1]
+wikitext_lines    Salesforce/wikitext [wikitext-2-raw-v1]   test        the text (non-empty lines)           perplexity
 gsm8k             openai/gsm8k [main]                       test        "Question: Q\\nAnswer:" (data.py)    strict_match
 ================  ========================================  ==========  ==================================  ==========
 
@@ -58,6 +62,7 @@ from typing import Callable, Optional, Sequence
 
 from ftlab.config.names import BUILTIN_TASK_KINDS, BUILTIN_TASK_METRICS, GSM8K_STOP, KIND_METRICS
 from ftlab.config.registry import Registry
+from ftlab.eval import wikitext
 from ftlab.eval.scoring import row_problem
 from ftlab.utils.files import sha256_file
 
@@ -92,7 +97,7 @@ class Builtin:
     doc: str = ""
 
     @property
-    def kind(self) -> str:  # multiple_choice | generation | perplexity
+    def kind(self) -> str:  # multiple_choice | generation | perplexity | loglikelihood_rolling
         return BUILTIN_TASK_KINDS[self.name]
 
 
@@ -237,6 +242,18 @@ def _mmlu_description(rec: dict) -> str:
 
 
 def _wikitext(rec: dict) -> Optional[dict]:
+    # lm-eval's wikitext task: every page is an item (none skipped), the model reads it detokenized, and word and
+    # byte counts are of the page as stored (its process_results)
+    if "page" not in rec and "text" in rec:
+        raise RowError("field 'page' is missing and 'text' is there: this looks like a line of Salesforce/wikitext; "
+                       "task wikitext reads pages (EleutherAI/wikitext_document_level, field 'page'); for lines use "
+                       "task wikitext_lines")
+    page = _text(rec, "page")
+    return {"text": wikitext.detokenize(page), "n_words": wikitext.count_words(page),
+            "n_bytes": wikitext.count_bytes(page)}
+
+
+def _wikitext_lines(rec: dict) -> Optional[dict]:
     text = _text(rec, "text").strip()
     return {"text": text} if text else None
 
@@ -271,8 +288,10 @@ for _b in [
     Builtin("mmlu", "cais/mmlu", "all", "test", "dev", _mmlu, "acc",
             description=_mmlu_description, group=lambda rec: str(rec.get("subject", "")), sampler="first_n",
             doc="MMLU, 57 subjects (subset=[...] picks some)"),
-    Builtin("wikitext", "Salesforce/wikitext", "wikitext-2-raw-v1", "test", None, _wikitext,
-            "perplexity", doc="WikiText-2 (raw) perplexity, one row per non-empty line"),
+    Builtin("wikitext", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test", None, _wikitext,
+            "word_perplexity", doc="WikiText-2 (raw) as lm-eval measures it: pages, rolling windows, word perplexity"),
+    Builtin("wikitext_lines", "Salesforce/wikitext", "wikitext-2-raw-v1", "test", None, _wikitext_lines,
+            "perplexity", doc="WikiText-2 (raw) token perplexity, one row per non-empty line (not lm-eval's number)"),
     Builtin("gsm8k", "openai/gsm8k", "main", "test", "train", _gsm8k, "strict_match", few_shot=5,
             answer="number", max_new_tokens=256, stop=GSM8K_STOP,
             doc="GSM8K grade-school math: lm-eval's strict-match (primary) and flexible-extract, ftlab's robust_match"),

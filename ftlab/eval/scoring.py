@@ -72,9 +72,13 @@ def row_problem(kind: str, row: Any) -> Optional[str]:
         for f in ("prompt", "reference"):
             if not isinstance(row.get(f), str):
                 return f"field {f!r} must be a text, got {_show(row.get(f))}"
-    elif kind == "perplexity":
+    elif kind in ("perplexity", "loglikelihood_rolling"):
         if not isinstance(row.get("text"), str):
             return f"field 'text' must be a text, got {_show(row.get('text'))}"
+        if kind == "loglikelihood_rolling":  # what word and byte perplexity divide by: counts of the original text
+            for f in ("n_words", "n_bytes"):
+                if not (_index(row.get(f)) and row[f] >= 0):
+                    return f"field {f!r} must be a count (an integer >= 0), got {_show(row.get(f))}"
     return None
 
 
@@ -101,13 +105,14 @@ def prediction_problem(kind: str, p: Any) -> Optional[str]:
             return "field 'prediction' is missing (the generated text)"
         if not isinstance(p["prediction"], str):
             return f"field 'prediction' must be the generated text (a JSON string), got {_show(p['prediction'])}"
-    elif kind == "perplexity":
-        for f in ("nll", "n_tokens"):
+    elif kind in ("perplexity", "loglikelihood_rolling"):
+        # loglikelihood_rolling divides by the item's words and bytes: its token count is recorded, not needed
+        for f in ("nll", "n_tokens") if kind == "perplexity" else ("nll",):
             if f not in p:
                 return f"field {f!r} is missing (perplexity needs 'nll', the summed NLL, and 'n_tokens')"
         if not (_finite_number(p["nll"]) and p["nll"] >= 0):
             return f"field 'nll' must be a summed negative log-likelihood, a finite number >= 0, got {_show(p['nll'])}"
-        if not (_index(p["n_tokens"]) and p["n_tokens"] >= 0):
+        if "n_tokens" in p and not (_index(p["n_tokens"]) and p["n_tokens"] >= 0):
             return f"field 'n_tokens' must be a count of tokens (an integer >= 0), got {_show(p['n_tokens'])}"
     elif kind == "multiple_choice":
         lls = p.get("loglikelihoods")
@@ -191,7 +196,8 @@ def score_predictions(task: Task, predictions: list[dict], where: Optional[list[
     """Score saved predictions with the task's metric, exactly as `evaluate` does (no model needed).
 
     predictions: one dict per item of `task`, matched by ``id`` (every item exactly once):
-      generation ``{"id", "prediction": text}``; perplexity ``{"id", "nll", "n_tokens"}``; multiple choice
+      generation ``{"id", "prediction": text}``; perplexity ``{"id", "nll", "n_tokens"}``; loglikelihood_rolling
+      ``{"id", "nll"}`` (the summed NLL of the whole text, natural log; lm-eval's -loglikelihood); multiple choice
       ``{"id", "loglikelihoods": [one per choice]}`` (or ``{"id", "prediction": index | choice text}``, acc
       only). Records written by `evaluate` (records/<stage>/<task>.jsonl) are valid predictions.
     where: per prediction, where it came from (e.g. "FILE:LINE", `read_predictions_at`), for error messages.

@@ -3,8 +3,8 @@
 A task kind (`KINDS`) is a pair of functions:
 
 - ``predict(model, tokenizer, task, batch_size) -> predictions``: what the model produces, one dict per item
-  (generation: ``{"id", "prediction"}``; perplexity: ``{"id", "nll", "n_tokens"}``; multiple choice:
-  ``{"id", "loglikelihoods"}``);
+  (generation: ``{"id", "prediction"}``; perplexity and loglikelihood_rolling: ``{"id", "nll", "n_tokens"}``;
+  multiple choice: ``{"id", "loglikelihoods"}``);
 - ``score(task, predictions) -> (metrics, items)``: the task's metrics and the per-item records.
 
 Each kind registers itself beside its code (`ftlab.eval.generation`, `.perplexity`, `.multiple_choice`,
@@ -29,6 +29,11 @@ __all__ = ["Task", "Kind", "KINDS", "register_kind", "model_max_length", "EVAL_V
 EVAL_VERSION = 2
 EVAL_SEED = 0  # eval sets do not depend on the run seed: every run of a sweep is scored on the same items
 
+# Metrics where lower is better, and their unit: none is in points, so a run's summary keeps them out of the point
+# means and reports their relative change (ftlab.eval.metrics.summarize: forget_ppl_change_pct).
+LOWER_IS_BETTER_UNITS = {"perplexity": "ppl", "word_perplexity": "ppl", "byte_perplexity": "ppl",
+                         "bits_per_byte": "bits/byte"}
+
 
 @dataclass
 class Task:
@@ -40,7 +45,7 @@ class Task:
 
     name: str
     role: str  # target | forget
-    kind: str  # generation | perplexity | multiple_choice
+    kind: str  # generation | perplexity | loglikelihood_rolling | multiple_choice
     rows: list[dict]
     answer: str = "exact"  # generation: how a prediction is read (exact | number)
     max_new_tokens: int = 16
@@ -64,11 +69,11 @@ class Task:
 
     @property
     def higher_is_better(self) -> bool:
-        return bool(self.meta.get("higher_is_better", self.metric != "perplexity"))
+        return bool(self.meta.get("higher_is_better", self.metric not in LOWER_IS_BETTER_UNITS))
 
     @property
     def unit(self) -> str:
-        return "ppl" if self.metric == "perplexity" else "points"
+        return LOWER_IS_BETTER_UNITS.get(self.metric, "points")
 
     def signature(self) -> dict:
         """Everything about the task that can change its score (the model's side is added by `evaluate`)."""
