@@ -180,6 +180,21 @@ def test_few_shot_examples_are_drawn_per_item_as_lm_eval_draws_them_and_recorded
         assert f"gsm8k/fewshot/{r['id'].split('/')[1]}" not in gsm.meta["fewshot_ids"][r["id"]]
 
 
+def test_a_suite_task_from_a_local_file_at_k_shot_without_a_fewshot_file_is_refused_when_checked():
+    from ftlab.cli.run import check
+    from ftlab.config.registry import ConfigError
+
+    paths = [f"eval.paths.{n}={fixture_path(n)}" for n in ("gsm8k", "hellaswag", "arc_challenge", "winogrande")]
+    with pytest.raises(ConfigError, match=r"^eval.paths.gsm8k: with a local eval file, 5-shot .* "
+                                          r"eval.tasks.gsm8k.fewshot_path=FILE.jsonl .* eval.tasks.gsm8k.few_shot=0$"):
+        check(["eval=biderman", *paths])
+    with pytest.raises(ConfigError, match="eval.tasks.arc_challenge.fewshot_path"):
+        check(["eval=biderman", *paths, f"eval.tasks.gsm8k.fewshot_path={fewshot_path('gsm8k')}",
+               "eval.tasks.arc_challenge.few_shot=2"])
+    check(["eval=biderman", *paths, "eval.tasks.gsm8k.few_shot=0"])
+    check([f"eval.paths.gsm8k={fixture_path('gsm8k')}"])  # not evaluated (eval=synth): nothing to refuse
+
+
 def test_mmlu_limit_per_subject_and_first_n_examples_of_the_subject():
     rows, meta = load_builtin("mmlu", path=str(fixture_path("mmlu")), subset=["anatomy", "virology"])
     assert len(rows) == 4 and meta["subset"] == ["anatomy", "virology"]

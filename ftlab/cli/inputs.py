@@ -67,15 +67,31 @@ def _builtin_file(task: str, p: str, key: str) -> None:
         raise ConfigError(f"{key}: {p} holds no {task} items; give a .jsonl with the hub dataset's fields")
 
 
+def _fewshot_file(run, task: str, path: str) -> None:
+    """A task evaluated from a local file at k > 0 names its few-shot file (load_builtin's rule, refused here
+    before the model loads)."""
+    from ftlab.eval.builtin import BUILTINS, fewshot_file_problem
+
+    opts = (run.eval.tasks or {}).get(task)
+    k = getattr(opts, "few_shot", None)
+    problem = fewshot_file_problem(task, BUILTINS.get(task).few_shot if k is None else k, path,
+                                   getattr(opts, "fewshot_path", None))
+    if problem:
+        raise ConfigError(problem)
+
+
 def check_inputs(run) -> None:
     """Raise ConfigError naming the key, FILE:LINE and the field of the first bad input file of `run`."""
     _data_file(run.data, "data")
     for i, stage in enumerate(run.stages or []):
         if i > 0 and not isinstance(stage, str):
             _data_file(stage, f"stages.{i}")
+    evaluated = set(run.eval.target) | set(run.eval.forget)
     for task, p in sorted((run.eval.paths or {}).items()):
         if p:
             _builtin_file(task, p, f"eval.paths.{task}")
+            if task in evaluated:
+                _fewshot_file(run, task, p)
     for task, opts in sorted((run.eval.tasks or {}).items()):
         fp = getattr(opts, "fewshot_path", None)
         if fp:

@@ -61,7 +61,10 @@ def score_command(args: list[str]) -> int:
         source = {k: v for k, v in {"path": a.path, "fewshot_path": a.fewshot_path, "split": a.split,
                                     "revision": a.revision,
                                     "subset": a.subset.split(",") if a.subset else None}.items() if v}
-        task = load_task(a.task, "target", n=a.n, few_shot=a.few_shot, metric=a.metric, **source)
+        # scores read references, not prompts: a local file alone scores at 0-shot rather than asking for the
+        # few-shot file that evaluation needs (load_builtin refuses a local eval file as its own few-shot pool)
+        few_shot = 0 if a.few_shot is None and a.path and not a.fewshot_path else a.few_shot
+        task = load_task(a.task, "target", n=a.n, few_shot=few_shot, metric=a.metric, **source)
         rows, where = read_predictions_at(a.predictions)
         res = score_predictions(task, rows, where=where)  # each line checked: file, line and field on a refusal
     except (ValueError, OSError, KeyError) as e:

@@ -66,7 +66,8 @@ from ftlab.eval import wikitext
 from ftlab.eval.scoring import row_problem
 from ftlab.utils.files import sha256_file
 
-__all__ = ["BUILTINS", "Builtin", "TaskSource", "load_builtin", "render_fewshot"]
+__all__ = ["BUILTINS", "Builtin", "TaskSource", "fewshot_draws", "fewshot_file_problem", "load_builtin",
+           "render_fewshot"]
 
 FEWSHOT_SEED = 1234
 FEWSHOT_SEP = "\n\n"
@@ -435,6 +436,16 @@ def fewshot_draws(spec: Builtin, k: int, docs: list[dict], wanted: set[int], poo
     return out
 
 
+def fewshot_file_problem(name: str, k: int, path: Optional[str], fewshot_path: Optional[str]) -> Optional[str]:
+    """Why task `name` at k-shot cannot run from a local eval file `path` (its fix named), or None: few-shot
+    examples never come from the rows being evaluated, so a local eval file needs a few-shot file of its own."""
+    if not (path and k > 0 and not fewshot_path):
+        return None
+    split = BUILTINS.get(name, "eval: built-in task").fewshot_split or "train"
+    return (f"eval.paths.{name}: with a local eval file, {k}-shot needs its own examples: set "
+            f"eval.tasks.{name}.fewshot_path=FILE.jsonl (e.g. the hub's {split} split) or eval.tasks.{name}.few_shot=0")
+
+
 def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] = None,
                  path: Optional[str] = None, fewshot_path: Optional[str] = None,
                  subset: Optional[Sequence[str]] = None, split: Optional[str] = None,
@@ -464,10 +475,9 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
     if k < 0:
         raise ValueError(f"eval.tasks.{name}.few_shot: must be >= 0, got {k}")
     split = split or spec.split
-    if path and k > 0 and not fewshot_path:
-        raise ValueError(f"eval.paths.{name}: with a local eval file, {k}-shot needs its own examples: set "
-                         f"eval.tasks.{name}.fewshot_path=FILE.jsonl (e.g. the hub's "
-                         f"{spec.fewshot_split or 'train'} split) or eval.tasks.{name}.few_shot=0")
+    problem = fewshot_file_problem(name, k, path, fewshot_path)
+    if problem:
+        raise ValueError(problem)
     if path:
         key = f"eval.paths.{name}"
         records, wheres = _read_local(path, key)
