@@ -17,7 +17,9 @@ PREDICTIONS: one JSON object per line, matched to the task's items by id (<task>
                                                                             (lm-eval's), robust_match (ftlab's)
   multiple choice           {"id", "loglikelihoods": [one per choice]}   -> acc and acc_norm
                             {"id", "prediction": index | choice text}    -> acc
-  perplexity (wikitext)     {"id", "nll": summed NLL, "n_tokens"}         -> perplexity
+  rolling (wikitext)        {"id", "nll": summed NLL of the page}        -> word_perplexity, byte_perplexity,
+                                                                            bits_per_byte (words, bytes: the page's)
+  perplexity (wikitext_lines) {"id", "nll": summed NLL, "n_tokens"}      -> perplexity (per token)
 ftlab's own records (records/<stage>/<task>.jsonl in a run directory) are valid predictions.
 Every line is checked: an object with the item's id; a generation is a JSON string; log-likelihoods, nll and
 n_tokens are finite numbers (nll >= 0, n_tokens an integer >= 0), one log-likelihood per choice. A line that is

@@ -118,11 +118,12 @@ def load_task(name: str, role: str = "target", *, n: Optional[int] = None, few_s
     """A built-in task (`ftlab.eval.builtin.BUILTINS`) as a `Task`.
 
     Args:
-        name: arc_challenge, arc_easy, hellaswag, winogrande, boolq, mmlu, wikitext or gsm8k.
+        name: arc_challenge, arc_easy, hellaswag, winogrande, boolq, mmlu, wikitext, wikitext_lines or gsm8k.
         role: target | forget.
         n: the first n rows (None: all); few_shot: examples per item (None: the task's default).
         format: plain | chat; metric: the primary metric (e.g. acc instead of acc_norm).
-        max_new_tokens: generation cap (gsm8k); max_length: token window (perplexity, multiple choice).
+        max_new_tokens: generation cap (gsm8k); max_length: token window (perplexity, multiple choice; wikitext:
+            None = the model's full length, as lm-eval).
         **source: path, fewshot_path, subset, split, hf_path, hf_name, revision (see `ftlab.eval.builtin.load_builtin`).
     """
     spec = BUILTINS.get(name, "eval: built-in task")  # ConfigError (a ValueError): did you mean
