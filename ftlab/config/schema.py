@@ -118,8 +118,8 @@ class DataConfig:
 
 # ----------------------------------------------------------------------------------------------------- eval
 # eval=quick's forgetting suite for a real model (`${ftlab.general_forget:...}`, ftlab.config.validate; model=tiny:
-# world): one multiple-choice task in points and held-out perplexity, both built in (offline: eval.paths.arc_easy=
-# FILE.jsonl eval.paths.wikitext=FILE.jsonl).
+# world): one multiple-choice task in points and held-out perplexity (lm-eval's WikiText word perplexity), both
+# built in (offline: eval.paths.arc_easy=FILE.jsonl eval.paths.wikitext=FILE.jsonl of {"page"} records).
 GENERAL_FORGET = ("arc_easy", "wikitext")
 
 
@@ -156,7 +156,7 @@ class EvalConfig:
     # Target tasks; "data" means the training data's own held-out split; or built-in tasks (gsm8k, ...).
     target: list[str] = field(default_factory=lambda: ["data"])
     # Forgetting suite; "world" expands to every pretraining skill of model=tiny plus held-out perplexity;
-    # built-in tasks: arc_challenge, arc_easy, hellaswag, winogrande, boolq, mmlu, wikitext, gsm8k.
+    # built-in tasks: arc_challenge, arc_easy, hellaswag, winogrande, boolq, mmlu, wikitext, wikitext_lines, gsm8k.
     forget: list[str] = field(default_factory=lambda: ["world"])
     limit: Optional[int] = 200  # max examples per task
     batch_size: int = 64
