@@ -3,6 +3,8 @@ the frozen config.yaml there and never imports Hydra.
 
     _load -> _evaluate_base (cached) -> _prepare (method, regulariser, probes, wrap) -> _train (the one loop, or
     one per continual stage) -> _evaluate_tuned_and_record (export, tuned eval, diagnostics, gain/forgetting)
+    -> _post (post=interp|lines: variants of the exported weights, ftlab.post; a completed run given another
+    `post` runs this step alone)
 
 result.json (status, summary, tasks, train, env), per-item records, the curve and the final checkpoint are
 written on the way (ftlab.rundir); a failure or a stop signal is recorded as such.
@@ -281,6 +283,7 @@ def _evaluate_tuned_and_record(r: _Run, stats, stage_log, t_start: float) -> Non
     """Export the trained weights, evaluate the tuned model, diagnostics, gain and forgetting into result.json."""
     from ftlab.eval.evaluate import evaluate
     from ftlab.eval.metrics import summarize
+    from ftlab.eval.table import task_table
     from ftlab.train.checkpoint import save_checkpoint
 
     cfg, base, record = r.cfg, r.base, r.record
@@ -292,9 +295,9 @@ def _evaluate_tuned_and_record(r: _Run, stats, stage_log, t_start: float) -> Non
                              run_dir=r.run_dir, progress=r.progress) if r.val_tasks else None
     if cfg.eval.diagnostics:
         record.update(diagnostics=_diagnostics(cfg, r.model, r.tok, r.tasks, r.run_dir, r.device))
-    table = _task_table(r.tasks, base, tuned)
+    table = task_table(r.tasks, base, tuned)
     if val_tuned is not None:
-        val_table = _task_table(r.val_tasks, r.val_base, val_tuned)
+        val_table = task_table(r.val_tasks, r.val_base, val_tuned)
         record.update(validation={"tasks": val_table, "summary": summarize(val_table)})
     if stage_log is not None:
         record.update(continual=continual_section(cfg, stage_log, base, tuned, r.tasks))
@@ -305,22 +308,72 @@ def _evaluate_tuned_and_record(r: _Run, stats, stage_log, t_start: float) -> Non
     record.complete()
 
 
-def _task_table(tasks, base: dict, tuned: dict) -> dict:
-    """result.json `tasks` (or `validation.tasks`): per task its role, metric, base, tuned, delta, n, chance level,
-    both sides' metrics and the task's meta."""
-    from ftlab.eval.metrics import chance_points, task_entry
+def _free_training_state(r: _Run) -> None:
+    """Drop the trained model and what holds copies of weights (the regulariser's and the probes' bases) before the
+    post step loads its own model: its bound is one model plus one base copy."""
+    import gc
 
-    out = {}
-    for t in tasks:
-        entry = {**task_entry(t.role, t.metric, t.higher_is_better, t.unit, base[t.name]["score"],
-                              tuned[t.name]["score"], tuned[t.name]["n"]),
-                 "metrics": {"base": base[t.name].get("metrics"), "tuned": tuned[t.name].get("metrics")},
-                 "base_cached": base[t.name]["cached"], **t.meta}
-        chance = chance_points(t.kind, t.metric, t.rows)
-        if chance is not None:
-            entry["chance"] = chance
-        out[t.name] = entry
-    return out
+    r.model = r.forward = r.reg = r.probes = r.method = r.ctx = None
+    gc.collect()
+    if r.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _post(r: _Run) -> None:
+    """Post-training variants (ftlab.post.variants) on the tasks just scored; a failure here leaves the run completed
+    (its training and tuned scores stand), says why in result.json `post_error` and fails the command."""
+    from ftlab.post.variants import evaluate_variants
+
+    try:
+        evaluate_variants(r.cfg, r.run_dir, r.record, r.tok, r.tasks, r.base, r.device, val_tasks=r.val_tasks,
+                          val_base=r.val_base, progress=r.progress)
+    except Exception as e:
+        msg = f"post: {type(e).__name__}: {e}"
+        r.record.update(post_error=msg)
+        (r.run_dir / "error.txt").write_text(traceback.format_exc())
+        raise RunFailed(msg) from e
+    if r.record.data.get("post_error"):
+        r.record.update(post_error=None)
+
+
+def _post_only(cfg: RunConfig, run_dir: Path, progress: bool | None) -> dict:
+    """A completed run whose `post` asks for variants its record lacks: the tokenizer, the tasks and the recorded
+    base scores, then the variants alone (the trained weights are read from checkpoints/final)."""
+    from ftlab.eval.suites import build_tasks
+    from ftlab.models.loading import load_tokenizer
+
+    quiet_third_party()
+    if cfg.hw.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.hw.num_threads)
+    record = RunRecord.read(run_dir)
+    enc = record.data.get("encoding") or {}
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(  # what the run itself resolved (result.json encoding)
+        cfg.model, max_length=enc.get("max_length", cfg.model.max_length),
+        prompt_format=enc.get("prompt_format", cfg.model.prompt_format)))
+    if progress is None:
+        progress = os.environ.get("FTLAB_PROGRESS", "1") != "0"
+    r = _Run(cfg, run_dir, record, resolve_device(cfg.hw), True, progress, None)
+    r.tok = load_tokenizer(cfg.model)
+    r.tasks = build_tasks(cfg)
+    r.base = _recorded_base(record.data.get("tasks") or {}, r.tasks, run_dir)
+    if cfg.eval.validation:
+        r.val_tasks = build_tasks(cfg, "validation")
+        r.val_base = _recorded_base((record.data.get("validation") or {}).get("tasks") or {}, r.val_tasks, run_dir)
+    _post(r)
+    return record.data
+
+
+def _recorded_base(table: dict, tasks: list, run_dir: Path) -> dict:
+    missing = [t.name for t in tasks if t.name not in table]
+    if missing:
+        raise RunFailed(f"{run_dir}/result.json: no base score for task(s) {missing}; the eval config changed since "
+                        "the run completed, so its variants cannot be compared with its base")
+    return {t.name: {"score": table[t.name]["base"], "metrics": (table[t.name].get("metrics") or {}).get("base"),
+                     "cached": True} for t in tasks}
 
 
 def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None = None) -> dict:
@@ -328,7 +381,11 @@ def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None 
     config = to_container(cfg)
     done = completed_record(run_dir)
     if done is not None:
-        return done
+        from ftlab.config.post import missing_variants
+
+        if record_dir is not None or not missing_variants(cfg.post, done, str(run_dir)):
+            return done
+        return _post_only(cfg, run_dir, progress)  # a completed run given another `post`: no retraining
     from ftlab.train import distributed as dist
     from ftlab.train.checkpoint import ResumeRefused, check_same_config, config_sha256, latest
 
@@ -388,4 +445,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None 
             raise
         raise RunFailed(msg) from e
     r.logger.finish(record.data)
+    if cfg.post.kind != "none":
+        _free_training_state(r)
+        _post(r)
     return record.data

@@ -186,6 +186,7 @@ GROUPS = {
     "hw": "device, precision, processes; slurm_cpu / slurm_gpu submit to SLURM (hw.slurm.*)",
     "logger": "where metrics go besides the run directory",
     "reg": "a regulariser added to the training loss, with any method (reg.weight scales it)",
+    "post": "variants after training (interp, LiNeS), evaluated and recorded beside the run (docs/post.md)",
     "experiment": "paper recipes (overlays): +experiment=NAME; with -m the sweep in its YAML runs",
     "debug": "tiny, fast overlays for plumbing checks: +debug=fast",
 }
@@ -329,6 +330,7 @@ def _task(cfg) -> float | None:
             return None
         raise SystemExit(2)
 
+    from ftlab.config.post import missing_variants
     from ftlab.launch.start import execute, refusal
     from ftlab.rundir.identity import ResumeRefused
     from ftlab.rundir.layout import completed_record, prepare_run_dir
@@ -355,7 +357,7 @@ def _task(cfg) -> float | None:
         if hc.mode == RunMode.MULTIRUN:
             return None
         raise SystemExit(2)
-    if done is not None:
+    if done is not None and not missing_variants(run.post, done, str(run_dir)):
         print(f"ftlab: {run_dir.name} already completed with this config (gain {done['summary'].get('gain')}); "
               f"record: {run_dir / 'result.json'}. Delete that directory to run it again.", file=sys.stderr)
         return done["summary"].get("gain")

@@ -26,6 +26,7 @@ from ftlab.config.names import (
     PROMPT_FORMATS,
     TARGET_SKILLS,
 )
+from ftlab.config.post import PostConfig
 from ftlab.config.reg import RegConfig
 from ftlab.config.registry import ConfigError
 
@@ -313,6 +314,8 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reg: RegConfig = field(default_factory=RegConfig)
+    # Post-training variants (ftlab.config.post): evaluated after the run, outside its identity (rundir/identity.py)
+    post: PostConfig = field(default_factory=PostConfig)
     # Continual protocol: the data of each training stage, in order (`data=[a,b]` on the command line, or
     # stages=[a,b]: data option names, expanded at compose time to full data configs; `data` is stage 0).
     # Empty: one stage, `data`.

@@ -12,6 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ftlab.config.checks import check_ranges
 from ftlab.config.method import METHODS, MethodConfig
+from ftlab.config.post import PostConfig, check_post
 from ftlab.config.reg import RegConfig
 from ftlab.config.registry import ConfigError
 from ftlab.config.schema import (
@@ -125,6 +126,7 @@ def _validate(cfg: DictConfig) -> RunConfig:
         logger=_typed("logger", LoggerConfig, rest.get("logger", {})),
         train=_typed("train", TrainConfig, rest.get("train", {})),
         reg=_typed("reg", RegConfig, rest.get("reg", {})),
+        post=_typed("post", PostConfig, rest.get("post", {})),
         stages=[_typed(f"stages[{i}]", DataConfig, s) for i, s in enumerate(rest.get("stages") or [])],
     )
     if not isinstance(run.seed, int) or isinstance(run.seed, bool):
@@ -132,6 +134,7 @@ def _validate(cfg: DictConfig) -> RunConfig:
     _resolve_lr(run)
     check_ranges(run)
     check_stages(run)
+    check_post(run.post, run)
     return run
 
 

@@ -27,8 +27,9 @@ from ftlab.config.files import CONFIG
 from ftlab.utils.files import sha256_file
 
 # keys outside the identity: they move, schedule or mirror results, never change them (hw.slurm: a resubmission
-# with a longer time limit or another partition continues the same runs)
-EXCLUDED = ("out_dir", "logger", "hw.slurm")
+# with a longer time limit or another partition continues the same runs; post: variants evaluated after training,
+# so a completed run given another post evaluates only the new variants, without training again)
+EXCLUDED = ("out_dir", "logger", "hw.slurm", "post")
 # the readable parts are cut to this length (the digest covers the whole config): a run directory's name stays far
 # under the file system's 255-byte limit whatever data.name or the stage list is
 NAME_CHARS = 80
