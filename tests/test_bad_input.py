@@ -284,13 +284,11 @@ def test_a_cached_entry_with_non_finite_values_is_not_trusted(tmp_path):
 
     task = Task("t", "forget", "multiple_choice",
                 [{"id": "a", "context": "Q", "choices": ["x", "y"], "label": 0}], metric="acc")
-    items = [{"id": "a", "label": 0, "loglikelihoods": [float("nan"), float("nan")], "prediction": 0, "acc": 100.0,
-              "acc_norm": 100.0, "score": 100.0}]
-    (tmp_path / "k.json").write_text(json.dumps({"score": 100.0, "metrics": {"acc": 100.0, "acc_norm": 100.0},
-                                                 "items": items, "signature": task.signature()}))
-    assert read_cached(tmp_path, "k") is None  # written by an older version: recomputed, not trusted
+    preds = [{"id": "a", "loglikelihoods": [float("nan"), float("nan")]}]
+    (tmp_path / "k.json").write_text(json.dumps({"predictions": preds, "signature": task.signature()}))
+    assert read_cached(tmp_path, "k") is None  # a NaN cached by an older version: recomputed, not trusted
     with pytest.raises(ValueError, match="non-finite"):
-        write_cached(tmp_path, "k2", task, {"acc": math.nan, "acc_norm": math.nan}, items)
+        write_cached(tmp_path, "k2", task, preds)
     assert not (tmp_path / "k2.json").exists()
 
 

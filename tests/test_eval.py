@@ -430,7 +430,9 @@ def test_base_cache_hits_and_misses(model, tok, tmp_path):
     hit = run(load_task("arc_easy", path=path))
     assert hit["cached"] is True and hit["score"] == first["score"] and hit["metrics"] == first["metrics"]
     assert run(load_task("arc_easy", path=path, n=3))["cached"] is False  # n
-    assert run(load_task("arc_easy", path=path, few_shot=1))["cached"] is False  # few-shot
+    assert run(load_task("arc_easy", path=path, few_shot=1, **fewshot_kw("arc_easy")))["cached"] is False  # few-shot
+    other_pool = str(fewshot_path("arc_challenge"))  # same k, other examples drawn
+    assert run(load_task("arc_easy", path=path, few_shot=1, fewshot_path=other_pool))["cached"] is False
     assert run(load_task("arc_easy", path=path, format="chat"))["cached"] is False  # format
     assert run(load_task("arc_easy", path=path, metric="acc"))["cached"] is False  # metric
     assert run(load_task("arc_easy", path=path), fp="fp-b")["cached"] is False  # model weights

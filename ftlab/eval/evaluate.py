@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftlab.eval.cache import cache_key, read_cached, write_cached
+from ftlab.eval.cache import base_signature, cache_key, read_cached, write_cached
 from ftlab.eval.prompts import tokenizer_signature
 from ftlab.eval.scoring import MODEL_HINT, check_rows, checked_score
 from ftlab.eval.task import KINDS, Task
@@ -24,14 +24,17 @@ def evaluate(model, tokenizer, tasks: list[Task], batch_size: int, *, stage: str
              progress: bool = True) -> dict[str, dict]:
     """Score every task; write records/<stage>/<task>.jsonl; return {task: {score, metrics, n, cached}}.
 
-    With cache_dir and fingerprint (base evaluation), a result is reused when the model weights, the tokenizer,
-    the task's signature (rows, n, few-shot, format, metric, seed, eval version, source files' sha256) and the
-    compute settings (`compute`: ftlab.eval.cache.compute_signature, batch size included) are unchanged.
+    With cache_dir and fingerprint (base evaluation), the kind's raw predictions are reused when everything that
+    can change them is unchanged (ftlab.eval.cache: weights, model and generation config, the tokenizer's content
+    and behaviour, the task's signature, the prediction code, the compute settings); they are scored again on every
+    load, so scores always follow today's scoring code. Cached predictions today's scorer refuses are predicted
+    again.
 
     An item that cannot be scored fails before the model runs, and a non-finite log-likelihood, NLL or metric
     from the model fails the task with the item named (ftlab.eval.scoring.checked_score; ValueError): a broken
     model never produces a score, and nothing of it is cached."""
     out: dict[str, dict] = {}
+    sides = None
     bar = Bar(len(tasks), f"eval {stage}", "{task.fields[name]}", enabled=progress, name="")
     with bar:
         for task in tasks:
@@ -39,17 +42,22 @@ def evaluate(model, tokenizer, tasks: list[Task], batch_size: int, *, stage: str
                 task.meta["chat_template"] = tokenizer_signature(tokenizer, "chat")["chat_template"]
             key = cached = None
             if cache_dir is not None and fingerprint is not None:
-                key = cache_key(task, fingerprint, tokenizer, compute)
+                if sides is None:  # once per evaluation: hashing a large tokenizer takes a moment
+                    sides = base_signature(model, tokenizer)
+                key = cache_key(task, fingerprint, compute=compute, sides=sides)
                 cached = read_cached(cache_dir, key)
             if cached is not None:
-                metrics, items = cached["metrics"], cached["items"]
-            else:
+                try:
+                    metrics, items = checked_score(task, cached)
+                except ValueError:  # predictions a changed scorer cannot read (a field it now needs): predict again
+                    cached = None
+            if cached is None:
                 kind = KINDS.get(task.kind)
                 check_rows(task)  # before the model runs
                 preds = kind.predict(model, tokenizer, task, batch_size)
                 metrics, items = checked_score(task, preds, hint=MODEL_HINT)
                 if key is not None:
-                    write_cached(cache_dir, key, task, metrics, items)
+                    write_cached(cache_dir, key, task, preds)
             write_jsonl(Path(run_dir) / "records" / stage / f"{task.name}.jsonl", items)
             out[task.name] = {"score": metrics[task.metric], "metrics": metrics, "n": len(items),
                               "cached": cached is not None}

@@ -4,10 +4,11 @@ tokenizer changes scores."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 from ftlab.eval.task import FORMATS
 
-__all__ = ["apply_format", "chat_texts", "adds_bos", "tokenizer_signature"]
+__all__ = ["apply_format", "chat_texts", "adds_bos", "tokenizer_signature", "tokenizer_content"]
 
 
 def apply_format(tokenizer, text: str, fmt: str) -> str:
@@ -50,9 +51,44 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 
 
+# Encoded with and without special tokens: shows whether the tokenizer adds BOS/EOS, how it normalises (case,
+# accents, spaces), splits digits and parses special-token text, whatever its files say.
+_PROBE = " Hello  Wörld\n\tCAFÉ 12,345.67 <s></s> a-b's"
+
+
+def tokenizer_content(tokenizer) -> str:
+    """sha256 of everything the tokenizer encodes with: a fast tokenizer's whole serialised pipeline (vocabulary,
+    merges, normaliser, pre-tokenizer, post-processor, added tokens), else the content of its saved vocabulary
+    files."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h = hashlib.sha256()
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as d:
+            for f in sorted(tokenizer.save_vocabulary(d)):
+                h.update(Path(f).name.encode() + b"\0" + Path(f).read_bytes())
+    return h.hexdigest()
+
+
 def tokenizer_signature(tokenizer, fmt: str = "plain") -> dict:
-    """What about the tokenizer changes scores: its name, size, special ids and (chat) template."""
-    tmpl = getattr(tokenizer, "chat_template", None) if fmt == "chat" else None
-    return {"name": getattr(tokenizer, "name_or_path", ""), "size": len(tokenizer),
-            "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+    """What about the tokenizer can change a score: its content (`tokenizer_content`), special tokens and their
+    ids, what it makes of a probe text with and without special tokens (adds BOS/EOS, normalisation), its size,
+    padding/truncation sides and chat template. Not its name: a tokenizer under the same name can change (a hub
+    revision, a replaced local file), and the same one under another path changes nothing. `fmt` is kept for
+    callers; the template counts whatever the format."""
+    tmpl = getattr(tokenizer, "chat_template", None)
+    if isinstance(tmpl, dict):
+        tmpl = json.dumps(tmpl, sort_keys=True)
+    special = {k: str(v) for k, v in sorted((getattr(tokenizer, "special_tokens_map", None) or {}).items())}
+    return {"content": tokenizer_content(tokenizer), "size": len(tokenizer),
+            "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "special": special,
+            "special_ids": sorted(int(i) for i in getattr(tokenizer, "all_special_ids", []) or []),
+            "probe": tokenizer(_PROBE, add_special_tokens=True)["input_ids"],
+            "probe_plain": tokenizer(_PROBE, add_special_tokens=False)["input_ids"],
+            "padding_side": getattr(tokenizer, "padding_side", None),
+            "truncation_side": getattr(tokenizer, "truncation_side", None),
             "chat_template": hashlib.sha256(tmpl.encode()).hexdigest()[:16] if isinstance(tmpl, str) else None}

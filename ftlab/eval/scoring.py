@@ -127,8 +127,12 @@ def prediction_problem(kind: str, p: Any) -> Optional[str]:
                 if not _finite_number(x):
                     return f"field 'loglikelihoods'[{j}] is {_show(x)}, not a finite number"
     elif kind == "lm_eval":
-        if not _finite_number(p.get("value")):
-            return f"field 'value' must be a finite number, got {_show(p.get('value'))}"
+        v = p.get("value")
+        if isinstance(v, list):  # the per-sample tuple of a corpus-level aggregation (perplexity, f1, mcc, bleu)
+            if not v or any(isinstance(x, float) and not math.isfinite(x) for x in v):
+                return f"field 'value' must be lm-eval's per-sample value (finite numbers), got {_show(v)}"
+        elif not _finite_number(v):
+            return f"field 'value' must be a finite number (or lm-eval's per-sample tuple), got {_show(v)}"
     return None
 
 

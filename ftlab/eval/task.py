@@ -23,10 +23,10 @@ from typing import Callable, Optional
 from ftlab.config.names import PROMPT_FORMATS as FORMATS
 from ftlab.config.registry import Registry
 
-__all__ = ["Task", "Kind", "KINDS", "register_kind", "model_max_length", "EVAL_VERSION", "EVAL_SEED", "FORMATS"]
+__all__ = ["Task", "Kind", "KINDS", "register_kind", "model_max_length", "EVAL_SEED", "FORMATS"]
 
-# Bump when scoring or prompting changes meaning: cached base results of older versions are not reused.
-EVAL_VERSION = 2
+# No hand-bumped eval version: the base cache keys on a hash of the prediction code itself and re-scores cached
+# predictions with today's scorer (ftlab.eval.cache.prediction_code).
 EVAL_SEED = 0  # eval sets do not depend on the run seed: every run of a sweep is scored on the same items
 
 # Metrics where lower is better, and their unit: none is in points, so a run's summary keeps them out of the point
@@ -73,7 +73,8 @@ class Task:
 
     @property
     def unit(self) -> str:
-        return LOWER_IS_BETTER_UNITS.get(self.metric, "points")
+        """points (0-100, accuracy-like), ppl, or what a plug-in kind sets in meta["unit"] (lm_eval)."""
+        return self.meta.get("unit") or LOWER_IS_BETTER_UNITS.get(self.metric, "points")
 
     def signature(self) -> dict:
         """Everything about the task that can change its score (the model's side is added by `evaluate`)."""
@@ -81,7 +82,7 @@ class Task:
         return {"name": self.name, "kind": self.kind, "metric": self.metric, "answer": self.answer,
                 "max_new_tokens": self.max_new_tokens, "format": self.format, "delimiter": self.delimiter,
                 "max_length": self.max_length, "rows": rows, "n": len(self.rows), "meta": self.meta,
-                "seed": EVAL_SEED, "eval_version": EVAL_VERSION, **({"stop": list(self.stop)} if self.stop else {})}
+                "seed": EVAL_SEED, **({"stop": list(self.stop)} if self.stop else {})}
 
 
 @dataclass(frozen=True)
