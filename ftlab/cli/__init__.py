@@ -19,9 +19,11 @@ commands:
                        ftlab run --help                 config groups, their options and the knobs
   score TASK PREDS     score saved predictions with a task's metric, no model (ftlab score --help)
   report PATH...       compare runs: seeds folded, fairness, matched gain, paired intervals (ftlab report --help)
+  merge RUN_DIR... method=M   merge finished runs (soup, greedy_soup, task_arithmetic, ties, dare, breadcrumbs)
+                       into a run directory of its own, evaluated like a run (ftlab merge --help)
   version              print the version
 
-Config groups: model, data, method, eval, hw, logger, reg; overlays: +experiment=NAME, +debug=fast
+Config groups: model, data, method, eval, hw, logger, reg, post; overlays: +experiment=NAME, +debug=fast
 (see `ftlab run --help`).
 Environment: FTLAB_OUTPUTS (run directories, default ./outputs), FTLAB_CACHE (base models and base
 evaluations, default ~/.cache/ftlab).
@@ -46,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from ftlab.cli.report import report_command
 
         return report_command(rest)
+    if cmd == "merge":
+        from ftlab.cli.merge import merge_command
+
+        return merge_command(rest)
     if cmd in ("version", "--version"):
         from ftlab import __version__
 

@@ -116,6 +116,8 @@ def check_merge(m: MergeConfig) -> None:
     choice("method", m.method, MERGE_METHODS)
     choice("sign", m.sign, TIES_SIGNS)
     _number("scale", m.scale)
+    if m.density is not None:
+        _number("density", m.density)
     d = m.resolved_density()
     if not 0 < d <= 1:
         raise ConfigError(f"density: must be in (0, 1], got {d!r}")
@@ -126,6 +128,9 @@ def check_merge(m: MergeConfig) -> None:
     if (m.lines_alpha is None) != (m.lines_beta is None):
         raise ConfigError("lines_alpha/lines_beta: give both (LiNeS on the merged delta) or neither")
     if m.lines_alpha is not None:
+        if m.method in ("soup", "greedy_soup"):
+            raise ConfigError(f"lines_alpha: LiNeS scales a merged task vector; method={m.method} averages weights "
+                              "(use task_arithmetic, ties, dare or breadcrumbs)")
         _number("lines_alpha", m.lines_alpha)
         _number("lines_beta", m.lines_beta)
 
