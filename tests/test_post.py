@@ -199,3 +199,29 @@ def test_a_merge_of_one_equals_it():
     assert torch.equal(F.task_arithmetic([t]), t)
     assert torch.equal(F.ties([t], density=1.0), t)
     assert torch.equal(F.dare(t, 0.0), t)
+
+
+def test_a_saved_variant_is_an_hf_model_of_the_base_names_and_dtypes(interp_run, tmp_path):
+    """post.save's directory (here one variant, alpha 0.5): transformers loads it; its tensors have the base's names
+    and dtypes, and it computes what the evaluated model computed."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ftlab.models.loading import load_model, load_tokenizer
+    from ftlab.post.variants import ScaledModel
+
+    method, run_dir, _ = interp_run
+    cfg = load_run_config(run_dir)
+    tok = load_tokenizer(cfg.model)
+    base_sd = load_model(cfg.model, tok).state_dict()
+    s = ScaledModel(cfg.model, tok, run_dir, "cpu")
+    s.set(lambda block: 0.5)
+    s.save(tmp_path / "v", tok)
+    saved = load_file(str(tmp_path / "v" / "model.safetensors"))
+    assert set(saved) <= set(base_sd) and {k: v.dtype for k, v in saved.items()} == \
+        {k: base_sd[k].dtype for k in saved}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "v").eval()
+    ids = torch.tensor([tok("1+2=")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, s.model(ids).logits, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(loaded(ids).logits, load_model(cfg.model, tok)(ids).logits)
