@@ -225,3 +225,22 @@ def test_a_saved_variant_is_an_hf_model_of_the_base_names_and_dtypes(interp_run,
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, s.model(ids).logits, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(loaded(ids).logits, load_model(cfg.model, tok)(ids).logits)
+
+
+def test_a_failed_post_step_leaves_the_run_completed_and_says_why(interp_run, tmp_path):
+    """Without its export a completed run cannot make variants: the command fails naming checkpoints/final, the
+    record keeps status completed and its scores, and post_error says why."""
+    import shutil
+
+    from ftlab.pipeline import RunFailed
+
+    method, run_dir, result = interp_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
+    (cfg,) = check(FAST + ONE + [f"method={method}", "post=interp", "post.alphas=[0.3]"])
+    prepare_run_dir(copy, cfg)
+    with pytest.raises(RunFailed, match="checkpoints/final"):
+        run_from_dir(copy, progress=False)
+    after = json.loads((copy / "result.json").read_text())
+    assert after["status"] == "completed" and after["tasks"] == result["tasks"]
+    assert "checkpoints/final" in after["post_error"]
