@@ -222,3 +222,23 @@ def test_merging_streams_one_tensor_at_a_time(tmp_path, ftlab_cache):
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["model"] > 150e6
     assert m["peak"] - m["loaded"] < 0.4 * m["model"], m
+
+
+def test_lines_on_the_merged_delta_scales_by_depth(runs, tmp_path):
+    """lines_alpha=0, lines_beta=1 on a task-arithmetic merge of one run: the first block and everything outside the
+    blocks keep the base, the last block gets the run's whole update."""
+    from ftlab.config.files import load_run_config
+    from ftlab.models.loading import load_model, load_tokenizer
+
+    run_dir, _ = merge_runs([runs["sub"]], MergeConfig(method="task_arithmetic", lines_alpha=0.0, lines_beta=1.0,
+                                                       save=True, out_dir=str(tmp_path)))
+    cfg = load_run_config(runs["sub"])
+    base = load_model(cfg.model, load_tokenizer(cfg.model)).state_dict()
+    merged, tuned = _saved(run_dir), _final(runs["sub"])
+    last = cfg.model.world.num_layers - 1
+    changed_last = [k for k in merged if k.startswith(f"model.layers.{last}.")]
+    assert changed_last and all(torch.allclose(merged[k], tuned[k], atol=1e-6) for k in changed_last)
+    for k in merged:
+        if k.startswith("model.layers.0.") or not k.startswith("model.layers."):
+            assert torch.equal(merged[k], base[k]), k
+    assert any(not torch.equal(merged[k], base[k]) for k in changed_last)
