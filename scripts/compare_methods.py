@@ -1,19 +1,20 @@
-"""Every `method=` option on the default tiny world, same budget, several seeds: gain, forgetting, trainable
-parameters and optimizer-state bytes per method, written to docs/comparison.md.
+"""The method comparison of docs/comparison.md: one sweep on the embedded world, then `ftlab report` — a thin wrapper.
 
-    OMP_NUM_THREADS=1 python scripts/compare_methods.py                 # run the sweep, then write the table
-    python scripts/compare_methods.py --runs-dir outputs/compare_methods/runs   # only read finished runs
+    OMP_NUM_THREADS=1 python scripts/compare_methods.py              # run the sweep (resumable), then the report
+    python scripts/compare_methods.py --no-run                       # only re-read finished runs
 
-The sweep is one command, `ftlab run -m method=<every method> seed=0,1,2`, with FTLAB_OUTPUTS pointing at
---outputs (default outputs/compare_methods); run directories are named by their config, so a repeated or
-interrupted sweep reuses every run that completed. The table reads each run's result.json: summary.gain,
-summary.forgetting (points, mean ± sample std over seeds), train.trainable_params, train.optimizer_state_bytes
-(peak of the optimizer's state tensors) and its ratio to `full`'s.
+The sweep is every `method=` option x a learning-rate grid (train.lr x the method's lr_scale; 4 values spanning
+33x) x 3 seeds, with a validation split (eval.validation=true: the lr is selected on it) and the scored trajectory
+(eval.curve_every: forgetting at matched gain). Run directories are named by their config, so an interrupted
+sweep resumes. The report (`ftlab report --select train.lr`) goes to docs/comparison/ (report.md, report.html,
+report.csv, PNGs); docs/comparison.md is its report.md under a header with the exact commands, plus what the
+report does not show: trained parameters and optimizer-state bytes per method.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as _dt
 import json
 import os
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# table order: baselines, LoRA family, other peft, partial freezing, sparse/structured
+LRS = "0.0003,0.001,0.003,0.01"
 ORDER = ["full", "lora", "rslora", "dora", "pissa", "olora", "corda", "lora_ga", "ia3", "prompt_tuning",
          "freeze", "hft", "lisa", "owlore", "lift", "s2ft", "ssf"]
 
@@ -35,159 +36,109 @@ def methods() -> list[str]:
     return [m for m in ORDER if m in METHODS] + sorted(set(METHODS.names()) - set(ORDER))
 
 
-def sweep_command(names: list[str], seeds: list[int], extra: list[str]) -> list[str]:
-    return ["ftlab", "run", "-m", f"method={','.join(names)}", f"seed={','.join(map(str, seeds))}", *extra]
+def sweep_command(names: list[str], lrs: str, seeds: str, extra: list[str]) -> list[str]:
+    return ["ftlab", "run", "-m", f"method={','.join(names)}", f"train.lr={lrs}", f"seed={seeds}",
+            "eval.validation=true", "eval.curve_every=25", "eval.curve_limit=100", "hw.num_threads=1", *extra]
 
 
-def run_sweep(cmd: list[str], outputs: Path) -> None:
-    env = {**os.environ, "FTLAB_OUTPUTS": str(outputs), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "FTLAB_WORLD_THREADS": os.environ.get("FTLAB_WORLD_THREADS", "1"), "FTLAB_PROGRESS": "0"}
-    print("+", shlex.join(cmd), flush=True)
-    # a failed job is recorded (status: failed) and the sweep goes on; a non-zero exit is reported, not fatal
-    rc = subprocess.call(cmd, env=env, cwd=ROOT)
-    if rc:
-        print(f"compare_methods: the sweep exited with {rc}; tabulating what completed", file=sys.stderr)
+def report_command(outputs: Path, out: Path, levels: str | None) -> list[str]:
+    return ["ftlab", "report", str(outputs), "--select", "train.lr", *(["--levels", levels] if levels else []),
+            "--out", str(out)]
 
 
-def load_results(runs_dir: Path) -> list[dict]:
-    out = []
-    for path in sorted(runs_dir.glob("*/result.json")):
-        try:
-            r = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        cfg_path = path.parent / "config.yaml"
-        if cfg_path.is_file():
-            import yaml
+def cost_table(runs_dir: Path, selected: dict[str, str]) -> list[str]:
+    """Trained parameters, optimizer-state bytes (peak) and training wall time per method, at the selected lr."""
+    import yaml
 
-            r["_config"] = yaml.safe_load(cfg_path.read_text())
-        r["_dir"] = path.parent.name
-        out.append(r)
-    return out
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def aggregate(results: list[dict], seeds: list[int] | None) -> tuple[dict[str, dict], list[str]]:
-    """{method: row} over completed runs (of `seeds` when given), and 'dir: error' for failed ones."""
     by: dict[str, list[dict]] = {}
-    failed = []
-    for r in results:
-        cfg = r.get("_config") or {}
-        name = (cfg.get("method") or {}).get("name")
-        if name is None or (seeds is not None and cfg.get("seed") not in seeds):
-            continue
+    for path in sorted(runs_dir.glob("*/result.json")):
+        r = json.loads(path.read_text())
         if r.get("status") != "completed":
-            failed.append(f"{r['_dir']}: {r.get('status')} {r.get('error') or ''}".strip())
             continue
-        by.setdefault(name, []).append(r)
-    rows = {}
-    for name, rs in by.items():
-        s = [r["summary"] for r in rs]
-        tr = [r["train"] for r in rs]
-        target = [t for t in rs[0]["tasks"].values() if t["role"] == "target"]
-        rows[name] = {
-            "n": len(rs), "seeds": sorted(r["_config"]["seed"] for r in rs),
-            "gain": mean_std([x["gain"] for x in s]), "forgetting": mean_std([x["forgetting"] for x in s]),
-            "forgetting_max": mean_std([x["forgetting_max"] for x in s]),
-            "retention": mean_std([x["retention"] for x in s]),
-            "target_base": target[0]["base"] if target else None,
-            "trainable": round(statistics.fmean(t["trainable_params"] for t in tr)),
-            "total": tr[0]["total_params"],
-            "opt_bytes": round(statistics.fmean(t.get("optimizer_state_bytes", 0) for t in tr)),
-            "train_s": statistics.fmean(t["wall_s"] for t in tr),
-            "lr": rs[0]["_config"]["train"]["lr"] * (rs[0]["_config"]["method"].get("lr_scale") or 1.0),
-            "note": _note(name, rs[0]["train"].get("method") or {}),
-        }
-    return rows, failed
-
-
-def _note(name: str, rec: dict) -> str:
-    if name == "owlore":
-        return "GaLore" if rec.get("galore") else "plain AdamW (galore_torch not installed)"
-    if "optimizer_state" in rec:
-        return "sparse deltas"
-    return ""
-
-
-def fmt(ms: tuple[float, float]) -> str:
-    return f"{ms[0]:.1f} ± {ms[1]:.1f}"
-
-
-def write_markdown(rows: dict[str, dict], failed: list[str], out: Path, command: str, device: str, date: str,
-                   budget: str, notes: list[str]) -> str:
-    full = rows.get("full", {}).get("opt_bytes")
-    lines = [
-        "# Method comparison on the embedded tiny world",
-        "",
-        f"Every `method=` option, fine-tuned on the default world (`data=synth_sub`, 2-digit subtraction) with the "
-        f"same budget ({budget}), seeds {', '.join(map(str, sorted({s for r in rows.values() for s in r['seeds']})))}. "
-        "Gain: mean improvement on the target (points); forgetting: mean drop over the six pretraining skills "
-        "(points, > 0 is worse); mean ± sample std over seeds. Optimizer state: peak bytes held in the "
-        "optimizer's state tensors during training (`train.optimizer_state_bytes`), and its ratio to `full`.",
-        "",
-        f"Measured on {device}, {date}. Command (from the repository root):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        "`OMP_NUM_THREADS=1 python scripts/compare_methods.py` runs exactly that and writes this page from the runs' "
-        "result.json (`--runs-dir outputs/compare_methods/runs` re-reads them without running).",
-        "",
-        "| method | lr | gain | forgetting | forgetting_max | retention | trained params | optimizer state | vs full | "
-        "train s | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name in [m for m in ORDER if m in rows] + sorted(set(rows) - set(ORDER)):
-        r = rows[name]
-        ratio = f"{r['opt_bytes'] / full:.3f}" if full else "n/a"
-        lines.append(f"| `{name}` | {r['lr']:.3g} | {fmt(r['gain'])} | {fmt(r['forgetting'])} | {fmt(r['forgetting_max'])} | "
-                     f"{fmt(r['retention'])} | {r['trainable']:,} | {r['opt_bytes']:,} B | {ratio} | "
-                     f"{r['train_s']:.1f} | {r['note']} |")
-    if "full" in rows:
-        lines += ["", f"Base model: {rows['full']['total']:,} parameters (`full` trains them all); target accuracy "
-                  f"before tuning: {rows['full']['target_base']:.1f} points. Trained params: at the first step "
-                  "(LISA/OwLore re-sample their active block)."]
-    if notes:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    if failed:
-        lines += ["", "Runs that did not complete:", ""] + [f"- {f}" for f in failed]
-    text = "\n".join(lines) + "\n"
-    out.write_text(text)
-    return text
+        lr = yaml.safe_load((path.parent / "config.yaml").read_text())["train"]["lr"]
+        if selected.get(r["method"]) not in (None, f"train.lr={lr:g}", f"train.lr={lr}"):
+            continue
+        by.setdefault(r["method"], []).append(r["train"])
+    full = statistics.fmean(t["optimizer_state_bytes"] for t in by["full"]) if "full" in by else None
+    lines = ["| method | selected | trained params | optimizer state | vs full | train s |", "|---|---|---|---|---|---|"]
+    for m in [m for m in ORDER if m in by] + sorted(set(by) - set(ORDER)):
+        tr = by[m]
+        state = statistics.fmean(t["optimizer_state_bytes"] for t in tr)
+        lines.append(f"| `{m}` | {selected.get(m, '')} | {round(statistics.fmean(t['trainable_params'] for t in tr)):,} | "
+                     f"{round(state):,} B | {state / full:.3f} | {statistics.fmean(t['wall_s'] for t in tr):.1f} |"
+                     if full else f"| `{m}` | | | | | |")
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs-dir", type=Path, help="read finished runs from here instead of running the sweep")
-    ap.add_argument("--outputs", type=Path, default=ROOT / "outputs" / "compare_methods")
+    ap.add_argument("--no-run", action="store_true", help="only report on finished runs")
+    ap.add_argument("--outputs", type=Path, default=ROOT / "outputs" / "comparison")
+    ap.add_argument("--lrs", default=LRS)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--methods", default=None, help="comma list (default: every registered method)")
+    ap.add_argument("--levels", default="10,25,50,75,90", help="gain levels for forgetting at matched gain")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "comparison.md")
-    ap.add_argument("--device", default="2-core CPU")
+    ap.add_argument("--device", default="the 2-core CPU machine (1 thread per run, 2 sweeps side by side)")
     ap.add_argument("--date", default=_dt.date.today().isoformat())
-    ap.add_argument("--note", action="append", default=[], help="a line for the notes under the table")
-    ap.add_argument("extra", nargs="*", help="more overrides for every job (e.g. train.max_steps=100)")
+    ap.add_argument("extra", nargs="*", help="more overrides for every job")
     a = ap.parse_args()
-    seeds = [int(s) for s in a.seeds.split(",")]
-    names = a.methods.split(",") if a.methods else methods()
-    cmd = sweep_command(names, seeds, a.extra)
-    command = shlex.join(["OMP_NUM_THREADS=1", "FTLAB_WORLD_THREADS=1",
-                          f"FTLAB_OUTPUTS={os.path.relpath(a.outputs, ROOT)}", *cmd])
-    runs_dir = a.runs_dir
-    if runs_dir is None:
-        run_sweep(cmd, a.outputs)
-        runs_dir = a.outputs / "runs"
-    rows, failed = aggregate(load_results(runs_dir), seeds)
-    rows = {k: v for k, v in rows.items() if k in names}
-    any_cfg = next((r["_config"] for r in load_results(runs_dir) if r.get("_config")), {})
-    t = any_cfg.get("train", {})
-    budget = (f"{t.get('max_steps')} steps, batch {t.get('batch_size')}, train.lr {t.get('lr')}, "
-              f"{t.get('schedule')} schedule")
-    print(write_markdown(rows, failed, a.out, command, a.device, a.date, budget, a.note))
+    names = methods()
+    env = {**os.environ, "FTLAB_OUTPUTS": str(a.outputs), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "FTLAB_WORLD_THREADS": os.environ.get("FTLAB_WORLD_THREADS", "1"), "FTLAB_PROGRESS": "0"}
+    sweep = sweep_command(names, a.lrs, a.seeds, a.extra)
+    if not a.no_run:
+        print("+", shlex.join(sweep), flush=True)
+        if subprocess.call(sweep, env=env, cwd=ROOT):  # failed jobs are recorded and counted by the report
+            print("compare_methods: the sweep exited non-zero; reporting what completed", file=sys.stderr)
+    rep_dir = a.out.with_suffix("")
+    report = report_command(Path(os.path.relpath(a.outputs, ROOT)), Path(os.path.relpath(rep_dir, ROOT)), a.levels)
+    print("+", shlex.join(report), flush=True)
+    subprocess.check_call(report, env=env, cwd=ROOT)
+
+    with open(rep_dir / "report.csv") as f:
+        selected = {row["group"].split("method=")[-1].split()[0]: row["choice"]
+                    for row in csv.DictReader(f) if row.get("selected") == "True"}
+    body = (rep_dir / "report.md").read_text().split("\n", 1)[1]  # drop its title
+    body = body.replace("](fig", f"]({rep_dir.name}/fig")
+    rel = os.path.relpath(a.outputs, ROOT)
+    shown = [f"FTLAB_OUTPUTS={rel}", "OMP_NUM_THREADS=1", "FTLAB_WORLD_THREADS=1", *sweep]
+    lines = [
+        "# Method comparison on the embedded tiny world",
+        "",
+        f"Made by `ftlab report` (docs/report.md) from one sweep: every `method=` option ({len(names)}), fine-tuned on "
+        "the default world (`data=synth_sub`, 2-digit subtraction; 300 steps, batch 32, cosine schedule) at "
+        f"train.lr in {{{a.lrs.replace(',', ', ')}}} (times the method's `lr_scale`), seeds {a.seeds}. The learning rate "
+        "is selected per method on a **validation** split (the world's held-out payloads, disjoint from the test "
+        "items); the tables show the selected runs' **test** numbers. Forgetting is the mean drop over the six "
+        "pretraining skills (points; > 0 is worse), at the selected lr and, from each run's scored trajectory "
+        "(`curve.jsonl`, every 25 steps on 100 items per task), at matched gain. Paired intervals resample items and "
+        "seeds against `full` and `lora`.",
+        "",
+        f"Measured on {a.device}, {a.date}. Commands (from the repository root):",
+        "",
+        "```",
+        shlex.join(shown),
+        shlex.join(report),
+        "```",
+        "",
+        "`OMP_NUM_THREADS=1 python scripts/compare_methods.py` runs both and writes this page "
+        "(`--no-run` re-reads finished runs). The whole report, with its plots embedded: "
+        f"[{rep_dir.name}/report.html]({rep_dir.name}/report.html).",
+        "",
+        *([f"![The report page (headless Chromium, scripts/screenshot_report.py)]({rep_dir.name}/screenshot.png)", ""]
+          if (rep_dir / "screenshot.png").exists() else []),
+        body.strip(),
+        "",
+        "## Cost at the selected learning rate",
+        "",
+        "Trained params: at the first step (LISA/OwLore re-sample their active block). Optimizer state: peak bytes of "
+        "the optimizer's state tensors during training (`train.optimizer_state_bytes`), and its ratio to `full`.",
+        "",
+        *cost_table(a.outputs / "runs", selected),
+        "",
+    ]
+    a.out.write_text("\n".join(lines))
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
