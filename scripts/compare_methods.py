@@ -8,7 +8,8 @@ The sweep is every `method=` option x a learning-rate grid (train.lr x the metho
 (eval.curve_every: forgetting at matched gain). Run directories are named by their config, so an interrupted
 sweep resumes. The report (`ftlab report --select train.lr`) goes to docs/comparison/ (report.md, report.html,
 report.csv, PNGs); docs/comparison.md is its report.md under a header with the exact commands, plus what the
-report does not show: trained parameters and optimizer-state bytes per method.
+report does not show: trained parameters and optimizer-state bytes per method, and docs/comparison/notes.md (the
+reading of the numbers, written by hand for the sweep they describe) when it exists.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def main() -> None:
           if (rep_dir / "screenshot.png").exists() else []),
         body.strip(),
         "",
+        *([(rep_dir / "notes.md").read_text().strip(), ""] if (rep_dir / "notes.md").exists() else []),
         "## Cost at the selected learning rate",
         "",
         "Trained params: at the first step (LISA/OwLore re-sample their active block). Optimizer state: peak bytes of "
