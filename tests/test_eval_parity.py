@@ -17,7 +17,7 @@ from ftlab.eval.suites import load_task
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from test_eval import fewshot_path, fixture_path, make_tokenizer, tiny_model  # noqa: E402
+from test_eval import fewshot_path, fixture_path, model, tok  # noqa: E402,F401 - model, tok: module-scoped fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
@@ -83,14 +83,6 @@ def _mmlu_tasks(d: Path, src: Path) -> None:
         + "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: True\nmetadata:\n  version: 2\n")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(tok)
 
 
 @pytest.fixture(scope="module")

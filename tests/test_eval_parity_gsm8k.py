@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_eval import model, tok  # noqa: E402,F401 - model, tok: module-scoped fixtures
 
 from ftlab.config.names import GSM8K_STOP
 from ftlab.eval.scoring import score_predictions
@@ -135,18 +136,6 @@ def test_a_saved_gsm8k_record_rescored_gives_the_same_numbers(tmp_path, capsys):
     assert len(set(res["metrics"].values())) == 3
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from test_eval import make_tokenizer
-
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    from test_eval import tiny_model
-
-    return tiny_model(tok)
 
 
 def test_generation_stops_and_cuts_as_lm_evals_hf_backend(model, tok, one_thread):

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_eval import fixture_path, make_tokenizer, tiny_model
+from test_eval import fixture_path, model, tok  # noqa: F401 - model, tok: module-scoped fixtures
 
 from ftlab.eval import perplexity as ppl
 from ftlab.eval import wikitext
@@ -23,14 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 WINDOW = 32  # tokens: every fixture page needs several windows, so the rolling rule is exercised
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(tok)
 
 
 def _no_bos(tok):
