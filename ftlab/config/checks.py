@@ -131,6 +131,12 @@ def check_ranges(c: RunConfig) -> None:
         raise ConfigError(f"method={c.method.name}: changes its trainable parameters during training, which "
                           f"DDP/FSDP cannot follow yet; run it with hw.nproc=1 (hw=cpu or hw=gpu)")
     at_least("hw.num_threads", h.num_threads, 1, allow_none=True)
+    if c.data.packing and c.method.name == "prompt_tuning":  # its virtual tokens would lead the first row only
+        raise ConfigError("data.packing: method=prompt_tuning prepends its virtual tokens to each sequence, and a "
+                          "packed sequence holds several rows; set data.packing=false")
+    if c.data.packing and c.reg.kind == "kl":  # its reference forward reads the batch unpacked
+        raise ConfigError("data.packing: reg.kind=kl runs the reference model on the training batch as padded rows; "
+                          "set data.packing=false or another reg.kind")
     if h.slurm is not None:
         check_slurm(c)
 

@@ -115,6 +115,9 @@ class DataConfig:
     # A training row cut at model.max_length is measured and recorded (result.json -> encoding.truncation); a run
     # where any row loses its whole answer is refused when its data loads unless this is true.
     allow_truncation: bool = False
+    # Training rows packed into sequences of model.max_length tokens without padding (ftlab.train.batches.pack):
+    # position ids restart per row, attention never crosses rows, the loss is on the same tokens as without
+    packing: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------- eval
@@ -266,6 +269,7 @@ class HwConfig:
     micro_batch_size: Optional[int] = None  # rows per forward on a process; None: its whole share of the batch
     num_threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile of the training forward (evaluation runs uncompiled)
     slurm: Optional[SlurmConfig] = None  # set (hw=slurm_cpu, hw=slurm_gpu): jobs go to SLURM
 
 

@@ -134,6 +134,38 @@ def collate(rows: list[dict], pad_id: int) -> dict:
             "attention_mask": pad_batch([[1] * len(r["input_ids"]) for r in rows], 0)}
 
 
+def pack(rows: list[dict], capacity: int, pad_id: int) -> dict:
+    """data.packing: `rows` concatenated into as few sequences of at most `capacity` tokens as first-fit decreasing
+    finds (a row longer than capacity gets a sequence of its own), right-padded to the longest sequence.
+
+    Returns input_ids, labels and position_ids, no attention mask: position ids restart at 0 on each row, and
+    transformers (masking_utils.find_packed_sequence_indices) reads a restart as a new sequence that attends only
+    within itself (eager, sdpa and flash attention alike), so no row sees another. Each row's first label is IGNORE:
+    the loss shifts labels by one, so in a packed sequence it would be predicted from the previous row's last token;
+    the plain path never counts it either (`response_tokens`), so the same tokens enter the loss. The padding tail is
+    a sequence of its own (its positions restart too) with IGNORE labels."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(rows)), key=lambda j: -len(rows[j]["input_ids"])):
+        n = len(rows[i]["input_ids"])
+        k = next((b for b, r in enumerate(room) if r >= n), None)
+        if k is None:
+            bins.append([i])
+            room.append(capacity - n)
+        else:
+            bins[k].append(i)
+            room[k] -= n
+    ids, labels, pos = [], [], []
+    for b in bins:
+        ids.append([t for i in b for t in rows[i]["input_ids"]])
+        labels.append([x for i in b for x in [IGNORE] + list(rows[i]["labels"][1:])])
+        pos.append([p for i in b for p in range(len(rows[i]["input_ids"]))])
+    width = max(len(x) for x in ids)
+    pos = [p + list(range(width - len(p))) for p in pos]
+    return {"input_ids": pad_batch(ids, pad_id), "labels": pad_batch(labels, IGNORE),
+            "position_ids": torch.tensor(pos, dtype=torch.long)}
+
+
 class Batches:
     """Seeded epochs of shuffled examples; `position` (epoch, index) is all a resume needs."""
 

@@ -25,6 +25,7 @@ from ftlab.train.batches import (
     Batches,
     collate,
     micro_batches,
+    pack,
     response_loss,
     response_tokens,
 )
@@ -68,11 +69,16 @@ class LoopSettings:
     seed: int
     precision: str = "fp32"  # hw.precision: autocast dtype of the forward
     micro_batch_size: Optional[int] = None  # hw.micro_batch_size: rows per forward on a process
+    # data.packing: each micro-batch's rows packed into sequences of pack_length (model.max_length) tokens
+    packing: bool = False
+    pack_length: Optional[int] = None
+    compile: bool = False  # hw.compile: the training forward through torch.compile
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "LoopSettings":
         return cls(train=cfg.train, seed=cfg.seed, precision=cfg.hw.precision,
-                   micro_batch_size=cfg.hw.micro_batch_size)
+                   micro_batch_size=cfg.hw.micro_batch_size, packing=cfg.data.packing,
+                   pack_length=cfg.model.max_length, compile=cfg.hw.compile)
 
 
 @dataclass
@@ -106,7 +112,9 @@ def forward_backward(model: nn.Module, rows: list[dict], settings: LoopSettings,
     parts = micro_batches(rows[rank::world], settings.micro_batch_size)
     losses, regs = [], []
     for i, chunk in enumerate(parts):
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        packed = pack(chunk, max(settings.pack_length or 0, *(len(r["input_ids"]) for r in chunk)), pad_id) \
+            if settings.packing else None
+        batch = {k: v.to(device) for k, v in (packed or collate(chunk, pad_id)).items()}
         # This chunk's share of the global batch's mean loss, times `world` because DDP/FSDP average gradients over
         # ranks: the averaged gradient is the one-process one. One process, one chunk: both factors are exactly 1.0,
         # so the loss is bit for bit the plain mean.
@@ -118,7 +126,9 @@ def forward_backward(model: nn.Module, rows: list[dict], settings: LoopSettings,
             # the output head applied in chunks (ftlab.models.logits): the loss never holds the whole logits. Only the
             # forward runs with the head split off; the model is whole again for the loss and the regulariser.
             with head_split(model) as head:
-                out = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                out = fwd(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                          # with a KV cache, transformers ignores restarting position ids: rows would see each other
+                          **({"position_ids": batch["position_ids"], "use_cache": False} if packed else {}))
             hidden = out.logits
             if head is not None and fits_at_once(hidden.shape[0] * hidden.shape[1], vocab_size(head)):
                 hidden, head = head(hidden), None  # small: the whole logits once, shared by loss and regulariser
@@ -217,6 +227,11 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
     trainable, total = count_params(model)
     curve_path = run_dir / "metrics.jsonl"
     model.train()
+    if settings.packing:
+        check_packing(model)
+    if settings.compile:
+        # the training forward only: evaluation, probes and the curve call `model`, whose shapes vary far more
+        forward = torch.compile(forward if forward is not None else model)
 
     tokens = 0
     window_loss, window_n, loss_value = 0.0, 0, float("nan")
@@ -331,6 +346,19 @@ def train(model: nn.Module, method: Method, batches: Batches, settings: LoopSett
                        peak_mem_bytes=peak_bytes(device), trainable_params=trainable, total_params=total,
                        wall_s=wall, final_loss=loss_value, optimizer_state_bytes=opt_state_peak,
                        method=method.report())
+
+
+def check_packing(model: nn.Module) -> None:
+    """data.packing relies on transformers building the attention mask from restarting position ids
+    (masking_utils.create_causal_mask), which the modeling code of Llama, Qwen2/3, Mistral, Gemma and most current
+    decoders calls; a model whose code does not would let packed rows attend to each other: refused."""
+    m = getattr(model, "module", model)  # DDP
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m  # peft
+    code = sys.modules.get(type(m).__module__)
+    if code is None or not hasattr(code, "create_causal_mask"):
+        raise ValueError(f"data.packing: the model's code ({type(m).__module__}) does not build its attention mask "
+                         "with transformers' create_causal_mask, so packed rows would attend to each other; set "
+                         "data.packing=false")
 
 
 def method_lr(method_cfg: Any, train_lr: float) -> float:
