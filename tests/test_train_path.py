@@ -112,3 +112,69 @@ def test_loss_curve_equals_the_plain_path(tmp_path, ftlab_cache, knob):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (knob, a, b)
         assert a["tokens"] == b["tokens"]
     assert fast_dir != plain_dir  # the knob enters the run's identity when set
+
+
+# ------------------------------------------------------------------------------------- evaluation batching
+SKEWED = [160, 150] + [12, 11, 10, 9, 8] * 6 + [40, 35, 3, 2, 1]  # two long rows, many short ones, a few outliers
+
+
+def test_length_batches_bound_the_padding_on_a_skewed_set():
+    from ftlab.utils.padding import MAX_PADDING, length_batches, padding_fraction
+
+    batches = length_batches(SKEWED, 8)
+    assert sorted(i for b in batches for i in b) == list(range(len(SKEWED)))  # every row once
+    assert all(len(b) <= 8 for b in batches)
+    for b in batches:  # the bound holds batch by batch, so for the whole set
+        assert padding_fraction(SKEWED, [b]) <= MAX_PADDING
+    # what a fixed batch size of the same sorted order pads: the bound is doing work here
+    order = sorted(range(len(SKEWED)), key=lambda i: -SKEWED[i])
+    fixed = [order[i:i + 8] for i in range(0, len(order), 8)]
+    assert padding_fraction(SKEWED, fixed) > 0.5 > MAX_PADDING >= padding_fraction(SKEWED, batches)
+    # perplexity's token budget: no batch above max_tokens padded positions (a row longer than it runs alone)
+    capped = length_batches(SKEWED, 8, max_tokens=48)
+    assert all(max(SKEWED[i] for i in b) * len(b) <= 48 or len(b) == 1 for b in capped)
+
+
+def test_generation_and_scoring_batches_stay_under_the_padding_bound_with_results_in_order(monkeypatch):
+    """greedy_decode and multiple-choice scoring on prompts of skewed lengths: every batch's padding (measured on
+    what the model is given) is at most MAX_PADDING, and the results equal one prompt at a time, in input order."""
+    import test_eval
+
+    from ftlab.eval.multiple_choice import mc_loglikelihoods
+    from ftlab.models import generate
+    from ftlab.utils.padding import MAX_PADDING
+
+    tok = test_eval.make_tokenizer()
+    model = test_eval.tiny_model(tok)
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "7", "plus", "the"]
+    prompts = [" ".join(rng.choice(words) for _ in range(n)) for n in SKEWED[:20]]
+
+    seen = []
+    real = generate._decode_batch
+
+    def spy(model, enc, *a, **k):
+        seen.append([len(e) for e in enc])
+        return real(model, enc, *a, **k)
+
+    monkeypatch.setattr(generate, "_decode_batch", spy)
+    batched = generate.greedy_decode(model, tok, prompts, 3, batch_size=8)
+    for lens in seen:
+        assert 1 - sum(lens) / (max(lens) * len(lens)) <= MAX_PADDING, lens
+    assert len(seen) > -(-len(prompts) // 8)  # the bound split some batches
+    seen.clear()
+    assert batched == generate.greedy_decode(model, tok, prompts, 3, batch_size=1)
+
+    # scoring without a shared context: every request is one left-padded row with a mask
+    requests = [(tok(p)["input_ids"], tok(" beta")["input_ids"]) for p in prompts]
+    masks = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: masks.append(k["attention_mask"]), with_kwargs=True)
+    try:
+        lls = mc_loglikelihoods(model, tok, requests, 8, 1024, share_context=False)
+    finally:
+        hook.remove()
+    assert masks
+    for m in masks:
+        assert 1 - m.float().mean().item() <= MAX_PADDING
+    one = mc_loglikelihoods(model, tok, requests, 1, 1024, share_context=False)
+    assert lls == pytest.approx(one, abs=1e-4)

@@ -154,14 +154,14 @@ def _mc_shared(model, requests, batch_size, max_length, keep, device, pad, out) 
     import torch
 
     from ftlab.models.logits import head_split
-    from ftlab.utils.padding import left_pad, pad_batch, right_pad
+    from ftlab.utils.padding import left_pad, length_batches, pad_batch, right_pad
 
     groups: dict[tuple, list[int]] = {}
     for j, (ctx, _) in enumerate(requests):
         groups.setdefault(tuple(ctx), []).append(j)
-    order = sorted(groups, key=lambda c: -len(c))
-    for start in range(0, len(order), batch_size):
-        ctxs = order[start:start + batch_size]
+    keys = list(groups)
+    for chosen in length_batches([len(c) for c in keys], batch_size):  # context padding <= MAX_PADDING a batch
+        ctxs = [keys[i] for i in chosen]
         trimmed = [_trim_context(list(c), max(len(requests[j][1]) for j in groups[c]), max_length) for c in ctxs]
         # Right padding and no attention mask: causal attention never lets a real token see a later pad, and
         # without a padding mask the attention runs its plain causal kernel (what lm-eval's HF backend does),
@@ -273,7 +273,7 @@ def _mc_full(model, requests, batch_size, max_length, keep, device, pad, out) ->
     import torch
 
     from ftlab.models.logits import head_split
-    from ftlab.utils.padding import left_pad
+    from ftlab.utils.padding import left_pad, length_batches
 
     # identical inputs (same context + continuation[:-1], same length) run once: single-token choices share
     longest: dict[tuple, int] = {}
@@ -285,9 +285,9 @@ def _mc_full(model, requests, batch_size, max_length, keep, device, pad, out) ->
             continue
         seq = (_trim_context(ctx, longest[tuple(ctx)], max_length) + cont)[:-1]
         groups.setdefault((tuple(seq), len(cont)), []).append(j)
-    order = sorted(groups, key=lambda g: -len(g[0]))
-    for start in range(0, len(order), batch_size):
-        part = order[start:start + batch_size]
+    keys = list(groups)
+    for batch in length_batches([len(g[0]) for g in keys], batch_size):  # padding <= MAX_PADDING a batch
+        part = [keys[i] for i in batch]
         ids, mask = left_pad([g[0] for g in part], pad, device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         n = max(g[1] for g in part)

@@ -60,22 +60,18 @@ def _window_nlls(model, pad: int, windows: list[tuple[list[int], int, list[int]]
                  max_tokens: Optional[int] = None) -> list[float]:
     """Summed NLL of each window (ids, start, targets): position start + k of `ids` predicts targets[k].
 
-    Windows run longest first, at most batch_size (and, with max_tokens, at most max_tokens padded tokens) at a time.
+    Windows run longest first, at most batch_size (and, with max_tokens, at most max_tokens padded tokens) at a time,
+    padding at most MAX_PADDING of a batch (ftlab.utils.padding.length_batches).
     The logits are computed a chunk of positions at a time (ftlab.models.logits): never [batch x window x
     vocabulary] at once for a large vocabulary."""
     import torch
 
     from ftlab.models.logits import chunk_positions, head_split, map_tokens, vocab_size
     from ftlab.models.structure import eval_mode, model_device
-    from ftlab.utils.padding import right_pad
+    from ftlab.utils.padding import length_batches, right_pad
 
     device = model_device(model)
-    order = sorted(range(len(windows)), key=lambda j: -len(windows[j][0]))
-    batches, j = [], 0
-    while j < len(order):
-        n = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // len(windows[order[j]][0])))
-        batches.append(order[j:j + n])
-        j += n
+    batches = length_batches([len(w[0]) for w in windows], batch_size, max_tokens=max_tokens)
     out = [0.0] * len(windows)
     with eval_mode(model), torch.inference_mode():
         for batch in batches:

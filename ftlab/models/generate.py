@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ftlab.models.structure import eval_mode, model_device, pad_id
-from ftlab.utils.padding import left_pad
+from ftlab.utils.padding import left_pad, length_batches
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -86,7 +86,8 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
     """Greedy continuations of `prompts`, batched, with a KV cache.
 
     Prompts are tokenized with the tokenizer's special tokens (e.g. a leading <s>), sorted by length so a
-    batch holds similar lengths, left-padded, and decoded until every row has produced an eos token or
+    batch holds similar lengths (ftlab.utils.padding.length_batches: at most batch_size prompts, padding at most
+    MAX_PADDING of a batch's prompt positions), left-padded, and decoded until every row has produced an eos token or
     `max_new_tokens` tokens. The model's train/eval mode is restored afterwards.
 
     Args:
@@ -132,11 +133,9 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
     enc = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     if max_prompt_tokens is not None:
         enc = [e[-max_prompt_tokens:] if len(e) > max_prompt_tokens else e for e in enc]
-    order = sorted(range(len(prompts)), key=lambda i: len(enc[i]), reverse=True)
     outputs: list[Optional[str]] = [None] * len(prompts)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in length_batches([len(e) for e in enc], batch_size):  # prompt padding <= MAX_PADDING a batch
             rows = _decode_batch(model, [enc[i] for i in idx], max_new_tokens, pad, eos, device, stopped)
             texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
             for i, t in zip(idx, texts):
