@@ -239,6 +239,10 @@ def _prepare(r: _Run) -> None:
         r.reg.capture_base(r.model)  # before prepare: the original base, whatever the method does to it
     if r.probes is not None:
         r.probes.capture_base(r.model)  # the base, before prepare (a resume takes the checkpoint's copy)
+    if getattr(cfg.hw, "kernels", False):  # Liger's RMSNorm/RoPE/SwiGLU on CUDA, before adapters wrap the linears
+        from ftlab.models.liger import apply_liger
+
+        r.record.update(liger=apply_liger(r.model, r.device))
     r.model = r.method.prepare(r.model, r.ctx)
     if r.reg is not None:
         r.reg.capture_start(r.model, r.ctx)

@@ -178,3 +178,22 @@ def test_generation_and_scoring_batches_stay_under_the_padding_bound_with_result
         assert 1 - m.float().mean().item() <= MAX_PADDING
     one = mc_loglikelihoods(model, tok, requests, 1, 1024, share_context=False)
     assert lls == pytest.approx(one, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ liger
+def test_liger_is_applied_only_where_it_can_run(capsys):
+    """hw.kernels=true: Liger's patches need CUDA and liger_kernel; elsewhere the model is left untouched and the
+    reason said. (The patched path itself runs on a GPU only: not covered by the CPU suite.)"""
+    import importlib.util
+
+    from ftlab.models.liger import apply_liger
+
+    model = tiny_llama("eager")
+    before = {n: type(m) for n, m in model.named_modules()}
+    assert apply_liger(model, "cpu") is None
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert apply_liger(model, "cuda") is None
+        assert "liger_kernel is not installed" in capsys.readouterr().err
+    model.config.model_type = "gpt2"
+    assert apply_liger(model, "cuda") is None and "no Liger patch for model type 'gpt2'" in capsys.readouterr().err
+    assert {n: type(m) for n, m in model.named_modules()} == before
