@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from test_resume import assets  # noqa: F401 - fixture: a tiny local Llama and a jsonl of additions
 
 from ftlab.train.batches import IGNORE, collate, pack, response_tokens
 
@@ -197,3 +198,21 @@ def test_liger_is_applied_only_where_it_can_run(capsys):
     model.config.model_type = "gpt2"
     assert apply_liger(model, "cuda") is None and "no Liger patch for model type 'gpt2'" in capsys.readouterr().err
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_packed_run_resumes_exactly(assets, tmp_path, ftlab_cache):
+    """data.packing keeps exact resume: packing is a function of the batch's rows, and the data position is the
+    same Batches state as without it. A copy cut back to step 3 resumes to the same curve and weights."""
+    from test_resume import curve, final_weights, make_run, overrides, resume_copy, same_weights
+
+    from ftlab.pipeline import run_from_dir
+
+    ref = make_run(tmp_path, "ref", overrides(assets, "train.max_steps=6", "train.keep_checkpoints=100",
+                                              "data.packing=true"))
+    run_from_dir(ref, progress=False)
+    resumed = resume_copy(ref, tmp_path / "resumed", at_step=3)
+    result = run_from_dir(resumed, progress=False)
+    assert result["resumed_from"] == "step_000003"
+    assert curve(resumed) == curve(ref) and [r["step"] for r in curve(ref)] == list(range(1, 7))
+    assert same_weights(final_weights(resumed), final_weights(ref))
