@@ -21,6 +21,17 @@ TOLERANCES: Dict[str, Dict[str, Dict[str, Tol]]] = {
         "forward": {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (2e-2, 2e-2)},
         "backward": {"float32": (1e-4, 1e-4), "float16": (1e-2, 2e-2), "bfloat16": (3e-2, 5e-2)},
     },
+    # loss = sum of -log softmax(h W^T)[label] / n, chunked (kernels/fused_ce.py); backward: dh, dW. The logits are
+    # rounded to the input dtype by the matmul on both sides; the kernel's log-sum-exp is float32, so the loss differs
+    # by the matmuls' summation order and float32 rounding. dW sums over all N tokens (float32 in both).
+    "fused_ce": {
+        "forward": {"float32": (1e-5, 1e-5), "float16": (1e-3, 1e-3), "bfloat16": (1e-2, 1e-2)},
+        "backward": {"float32": (1e-4, 1e-6), "float16": (1e-2, 1e-3), "bfloat16": (3e-2, 1e-2)},
+    },
+    # log softmax(h W^T)[target] per row, chunked (kernels/fused_ce.py fused_linear_logprob), forward only
+    "fused_logprob": {
+        "forward": {"float32": (1e-5, 1e-5), "float16": (1e-3, 1e-3), "bfloat16": (1e-2, 1e-2)},
+    },
 }
 
 

@@ -270,6 +270,8 @@ class HwConfig:
     num_threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile of the training forward (evaluation runs uncompiled)
+    # ftlab.kernels: the training loss from the last hidden states and the lm_head, chunked, without the logits
+    kernels: bool = False
     slurm: Optional[SlurmConfig] = None  # set (hw=slurm_cpu, hw=slurm_gpu): jobs go to SLURM
 
 

@@ -39,7 +39,8 @@ DIGEST_CHARS = 10  # 40 bits: a collision among a million runs has odds ~5e-7
 NEUTRAL_DEFAULTS = {("data", "allow_overlap"): False, ("data", "allow_truncation"): False,
                     ("data", "replay_previous"): 0.0, ("data", "stop"): [], ("reg", "kl_on"): "task",
                     ("data", "validation_path"): None, ("eval", "validation"): False, ("eval", "curve_every"): 0,
-                    ("eval", "curve_limit"): None, ("data", "packing"): False, ("hw", "compile"): False}
+                    ("eval", "curve_limit"): None, ("data", "packing"): False, ("hw", "compile"): False,
+                    ("hw", "kernels"): False}
 
 
 _MISSING = object()
