@@ -1,0 +1,98 @@
+"""kernels/lora_linear.py against its plain-torch reference, within kernels/tolerances.py.
+
+CPU: Triton's interpreter (TRITON_INTERPRET=1, set by conftest before triton is imported), fp32 and fp16.
+GPU (skipped without CUDA; run with TRITON_INTERPRET=0 to compile the kernels): the same in bf16 too.
+Shapes are odd on purpose: in/out/r and the token count are not multiples of the 32-wide blocks or of 16.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ftlab.kernels.lora_linear import LoraLinearFunction, kernel_supported, lora_linear, lora_linear_reference  # noqa: E402
+from ftlab.kernels.tolerances import tolerance  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# (tokens, in, out, r): one block and a ragged edge; several blocks in every dimension; r = 1
+SHAPES = [(7, 19, 23, 3), (37, 45, 70, 5), (33, 40, 17, 1)]
+
+
+def _inputs(tokens, n_in, n_out, r, dtype, device, bias=True, lead=None):
+    g = torch.Generator().manual_seed(tokens * 1000 + n_in * 10 + r)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    x = rnd(*(lead or (tokens,)), n_in).requires_grad_()
+    w = rnd(n_out, n_in, std=n_in ** -0.5)
+    b = rnd(n_out) if bias else None
+    a = rnd(r, n_in, std=n_in ** -0.5).requires_grad_()
+    bb = rnd(n_out, r, std=r ** -0.5).requires_grad_()  # nonzero B: a zero B would hide every rank-r error
+    return x, w, b, a, bb
+
+
+def _check(shape, dtype, device, bias=True, lead=None, scale=0.75):
+    x, w, b, a, bb = _inputs(*shape, dtype, device, bias, lead)
+    y = lora_linear(x, w, b, a, bb, scale)
+    assert y.grad_fn is not None and "View" in type(y.grad_fn).__name__  # the kernel's path, not the reference's
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    y_ref = lora_linear_reference(x, w, b, a, bb, scale)
+    grads_ref = torch.autograd.grad(y_ref, (x, a, bb), dy)
+    rtol, atol = tolerance("lora_linear", "forward", dtype)
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    rtol, atol = tolerance("lora_linear", "backward", dtype)
+    for name, got, want in zip(("dx", "dA", "dB"), grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+cpu_only = pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1 before triton is imported")
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lora_linear_matches_reference_cpu_interpreter(shape, dtype):
+    _check(shape, dtype, "cpu")
+
+
+@cpu_only
+def test_lora_linear_no_bias_batched_leading_dims():
+    _check((15, 21, 26, 4), torch.float32, "cpu", bias=False, lead=(3, 5))
+
+
+@cpu_only
+def test_lora_linear_kernel_path_is_taken_and_errors_would_show():
+    """The comparison can fail: a kernel output with B's rank-r term dropped is far outside the table."""
+    x, w, b, a, bb = _inputs(37, 45, 70, 5, torch.float32, "cpu")
+    y = LoraLinearFunction.apply(x, w, b, a, bb, 0.75)
+    assert kernel_supported("cpu")
+    rtol, atol = tolerance("lora_linear", "forward", torch.float32)
+    torch.testing.assert_close(y, lora_linear_reference(x, w, b, a, bb, 0.75), rtol=rtol, atol=atol)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=rtol, atol=atol)
+
+
+def test_lora_linear_falls_back_to_reference():
+    """Dropout in training, a trainable W, or mixed dtypes: the reference (W's gradient exists, dropout applies)."""
+    x, w, b, a, bb = _inputs(7, 19, 23, 3, torch.float32, "cpu")
+    w.requires_grad_()
+    y = lora_linear(x, w, b, a, bb, 0.5)
+    assert torch.autograd.grad(y.sum(), w)[0].shape == w.shape
+    w.requires_grad_(False)
+    torch.manual_seed(0)
+    y_drop = lora_linear(x, w, b, a, bb, 0.5, dropout=0.5, training=True)
+    torch.manual_seed(0)
+    torch.testing.assert_close(y_drop, lora_linear_reference(x, w, b, a, bb, 0.5, dropout=0.5, training=True))
+    y_eval = lora_linear(x, w, b, a, bb, 0.5, dropout=0.5, training=False)  # dropout off in eval: the kernel
+    torch.testing.assert_close(y_eval, lora_linear_reference(x, w, b, a, bb, 0.5), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES + [(517, 300, 650, 16)])
+def test_lora_linear_matches_reference_gpu(shape, dtype):
+    _check(shape, dtype, "cuda")
