@@ -51,6 +51,20 @@ def test_pack_counts_the_same_tokens_and_restarts_positions():
     assert ids.numel() - sum(len(r["input_ids"]) for r in rows) < plain.numel() - sum(len(r["input_ids"]) for r in rows)
 
 
+def test_packing_is_refused_where_rows_would_mix():
+    """Where packed rows would see each other or lose their prompt, packing is refused, naming the key."""
+    from ftlab.cli.run import check
+    from ftlab.config.registry import ConfigError
+    from ftlab.train.loop import check_packing
+
+    for other in ("method=prompt_tuning", "reg=kl"):
+        with pytest.raises(ConfigError, match="data.packing: .*set data.packing=false"):
+            check(["data.packing=true", other])
+    check_packing(tiny_llama("eager"))  # transformers' Llama builds its mask from the position ids
+    with pytest.raises(ValueError, match="data.packing: the model's code .* create_causal_mask"):
+        check_packing(torch.nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_attention_does_not_cross_examples(attn):
     """A packed batch's logits, row by row, equal each row run alone (float32; 1e-5 absolute)."""

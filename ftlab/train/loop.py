@@ -354,8 +354,8 @@ def check_packing(model: nn.Module) -> None:
     decoders calls; a model whose code does not would let packed rows attend to each other: refused."""
     m = getattr(model, "module", model)  # DDP
     m = m.get_base_model() if hasattr(m, "get_base_model") else m  # peft
-    code = sys.modules.get(type(m).__module__)
-    if code is None or not hasattr(code, "create_causal_mask"):
+    # the class's MRO: FSDP2's fully_shard swaps in a subclass defined outside transformers
+    if not any(hasattr(sys.modules.get(c.__module__), "create_causal_mask") for c in type(m).__mro__):
         raise ValueError(f"data.packing: the model's code ({type(m).__module__}) does not build its attention mask "
                          "with transformers' create_causal_mask, so packed rows would attend to each other; set "
                          "data.packing=false")
