@@ -42,7 +42,7 @@ def _scores(rng, p: float, n: int) -> list[float]:
 
 
 def write_run(root: Path, cfg: dict, probs: dict | None = None, status="completed", n=40, validation=None,
-              curve=None, chance=None, ids_offset=0, name=None, continual=None) -> Path:
+              curve=None, chance=None, ids_offset=0, name=None, continual=None, variants=None) -> Path:
     """A valid run directory: config.yaml, result.json whose task scores are the means of the per-item records
     written beside them (probs: task -> (p_base, p_tuned), per-item 0/100 draws seeded by the config's seed)."""
     d = root / (name or run_name(cfg))
@@ -76,6 +76,8 @@ def write_run(root: Path, cfg: dict, probs: dict | None = None, status="complete
         res["validation"] = section("validation", validation)
     if continual is not None:
         res["continual"] = continual
+    if variants is not None:
+        res["variants"] = variants
     (d / "result.json").write_text(json.dumps(res))
     if curve is not None:
         (d / "curve.jsonl").write_text("".join(json.dumps({"step": 10 * i, "tasks": {}, "gain": g, "forgetting": f,
@@ -230,6 +232,83 @@ def test_matched_gain_known_answer_and_not_reached(tmp_path):
     assert mg["ranks"][2] == {"method=lora": 1, "method=full": 2}           # ia3 not reached: not ranked
     # default levels: up to the highest gain every run reaches (ia3 seed 1: 20)
     assert C.default_levels(groups) == [5.0, 10.0, 15.0, 20.0]
+
+
+def _variant(kind: str, alpha: float, gain: float, forgetting: float, beta: float | None = None) -> dict:
+    params = {"alpha": alpha} if beta is None else {"alpha": alpha, "beta": beta}
+    name = f"interp_a{alpha:g}" if kind == "interp" else f"lines_a{alpha:g}_b{beta:g}"
+    return {"name": name, "kind": kind, "params": params, "gain": gain, "forgetting": forgetting,
+            "summary": {"gain": gain, "forgetting": forgetting}, "tasks": {}, "records": f"records/variant_{name}"}
+
+
+def _variant_sweep(root: Path) -> None:
+    """full: interp at alphas 1 (listed first), -0.5 and 0.5 (alpha 0, the base, not evaluated) and LiNeS at two
+    alphas; lora: interp 0.5 and 1, seed 1 also 0.25; no curve.jsonl anywhere."""
+    for s in (0, 1):
+        write_run(root, make_config("full", s), variants=[
+            _variant("interp", 1.0, 40, 20 + 2 * s), _variant("interp", -0.5, 30, 1), _variant("interp", 0.5, 20, 4 + s),
+            _variant("lines", 0.5, 30, 10 + s, beta=0.5), _variant("lines", 0.2, 10, 2, beta=0.8)])
+        write_run(root, make_config("lora", s), variants=[_variant("interp", 0.5, 10, 1), _variant("interp", 1.0, 20, 6)]
+                  + ([_variant("interp", 0.25, 5, 0.0)] if s else []))
+
+
+def test_matched_gain_along_interpolation_known_answer(tmp_path):
+    root = tmp_path / "r"
+    _variant_sweep(root)
+    groups = C.make_groups(discover([str(root)]).completed)
+    full = next(g for g in groups if g.label == "method=full")
+    # alpha 0 (the base) added at (0, 0); the negative alpha left out; sorted by alpha, not by listing order
+    assert C.variant_trajectory(full.runs[0], "interp") == [(0.0, 0.0), (20.0, 4.0), (40.0, 20.0)]
+    assert C.variant_trajectory(full.runs[0], "lines") == [(10.0, 2.0), (30.0, 10.0)]  # no base anchor for LiNeS
+    assert C.matched_gain(groups, [10])["no_curves"] == ["method=full", "method=lora"]  # curve.jsonl untouched
+    mg = C.matched_gain(groups, [10, 20, 30], traj=lambda r: C.variant_trajectory(r, "interp"))
+    rows = {r["label"]: r["cells"] for r in mg["rows"]}
+    assert rows["method=full"][0]["fold"]["mean"] == pytest.approx((2 + 2.5) / 2)   # half way base -> alpha 0.5
+    assert rows["method=full"][2]["fold"]["mean"] == pytest.approx(((4 + 20) / 2 + (5 + 22) / 2) / 2)
+    # lora seed 0: base -> (10, 1) gives 1; seed 1: base -> (5, 0) -> (10, 1) gives 1 as well
+    assert rows["method=lora"][0]["fold"]["mean"] == pytest.approx(1.0)
+    assert rows["method=lora"][1]["fold"]["mean"] == pytest.approx(6.0)
+    assert rows["method=lora"][2]["fold"] is None and rows["method=lora"][2]["reached"] == 0  # never extrapolated
+    assert mg["ranks"][0] == {"method=lora": 1, "method=full": 2}
+    assert C.default_levels(groups, traj=lambda r: C.variant_trajectory(r, "interp")) == [5.0, 10.0, 15.0, 20.0]
+    lines = C.matched_gain(groups, [20], traj=lambda r: C.variant_trajectory(r, "lines"))
+    assert lines["no_curves"] == ["method=lora"]
+    assert lines["rows"][0]["cells"][0]["fold"]["mean"] == pytest.approx((6 + 6.5) / 2)
+
+
+def test_variants_table_folds_over_seeds(tmp_path):
+    root = tmp_path / "r"
+    _variant_sweep(root)
+    groups = {g.label: g for g in C.make_groups(discover([str(root)]).completed)}
+    full = {v["name"]: v for v in C.variants_table(groups["method=full"])}
+    assert [v["name"] for v in C.variants_table(groups["method=full"])] == [
+        "interp_a-0.5", "interp_a0.5", "interp_a1", "lines_a0.2_b0.8", "lines_a0.5_b0.5"]
+    assert full["interp_a1"]["gain"]["mean"] == pytest.approx(40.0)
+    assert full["interp_a1"]["forgetting"]["mean"] == pytest.approx(21.0)
+    assert full["interp_a1"]["forgetting"]["std"] == pytest.approx(2 ** 0.5)
+    assert full["lines_a0.5_b0.5"]["params"] == {"alpha": 0.5, "beta": 0.5}
+    lora = {v["name"]: v for v in C.variants_table(groups["method=lora"])}
+    # only seed 1 has alpha 0.25: no mean that hides the missing seed
+    assert lora["interp_a0.25"]["gain"]["mean"] is None and lora["interp_a0.25"]["gain"]["missing"] == 1
+
+
+def test_cli_report_with_variants_sections_and_images(tmp_path, capsys):
+    root, out = tmp_path / "r", tmp_path / "out"
+    _variant_sweep(root)
+    assert main(["report", str(root), "--out", str(out), "--boot", "200", "--levels", "10,20"]) == 0
+    md = (out / "report.md").read_text()
+    for heading in ("Forgetting at matched gain along training", "Forgetting at matched gain along interpolation",
+                    "Forgetting at matched gain along LiNeS", "Post-training variants"):
+        assert f"## {heading}" in md
+    assert "| method=full | interp_a0.5 | interp | alpha=0.5 | 2 | 20.0 ± 0.0 | 4.5 ± 0.7 |" in md
+    assert "| method=lora | interp_a0.25 | interp | alpha=0.25 | 1 |" in md
+    pngs = sorted(out.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    page.close()
+    assert page.errors == [] and page.stack == []
+    assert len(page.imgs) == len(pngs) and all(s.startswith("data:image/png;base64,") for s in page.imgs)
 
 
 def test_selection_reads_validation_only(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -195,13 +196,43 @@ def trajectory(run: Run) -> Optional[list[tuple[float, float]]]:
     return [(finite(r.get("gain")), finite(r.get("forgetting"))) for r in rows]
 
 
-def default_levels(groups: list[Group], n: int = 4) -> list[float]:
+VARIANT_KINDS = ("interp", "lines")
+
+
+def _alpha(v: dict) -> Optional[float]:
+    return finite((v.get("params") or {}).get("alpha"))
+
+
+def variant_trajectory(run: Run, kind: str) -> Optional[list[tuple[float, float]]]:
+    """The run's `kind` variants (result.json `variants`) as (gain, forgetting) in increasing alpha, the curve
+    from the base toward (and past) the tuned run. interp: alpha 0 is the base (gain 0, forgetting 0 by
+    construction) and alpha 1 the tuned run (its summary), added where not evaluated, so a curve always starts at
+    the base; negative alphas (away from the tuned run) are left out. lines: the evaluated points only (alpha 0
+    with beta > 0 is not the base). None when the run has no variant of that kind."""
+    vs = [v for v in run.result.get("variants") or [] if v.get("kind") == kind and _alpha(v) is not None]
+    if not vs:
+        return None
+    pts = {}
+    for v in vs:
+        a = _alpha(v)
+        if kind == "interp" and a < 0:
+            continue
+        key = (a, finite((v.get("params") or {}).get("beta")) or 0.0)
+        pts[key] = (finite(v.get("gain")), finite(v.get("forgetting")))
+    if kind == "interp":
+        pts.setdefault((0.0, 0.0), (0.0, 0.0))
+        s = run.summary()
+        pts.setdefault((1.0, 0.0), (finite(s.get("gain")), finite(s.get("forgetting"))))
+    return [pts[k] for k in sorted(pts)]
+
+
+def default_levels(groups: list[Group], n: int = 4, traj=trajectory) -> list[float]:
     """n evenly spaced gain levels up to the highest gain EVERY compared run (each seed of each group) reaches
     along its curve; [] when that is not above 0."""
     tops = []
     for g in groups:
         for r in g.runs:
-            tr = trajectory(r)
+            tr = traj(r)
             gains = [x for x, _ in tr or [] if x is not None]
             if gains:
                 tops.append(max(gains))
@@ -210,18 +241,19 @@ def default_levels(groups: list[Group], n: int = 4) -> list[float]:
     return [top * k / n for k in range(1, n + 1)] if top > 0 else []
 
 
-def matched_gain(groups: list[Group], levels: Optional[list[float]] = None) -> dict:
+def matched_gain(groups: list[Group], levels: Optional[list[float]] = None, traj=trajectory) -> dict:
     """Forgetting at common gain levels: each run's forgetting where its curve first reaches the level
     (stats.forgetting_at_gain), folded over seeds. A group where any seed never reaches a level is "not reached"
-    there (k of n seeds said), with no mean; groups without curve.jsonl are listed, not ranked."""
-    with_curves = [g for g in groups if all(trajectory(r) for r in g.runs)]
+    there (k of n seeds said), with no mean; groups without a curve (curve.jsonl, or for `traj` =
+    variant_trajectory the variants) are listed, not ranked."""
+    with_curves = [g for g in groups if all(traj(r) for r in g.runs)]
     no_curves = [g.label for g in groups if g not in with_curves]
-    lv = list(levels) if levels else default_levels(with_curves)
+    lv = list(levels) if levels else default_levels(with_curves, traj=traj)
     rows = []
     for g in with_curves:
         cells = []
         for level in lv:
-            per_seed = [forgetting_at_gain(trajectory(r), level) for r in g.runs]
+            per_seed = [forgetting_at_gain(traj(r), level) for r in g.runs]
             reached = sum(v is not None for v in per_seed)
             cells.append({"level": level, "reached": reached, "n": len(per_seed),
                           "fold": fold(per_seed) if reached == len(per_seed) else None})
@@ -230,8 +262,26 @@ def matched_gain(groups: list[Group], levels: Optional[list[float]] = None) -> d
     for i in range(len(lv)):
         ok = sorted((r["cells"][i]["fold"]["mean"], r["label"]) for r in rows if r["cells"][i]["fold"])
         ranks.append({lab: k + 1 for k, (_, lab) in enumerate(ok)})
-    curves = {g.label: [p for p in (trajectory(g.runs[0]) or []) if None not in p] for g in with_curves}
+    curves = {g.label: [p for p in (traj(g.runs[0]) or []) if None not in p] for g in with_curves}
     return {"levels": lv, "rows": rows, "ranks": ranks, "no_curves": no_curves, "curves": curves}
+
+
+def variants_table(g: Group) -> list[dict]:
+    """One row per variant name any seed of the group evaluated: kind, params, and gain/forgetting folded over the
+    group's seeds (stats.fold: a seed without that variant counts as missing, so no mean hides it)."""
+    names: dict[str, dict] = {}
+    for r in g.runs:
+        for v in r.result.get("variants") or []:
+            names.setdefault(str(v.get("name")), v)
+    rows = []
+    for name, v in names.items():
+        per = [next((x for x in r.result.get("variants") or [] if str(x.get("name")) == name), None) for r in g.runs]
+        rows.append({"name": name, "kind": v.get("kind"), "params": v.get("params") or {},
+                     "alpha": _alpha(v),
+                     "gain": fold([finite(x.get("gain")) if x else None for x in per]),
+                     "forgetting": fold([finite(x.get("forgetting")) if x else None for x in per])})
+    return sorted(rows, key=lambda x: (str(x["kind"]), x["alpha"] if x["alpha"] is not None else math.inf,
+                                       sorted((x["params"] or {}).items())))
 
 
 # ------------------------------------------------------------------------------------------ paired stats

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 _DPI = 110
 _FADED = 0.28  # alpha of the unselected points (e.g. a method's other learning rates)
@@ -73,12 +73,14 @@ def _unique(xs) -> list:
     return list(dict.fromkeys(xs))
 
 
-def gain_forgetting(points: list[dict], pareto_labels: Sequence[str], title: str = "") -> bytes:
+def gain_forgetting(points: list[dict], pareto_labels: Sequence[str], title: str = "",
+                    variant_curves: Optional[dict[str, list[tuple[float, float]]]] = None) -> bytes:
     """Gain (x) against forgetting (y, lower is better) with error bars; one colour per group, unselected points
     faded; the Pareto front (given by the caller, as labels) drawn as a step line through its points, ringed.
 
     points: [{label, gain, forgetting, gain_err, forgetting_err, selected, group}]; the errors may be None (no
-    bar); `selected` defaults to True and `group` to the label."""
+    bar); `selected` defaults to True and `group` to the label. variant_curves: {group: [(gain, forgetting)]} in
+    curve order (post-training variants), each drawn as a thin line with small markers in its group's colour."""
     if not points:
         return _placeholder(title, "no runs to place on gain vs forgetting")
     rows = []
@@ -101,10 +103,15 @@ def gain_forgetting(points: list[dict], pareto_labels: Sequence[str], title: str
     if unknown:
         raise ValueError(f"gain_forgetting: pareto_labels {unknown} name no point (labels: {sorted(by_label)})")
 
+    vxy = _xy_lines(variant_curves or {}, "gain_forgetting: variant_curves")
     fig = _figure(7.0, 5.0)
     ax = fig.add_subplot()
     groups = _unique(r["group"] for r in rows)
-    colour = _colours(groups)
+    colour = _colours(groups + [g for g in vxy if g not in groups])
+    for g, (xs, ys) in vxy.items():
+        ax.plot(xs, ys, marker=".", markersize=4, linewidth=0.8, color=colour[g], alpha=0.8, zorder=1)
+    if vxy:
+        ax.plot([], [], marker=".", linewidth=0.8, color="0.4", label="post-training variants")
     for g in groups:
         for sel in (False, True):
             rs = [r for r in rows if r["group"] == g and r["selected"] is sel]

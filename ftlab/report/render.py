@@ -137,6 +137,17 @@ def build(opts: Options, log=print) -> dict:
     sections.append(tasks)
     mg = C.matched_gain(compared, opts.levels)
     sections.append(_matched_section(mg))
+    # the same levels as along training where there are any, so the two tables' columns compare cell by cell
+    mg_post = {}
+    for kind in C.VARIANT_KINDS:
+        if any(C.variant_trajectory(r, kind) for g in compared for r in g.runs):
+            m = C.matched_gain(compared, opts.levels or mg["levels"] or None,
+                               traj=lambda r, k=kind: C.variant_trajectory(r, k))
+            mg_post[kind] = m
+            sections.append(_matched_section(m, kind))
+    vsec = _variants_section(compared)
+    if vsec:
+        sections.append(vsec)
     refs = C.references(compared, opts.baselines)
     pairs = Section("Paired differences vs the reference groups (bootstrap 95% over items and seeds)",
                     ["group", "vs", "Δ gain", "Δ gain 95%", "Δ forgetting", "Δ forgetting 95%", "items", "seeds"])
@@ -169,9 +180,9 @@ def build(opts: Options, log=print) -> dict:
             sec.images = [(f"R matrix: {g.label}", _plot("r_matrix", ct["R"], [str(s) for s in ct["stages"]],
                                                          title=g.label))]
             sections.append(sec)
-    _images(sections, groups, compared, pareto, task_names, mg)
+    _images(sections, groups, compared, pareto, task_names, mg, mg_post)
     return {"groups": groups, "compared": compared, "sections": sections, "fairness": unfair, "found": found,
-            "matched": mg, "pareto": pareto}
+            "matched": mg, "matched_post": mg_post, "pareto": pareto}
 
 
 def _pair_cells(d: Optional[dict]) -> list[str]:
@@ -189,10 +200,16 @@ def _seeds(p: dict) -> str:
     return f"{d['seeds_a']}/{d['seeds_b']}" if d else "—"
 
 
-def _matched_section(mg: dict) -> Section:
+_ALONG = {"interp": "along interpolation toward the base (result.json variants, post=interp)",
+          "lines": "along LiNeS scaling (result.json variants, post=lines)"}
+
+
+def _matched_section(mg: dict, kind: Optional[str] = None) -> Section:
     lv = mg["levels"]
-    sec = Section("Forgetting at matched gain (from curve.jsonl; mean ± std over seeds, rank)",
-                  ["group"] + [f"gain {x:g}" for x in lv])
+    head = (f"Forgetting at matched gain {_ALONG[kind]}" if kind
+            else "Forgetting at matched gain along training (from curve.jsonl")
+    sec = Section(f"{head}; mean ± std over seeds, rank)" if not kind else
+                  f"{head} (mean ± std over seeds, rank)", ["group"] + [f"gain {x:g}" for x in lv])
     for i, row in enumerate(mg["rows"]):
         cells = []
         for j, c in enumerate(row["cells"]):
@@ -203,12 +220,37 @@ def _matched_section(mg: dict) -> Section:
         sec.rows.append([row["label"]] + cells)
     notes = ["Each run's forgetting where its curve first reaches the level, linearly interpolated between the two "
              "curve points around the crossing; never extrapolated."]
+    if kind == "interp":
+        notes.append("The curve runs over alpha in increasing order: alpha 0 = the base (gain 0, forgetting 0), "
+                     "alpha 1 = the tuned run; the levels are those of the along-training table when it has any.")
+    elif kind == "lines":
+        notes.append("The curve runs over the LiNeS variants in increasing alpha (then beta); the evaluated points "
+                     "only.")
     if not lv:
         notes.append("No common gain level: not every compared run has a curve that rises above 0 "
-                     "(train with eval.curve_every=N, or give --levels).")
+                     + ("(give --levels)." if kind else "(train with eval.curve_every=N, or give --levels)."))
     if mg["no_curves"]:
-        notes.append(f"Without curve.jsonl (not ranked): {', '.join(mg['no_curves'])}.")
+        what = f"{kind} variants" if kind else "curve.jsonl"
+        notes.append(f"Without {what} (not ranked): {', '.join(mg['no_curves'])}.")
     sec.text = " ".join(notes)
+    return sec
+
+
+def _params(p: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in p.items())
+
+
+def _variants_section(compared) -> Optional[Section]:
+    sec = Section("Post-training variants (result.json variants; mean ± std over seeds)",
+                  ["group", "variant", "kind", "params", "seeds", "gain", "forgetting"])
+    for g in compared:
+        for v in C.variants_table(g):
+            sec.rows.append([g.label, v["name"], v["kind"], _params(v["params"]), v["gain"]["n"] - v["gain"]["missing"],
+                             _ms(v["gain"]), _ms(v["forgetting"])])
+    if not sec.rows:
+        return None
+    sec.text = ("Each variant evaluated on the run's test tasks (records/variant_<name>/); seeds = how many of the "
+                "group's seeds have it, and a mean is shown only when all do.")
     return sec
 
 
@@ -218,23 +260,48 @@ def _plot(name: str, *args, **kw) -> Optional[bytes]:
     return getattr(plots, name)(*args, **kw)
 
 
-def _images(sections: list[Section], groups, compared, pareto, task_names, mg) -> None:
+def _variant_lines(g) -> Optional[list[tuple[float, float]]]:
+    """The group's interp (else LiNeS) variants as mean (gain, forgetting) over seeds in increasing alpha, with
+    the base and the tuned mean at alpha 0 and 1 for interp, as variant_trajectory anchors them."""
+    for kind in C.VARIANT_KINDS:
+        rows = [v for v in C.variants_table(g) if v["kind"] == kind and v["alpha"] is not None
+                and v["gain"]["mean"] is not None and v["forgetting"]["mean"] is not None]
+        if kind == "interp":
+            rows = [v for v in rows if v["alpha"] >= 0]
+        if not rows:
+            continue
+        pts = {v["alpha"]: (v["gain"]["mean"], v["forgetting"]["mean"]) for v in rows}
+        if kind == "interp":
+            pts.setdefault(0.0, (0.0, 0.0))
+            if g.stats["gain"]["mean"] is not None and g.stats["forgetting"]["mean"] is not None:
+                pts.setdefault(1.0, (g.stats["gain"]["mean"], g.stats["forgetting"]["mean"]))
+        return [pts[a] for a in sorted(pts)]
+    return None
+
+
+def _images(sections: list[Section], groups, compared, pareto, task_names, mg, mg_post=None) -> None:
     pts = [{"label": g.label, "gain": g.stats["gain"]["mean"], "forgetting": g.stats["forgetting"]["mean"],
             "gain_err": _half(g.stats["gain"]), "forgetting_err": _half(g.stats["forgetting"]),
             "selected": g.selected, "group": g.label.split(" [")[0]} for g in groups
            if g.stats["gain"]["mean"] is not None and g.stats["forgetting"]["mean"] is not None]
-    sections[1].images.append(("Gain vs forgetting (error bars: 95% t-interval; Pareto front marked)",
-                               _plot("gain_forgetting", pts, pareto, title="gain vs forgetting")))
+    vcurves = {g.label.split(" [")[0]: c for g in compared if (c := _variant_lines(g))}
+    sections[1].images.append(("Gain vs forgetting (error bars: 95% t-interval; Pareto front marked"
+                               + ("; thin lines: post-training variants, mean over seeds" if vcurves else "") + ")",
+                               _plot("gain_forgetting", pts, pareto, title="gain vs forgetting",
+                                     variant_curves=vcurves or None)))
     points_tasks = [n for n in task_names if compared[0].stats["tasks"].get(n, {}).get("unit", "points") == "points"]
     vals = [[(g.stats["tasks"].get(n) or {}).get("improvement", {}).get("mean") for n in points_tasks]
             for g in compared]
     sections[_index(sections, "Per task")].images.append(
         ("Per-task change (points; red = worse)", _plot("task_heatmap", [g.label for g in compared], points_tasks,
                                                          vals, title="per-task change")))
-    if mg["curves"]:
+    along = {f"{lab} ({kind})": c for kind, m in (mg_post or {}).items() for lab, c in m["curves"].items() if c}
+    if mg["curves"] or along:
         sections[_index(sections, "Forgetting at matched gain")].images.append(
-            ("Forgetting vs gain along training (first seed of each group)",
-             _plot("matched_gain", mg["curves"], mg["levels"], title="forgetting vs gain")))
+            ("Forgetting vs gain along training" + (" and along the variants" if along else "")
+             + " (first seed of each group)",
+             _plot("matched_gain", {**mg["curves"], **along}, mg["levels"] or next(
+                 (m["levels"] for m in (mg_post or {}).values() if m["levels"]), []), title="forgetting vs gain")))
     curves = {g.label: [r for r in (g.runs[0].train_curve() or []) if r.get("loss") is not None] for g in compared}
     curves = {k: v for k, v in curves.items() if v}
     if curves:
