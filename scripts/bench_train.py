@@ -86,7 +86,7 @@ def world_tokenizer():
     return build_tokenizer()
 
 
-def build_model(shape: str, tok):
+def build_model(shape: str, tok, device: str = "cpu"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -101,7 +101,8 @@ def build_model(shape: str, tok):
     torch.manual_seed(0)
     config = LlamaConfig(**s, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, attn_implementation="sdpa")
-    return LlamaForCausalLM(config)
+    with torch.device(device):  # a 1B model's random init takes ~20 s on a CPU, well under one on the GPU
+        return LlamaForCausalLM(config)
 
 
 def train_rows(shape: str, n: int) -> list[dict]:
@@ -134,7 +135,8 @@ def encode(tok, rows: list[dict], max_length: int) -> list[dict]:
 class Meter:
     """Step-end time stamps and the non-pad tokens the decoder saw up to each (the same hooks on both sides)."""
 
-    def __init__(self, model):
+    def __init__(self, model, pad: int):
+        self.pad = pad
         self.tokens = 0
         self.padded = 0
         self.stamps: list[tuple[float, int, int]] = []
@@ -147,8 +149,8 @@ class Meter:
         if mask is not None:
             self.tokens += int(mask.sum())
             self.padded += mask.numel()
-        elif ids is not None:
-            self.tokens += ids.numel()
+        elif ids is not None:  # packed rows (data.packing): no mask; the tail of a pack is pad ids
+            self.tokens += int((ids != self.pad).sum())
             self.padded += ids.numel()
 
     def step_end(self) -> None:
@@ -223,7 +225,7 @@ def memory_peak(device: str, base: int) -> int:
 # ------------------------------------------------------------------------------------------------ the two sides
 def ftlab_config(spec: Spec, tok, hw_over: dict, data_over: dict):
     """A RunConfig for the ftlab side; `hw_over`/`data_over` set only fields this ftlab has (the rest: noted)."""
-    from ftlab.config.schema import DataConfig, HwConfig, RunConfig, TrainConfig
+    from ftlab.config.schema import DataConfig, HwConfig, ModelConfig, RunConfig, TrainConfig
     from ftlab.methods.base import ALL_LINEAR
 
     notes = []
@@ -248,7 +250,9 @@ def ftlab_config(spec: Spec, tok, hw_over: dict, data_over: dict):
     train = TrainConfig(max_steps=spec.steps, lr=spec.lr, batch_size=spec.batch, schedule="linear",
                         warmup_steps=min(2, spec.steps), weight_decay=0.0, max_grad_norm=1.0,
                         log_every=spec.steps, save_every=0)
-    return RunConfig(method=method, hw=hw, data=data, train=train), notes
+    # model.max_length: the rows' cut, and data.packing's sequence length
+    model = ModelConfig(max_length=SHAPES[spec.shape]["seq"][1])
+    return RunConfig(method=method, hw=hw, data=data, train=train, model=model), notes
 
 
 def run_ftlab(spec: Spec, model, tok, rows, encoded, cfg, scratch: Path) -> dict:
@@ -258,10 +262,11 @@ def run_ftlab(spec: Spec, model, tok, rows, encoded, cfg, scratch: Path) -> dict
     from ftlab.train.loop import LoopSettings, train
 
     base = memory_start(spec.device)
-    r = pipeline._Run(cfg=cfg, run_dir=scratch, record=None, device=spec.device, main=True, progress=False,
+    record = _Record()
+    r = pipeline._Run(cfg=cfg, run_dir=scratch, record=record, device=spec.device, main=True, progress=False,
                       resume=None, model=model, tok=tok, train_rows=rows, encoded=encoded)
     pipeline._prepare(r)
-    meter = Meter(r.model)
+    meter = Meter(r.model, pad_id(tok))
     step_end = r.method.on_step_end
 
     def on_step_end(model, opt, step):
@@ -276,7 +281,18 @@ def run_ftlab(spec: Spec, model, tok, rows, encoded, cfg, scratch: Path) -> dict
     out.update(peak_bytes=memory_peak(spec.device, base), final_loss=res.final_loss, loop_tokens=res.tokens,
                trainable=res.trainable_params)
     out["_state"] = trained_state(r.model)
+    out["record"] = record.data  # what the run would have recorded (hw.kernels: which Liger ops applied)
     return out
+
+
+class _Record:
+    """Stands in for the run's RunRecord: keeps what _prepare records."""
+
+    def __init__(self):
+        self.data: dict = {}
+
+    def update(self, **kw) -> None:
+        self.data.update(kw)
 
 
 class _InOrder:
@@ -307,7 +323,7 @@ def run_hf(spec: Spec, model, tok, encoded, scratch: Path) -> dict:
         torch.manual_seed(0)  # the adapters' init draws as ftlab's prepare does after seed_everything(seed)
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha,
                                                            lora_dropout=0.0, target_modules=list(ALL_LINEAR)))
-    meter = Meter(model)
+    meter = Meter(model, pad_id(tok))
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -353,7 +369,8 @@ def bench(spec: Spec, pairs: int, hw_over: dict, data_over: dict, log=print) -> 
     max_len = SHAPES[spec.shape]["seq"][1]
     encoded = encode(tok, rows, max_len)
     cfg, notes = ftlab_config(spec, tok, hw_over, data_over)
-    proto = build_model(spec.shape, tok)
+    packing = bool(getattr(cfg.data, "packing", False))
+    proto = build_model(spec.shape, tok, spec.device)
     n_params = sum(p.numel() for p in proto.parameters())
     proto_state = {k: v.detach().clone() for k, v in proto.state_dict().items()}
     del proto
@@ -362,9 +379,8 @@ def bench(spec: Spec, pairs: int, hw_over: dict, data_over: dict, log=print) -> 
     # pair 0 warms up (imports, thread pools, the allocator's first growth, kernels' autotuning) and is not counted
     for i in range(pairs + 1):
         for side in ("ftlab", "hf"):
-            model = build_model(spec.shape, tok)
+            model = build_model(spec.shape, tok, spec.device).to(spec.device)
             model.load_state_dict(proto_state)
-            model.to(spec.device)
             with tempfile.TemporaryDirectory(prefix=f"bench_{side}_") as scratch:
                 if side == "ftlab":
                     r = run_ftlab(spec, model, tok, rows, encoded, cfg, Path(scratch))
@@ -386,7 +402,9 @@ def bench(spec: Spec, pairs: int, hw_over: dict, data_over: dict, log=print) -> 
             log(f"  {spec.shape} {spec.method} pair {i}{' (warm-up)' if i == 0 else ''} {side}: {r['tokens_per_s']:,.0f} tok/s, "
                 f"peak +{r['peak_bytes'] / 2**20:,.0f} MiB, tokens {r['tokens']}")
     for a, b in zip(runs["ftlab"], runs["hf"]):
-        if a["tokens"] != b["tokens"] or a["steps"] != b["steps"] or a["padded_tokens"] != b["padded_tokens"]:
+        # packed rows (data.packing) pad less by design: the non-pad tokens must still be the same
+        if a["tokens"] != b["tokens"] or a["steps"] != b["steps"] or (a["padded_tokens"] != b["padded_tokens"]
+                                                                       and not packing):
             raise SystemExit(f"bench_train: {spec.shape} {spec.method}: the sides did different work (ftlab "
                              f"{a['steps']} steps, {a['tokens']} tokens, {a['padded_tokens']} padded; HF {b['steps']}, "
                              f"{b['tokens']}, {b['padded_tokens']}): no ratio reported")
@@ -397,6 +415,12 @@ def bench(spec: Spec, pairs: int, hw_over: dict, data_over: dict, log=print) -> 
         raise SystemExit(f"bench_train: {spec.shape} {spec.method}: the trained parameters differ between the sides "
                          f"by {diff:.3g} of their largest value (tolerance {DIFF_TOL[spec.precision]:g} for "
                          f"{spec.precision}): not the same training; no ratio reported")
+    first = runs["ftlab"][0]
+    if first.get("record"):
+        notes.append(f"ftlab recorded {json.dumps(first['record'])}")
+    if packing:
+        notes.append(f"ftlab side packed (data.packing=true): {first['padded_tokens']} positions per side vs HF's "
+                     f"{runs['hf'][0]['padded_tokens']} padded, for the same {first['tokens']} tokens")
     speed = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["ftlab"], runs["hf"])]
     mem = [a["peak_bytes"] / b["peak_bytes"] if b["peak_bytes"] > 0 else float("nan")
            for a, b in zip(runs["ftlab"], runs["hf"])]
@@ -527,7 +551,7 @@ def main(argv=None) -> int:
             spec = Spec(shape=shape, method=method, steps=steps, warmup=warmup, batch=batch,
                         lr=lr if method == "lora" else lr / 10, device=device, precision=prec, r=r, alpha=alpha)
             rows.append(bench(spec, pairs, hw_over, data_over, log=lambda s: print(s, flush=True)))
-    env.update(environment(device))
+    env.update({k: v for k, v in environment(device).items() if k in ("load", "device")})  # git, date: at start
     md = table(rows, env, device)
     print(md)
     if ns.md:

@@ -60,3 +60,19 @@ def test_bench_train_refuses_a_ratio_when_the_sides_trained_different_tokens(ben
                             precision="fp32", r=4, alpha=8.0, n_rows=32)
     with pytest.raises(SystemExit, match="different work"):
         bench_train.bench(spec, 1, {}, {}, log=lambda s: None)
+
+
+def test_bench_kernels_calls_each_kernel_as_its_reference(one_thread):
+    """scripts/bench_kernels.py times each kernel through an adapter to the reference's arguments; a wrong adapter
+    (argument order, sum vs mean) would time a different computation. CPU: the kernels' own fallbacks run."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "scripts" / "bench_kernels.py")
+    bk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bk)
+    for name, shape, ref in [("lora_linear", dict(M=33, K=24, N=40, r=4), bk.lora_reference),
+                             ("fused_ce", dict(M=37, H=16, V=70), bk.ce_reference)]:
+        kernel, where = bk.find_kernel(name)
+        assert kernel is not None, where
+        args, dy = bk.make_inputs(name, shape, "cpu", torch.float32)
+        assert bk.max_rel_err(bk.outputs(kernel, args, dy), bk.outputs(ref, args, dy)) < 1e-5, name
