@@ -15,7 +15,7 @@ runs are grouped by their config minus seed and folded over seeds (mean, std, n,
   --select KEY        per group without KEY, keep the KEY value with the best VALIDATION gain (ties: lower
                       validation forgetting) and report its TEST numbers (runs need eval.validation=true)
   --levels G,...      gain levels for forgetting at matched gain (default: 4 levels up to the highest gain every
-                      compared run reaches on its curve.jsonl)
+                      compared run reaches on its curve.jsonl; the variant tables use the same levels)
   --baseline K=V      reference groups for the paired bootstrap (default: method=full and method=lora)
   --out DIR           where report.md, report.csv, report.html and the PNGs go (default ./report)
   --strict            refuse (exit 2) when the compared groups differ in base model, target data, evaluation
