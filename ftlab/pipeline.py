@@ -244,6 +244,8 @@ def _prepare(r: _Run) -> None:
 
         r.record.update(liger=apply_liger(r.model, r.device))
     r.model = r.method.prepare(r.model, r.ctx)
+    if cfg.hw.kernels:  # the method's own layers through ftlab.kernels (the LoRA family's fused linear)
+        r.record.update(kernels=r.method.use_kernels(r.model, r.device))
     if r.reg is not None:
         r.reg.capture_start(r.model, r.ctx)
     if cfg.hw.grad_checkpointing:  # recompute activations in backward: less memory, ~30% more compute

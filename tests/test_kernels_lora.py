@@ -5,6 +5,7 @@ GPU (skipped without CUDA; run with TRITON_INTERPRET=0 to compile the kernels): 
 Shapes are odd on purpose: in/out/r and the token count are not multiples of the 32-wide blocks or of 16.
 """
 
+import json
 import os
 
 import pytest
@@ -96,3 +97,52 @@ def test_lora_linear_falls_back_to_reference():
 @pytest.mark.parametrize("shape", SHAPES + [(517, 300, 650, 16)])
 def test_lora_linear_matches_reference_gpu(shape, dtype):
     _check(shape, dtype, "cuda")
+
+
+# ------------------------------------------------------------------------------------------------ wiring
+# float32 on CPU: the kernel's blocked sums differ from torch's matmul by float32 rounding (~1e-7 relative per
+# layer, measured below 1e-6 after 4 Adam steps on the small world); 1e-4 leaves room for other CPUs while a
+# wrong or missing term (a loss change at the first step already) stays far outside
+LOSS_RTOL = 1e-4
+
+
+@cpu_only
+def test_hw_kernels_lora_run_equals_peft_forward_and_exports_the_same_adapter(tmp_path, ftlab_cache, monkeypatch):
+    from safetensors.torch import load_file
+    from test_eval_runs import _run
+
+    import ftlab.kernels.lora_linear as kl
+
+    calls = []
+    real = kl.lora_linear
+    monkeypatch.setattr(kl, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    steps = ["method=lora", "train.max_steps=4", "train.log_every=1", "eval.limit=4", "train.batch_size=8",
+             "eval.probe_every=0"]
+    fused_dir, fused = _run(tmp_path, "fused", [*steps, "hw.kernels=true"])
+    n_calls = len(calls)
+    plain_dir, plain = _run(tmp_path, "plain", steps)
+    assert len(calls) == n_calls > 0  # the kernel ran in the hw.kernels run only
+    assert fused["kernels"]["lora_linear"] > 0 and "kernels" not in plain
+    curves = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (fused_dir, plain_dir)]
+    losses = [[r["loss"] for r in c if r["loss"] is not None] for c in curves]
+    assert len(losses[0]) == len(losses[1]) == 4
+    assert losses[0] == pytest.approx(losses[1], rel=LOSS_RTOL)
+    adapters = [load_file(str(d / "checkpoints" / "final" / "adapter_model.safetensors")) for d in (fused_dir, plain_dir)]
+    assert {k: v.shape for k, v in adapters[0].items()} == {k: v.shape for k, v in adapters[1].items()}
+    assert (fused_dir / "checkpoints" / "final" / "adapter_config.json").read_text() == \
+        (plain_dir / "checkpoints" / "final" / "adapter_config.json").read_text()
+
+
+def test_hw_kernels_refused_without_triton(monkeypatch):
+    import importlib.util
+
+    from conftest import FAST
+
+    from ftlab.cli.run import check
+    from ftlab.config.registry import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    with pytest.raises((ConfigError, SystemExit), match="hw.kernels: needs triton"):
+        check(FAST + ["method=lora", "hw.kernels=true"])
+    assert check(FAST + ["method=lora", "hw.kernels=false"])  # the default needs nothing

@@ -137,6 +137,12 @@ def check_ranges(c: RunConfig) -> None:
     if c.data.packing and c.reg.kind == "kl":  # its reference forward reads the batch unpacked
         raise ConfigError("data.packing: reg.kind=kl runs the reference model on the training batch as padded rows; "
                           "set data.packing=false or another reg.kind")
+    if h.kernels:
+        import importlib.util  # find_spec only: validation stays free of triton and torch
+
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("hw.kernels: needs triton, which is not installed here; pip install 'ftlab[kernels]' "
+                              "or set hw.kernels=false")
     if h.slurm is not None:
         check_slurm(c)
 

@@ -271,6 +271,7 @@ class HwConfig:
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile of the training forward (evaluation runs uncompiled)
     # ftlab.kernels: the training loss from the last hidden states and the lm_head, chunked, without the logits
+    # and the LoRA family's linears through the fused LoRA kernel (needs triton; CUDA, or CPU under TRITON_INTERPRET=1)
     kernels: bool = False
     slurm: Optional[SlurmConfig] = None  # set (hw=slurm_cpu, hw=slurm_gpu): jobs go to SLURM
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from ftlab.config.method import METHODS, MethodConfig
 
@@ -94,6 +94,11 @@ class Method:
 
     def load_state_dict(self, state: dict, model: nn.Module) -> None:
         """Restore `state_dict()` on resume, after `prepare` (on a freshly prepared model)."""
+
+    def use_kernels(self, model: nn.Module, device: Any) -> Optional[dict]:
+        """hw.kernels=true, after `prepare`: route the method's layers through ftlab.kernels where the device runs
+        them; what was done (result.json `kernels`), or None when the method has no kernel (the default)."""
+        return None
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         """Save what the method trained so that it reloads onto the original base."""

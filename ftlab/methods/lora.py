@@ -152,6 +152,9 @@ class Lora(Method):
         finally:
             pc.init_lora_weights = init
 
+    def use_kernels(self, model: nn.Module, device) -> Optional[dict]:
+        return fuse_lora_linears(model, device)
+
     def export(self, model: nn.Module, out_dir: Path) -> None:
         # adapter_config.json + adapter_model.safetensors
         if self._init_dir is None:
@@ -172,6 +175,9 @@ class Dora(Lora):
 
     def lora_options(self) -> dict:
         return {**super().lora_options(), "use_dora": True}
+
+    def use_kernels(self, model: nn.Module, device) -> Optional[dict]:
+        return None  # DoRA's magnitude and column norms are not in the fused LoRA kernel: peft's forward
 
 
 @METHODS.register("pissa", config=PissaConfig)
@@ -199,3 +205,50 @@ def check_targets(model: nn.Module, targets) -> None:
     if missing:
         raise ValueError(f"method.target_modules: {missing} not found in the model; "
                          f"linear modules it has: {sorted(n for n in present if n.endswith('proj'))}")
+
+
+def fuse_lora_linears(model: nn.Module, device) -> dict:
+    """Every peft lora.Linear of `model` computes base + LoRA through ftlab.kernels' fused LoRA linear.
+
+    The swap is the module's forward only (an instance attribute): parameters, state dict and so the exported
+    adapter are peft's. Calls the kernel does not cover (adapters disabled or merged, several active adapters, a
+    LoRA variant such as DoRA, lora_bias, fan_in_fan_out, dropout > 0 while training, extra arguments) go to peft's
+    own forward, unchanged.
+    """
+    import types
+
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    from ftlab.kernels.lora_linear import kernel_supported
+
+    if not kernel_supported(device):
+        print(f"ftlab: hw.kernels: the fused LoRA kernel does not run on {device} (CUDA, or CPU under "
+              f"TRITON_INTERPRET=1); peft's LoRA forward is used", flush=True)
+        return {"lora_linear": 0, "lora_linear_skipped": f"device {device}"}
+    n = 0
+    for module in model.modules():
+        if type(module) is PeftLoraLinear and "_ftlab_peft_forward" not in module.__dict__:
+            module._ftlab_peft_forward = module.forward
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            n += 1
+    return {"lora_linear": n}
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """peft lora.Linear.forward through the fused kernel for the plain single-adapter case (see fuse_lora_linears)."""
+    from torch import nn
+
+    from ftlab.kernels.lora_linear import lora_linear
+
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    base = self.get_base_layer()
+    if (args or kwargs or name is None or name not in self.lora_A or self.disable_adapters or self.merged
+            or name in self.lora_variant or self.lora_bias.get(name, False) or self.fan_in_fan_out
+            or type(base) is not nn.Linear):
+        return self._ftlab_peft_forward(x, *args, **kwargs)
+    drop = self.lora_dropout[name]
+    if self.training and isinstance(drop, nn.Dropout) and drop.p > 0:  # peft's own dropout draw, not a copy of it
+        return self._ftlab_peft_forward(x)
+    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                       self.scaling[name])
