@@ -30,6 +30,7 @@ from ftlab.train.batches import (
     response_tokens,
 )
 from ftlab.train.errors import NonFiniteLoss
+from ftlab.train.fused_loss import fusable, fused_response_loss
 from ftlab.utils.memory import peak_bytes
 from ftlab.utils.progress import Bar
 
@@ -73,12 +74,14 @@ class LoopSettings:
     packing: bool = False
     pack_length: Optional[int] = None
     compile: bool = False  # hw.compile: the training forward through torch.compile
+    kernels: bool = False  # hw.kernels: the loss through ftlab.kernels.fused_ce (ftlab.train.fused_loss)
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "LoopSettings":
         return cls(train=cfg.train, seed=cfg.seed, precision=cfg.hw.precision,
                    micro_batch_size=cfg.hw.micro_batch_size, packing=cfg.data.packing,
-                   pack_length=cfg.model.max_length, compile=cfg.hw.compile)
+                   pack_length=cfg.model.max_length, compile=cfg.hw.compile,
+                   kernels=cfg.hw.kernels)
 
 
 @dataclass
@@ -130,9 +133,11 @@ def forward_backward(model: nn.Module, rows: list[dict], settings: LoopSettings,
                           # with a KV cache, transformers ignores restarting position ids: rows would see each other
                           **({"position_ids": batch["position_ids"], "use_cache": False} if packed else {}))
             hidden = out.logits
-            if head is not None and fits_at_once(hidden.shape[0] * hidden.shape[1], vocab_size(head)):
+            fused = settings.kernels and fusable(head)
+            if not fused and head is not None and fits_at_once(hidden.shape[0] * hidden.shape[1], vocab_size(head)):
                 hidden, head = head(hidden), None  # small: the whole logits once, shared by loss and regulariser
-            task = response_loss(hidden, batch["labels"], head=head)
+            task = fused_response_loss(hidden, batch["labels"], head) if fused else \
+                response_loss(hidden, batch["labels"], head=head)
             loss = task * tok_w
             if reg is not None:
                 reg_term = reg(model, batch, HeadOutputs(hidden, head, out))
