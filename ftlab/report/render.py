@@ -200,16 +200,15 @@ def _seeds(p: dict) -> str:
     return f"{d['seeds_a']}/{d['seeds_b']}" if d else "—"
 
 
-_ALONG = {"interp": "along interpolation toward the base (result.json variants, post=interp)",
-          "lines": "along LiNeS scaling (result.json variants, post=lines)"}
+_ALONG = {"interp": "along interpolation toward the base (post=interp variants",
+          "lines": "along LiNeS scaling (post=lines variants"}
 
 
 def _matched_section(mg: dict, kind: Optional[str] = None) -> Section:
     lv = mg["levels"]
     head = (f"Forgetting at matched gain {_ALONG[kind]}" if kind
             else "Forgetting at matched gain along training (from curve.jsonl")
-    sec = Section(f"{head}; mean ± std over seeds, rank)" if not kind else
-                  f"{head} (mean ± std over seeds, rank)", ["group"] + [f"gain {x:g}" for x in lv])
+    sec = Section(f"{head}; mean ± std over seeds, rank)", ["group"] + [f"gain {x:g}" for x in lv])
     for i, row in enumerate(mg["rows"]):
         cells = []
         for j, c in enumerate(row["cells"]):
