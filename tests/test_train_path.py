@@ -88,19 +88,6 @@ def test_packed_attention_does_not_cross_examples(attn):
     assert not torch.allclose(crossed, packed, atol=1e-3)
 
 
-def _run(root, name, overrides):
-    from conftest import FAST
-
-    from ftlab.cli.run import check
-    from ftlab.pipeline import run_from_dir
-    from ftlab.rundir.layout import prepare_run_dir
-
-    (cfg,) = check(FAST + ["hw.num_threads=1", *overrides])
-    run_dir = root / name
-    prepare_run_dir(run_dir, cfg)
-    return run_dir, run_from_dir(run_dir, progress=False)
-
-
 def _curve(run_dir):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["loss"] is not None]  # not the base's probe row
@@ -108,25 +95,32 @@ def _curve(run_dir):
 
 # the loss is a mean over the same response tokens either way; packing changes only the summation order and the
 # attention shapes (compile: the kernels), so on float32 the curves agree to float rounding: measured <= 3e-7
-# relative over 4 steps of Adam on the small world; 1e-5 leaves room for another CPU's summation order
+# relative over 4 steps of Adam; 1e-5 leaves room for another CPU's summation order
 LOSS_RTOL = 1e-5
 
 
 @pytest.mark.parametrize("knob", ["data.packing=true", "hw.compile=true"])
-def test_loss_curve_equals_the_plain_path(tmp_path, ftlab_cache, knob):
-    steps = ["train.max_steps=4", "train.log_every=1", "eval.limit=4", "train.batch_size=8", "eval.probe_every=0"]
+def test_loss_curve_equals_the_plain_path(assets, tmp_path, ftlab_cache, knob):
+    """The tiny local Llama of test_resume (LoRA with dropout, batch 4 of additions of different lengths): the
+    per-step loss with the knob equals the plain path's, on the same tokens."""
+    from test_resume import make_run, overrides
     from torch._dynamo.utils import counters
 
+    from ftlab.pipeline import run_from_dir
+
+    steps = ["train.max_steps=4", "train.keep_checkpoints=1", "train.save_every=0"]
     counters.clear()
-    fast_dir, _ = _run(tmp_path, "fast", ["method=lora", knob, *steps])
+    fast_dir = make_run(tmp_path, "fast", overrides(assets, knob, *steps))
+    run_from_dir(fast_dir, progress=False)
     assert (counters["stats"]["unique_graphs"] > 0) == (knob == "hw.compile=true")  # compiled when asked only
-    plain_dir, _ = _run(tmp_path, "plain", ["method=lora", *steps])
+    plain_dir = make_run(tmp_path, "plain", overrides(assets, *steps))
+    run_from_dir(plain_dir, progress=False)
     fast, plain = _curve(fast_dir), _curve(plain_dir)
     assert [r["step"] for r in fast] == [r["step"] for r in plain] == [1, 2, 3, 4]
     for a, b in zip(fast, plain):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (knob, a, b)
         assert a["tokens"] == b["tokens"]
-    assert fast_dir != plain_dir  # the knob enters the run's identity when set
+    assert fast_dir != plain_dir and a["loss"] != plain[0]["loss"]  # the loss moved: the steps trained
 
 
 # ------------------------------------------------------------------------------------- evaluation batching
