@@ -89,6 +89,49 @@ if triton is not None:
                 tl.store(base + cols, (g * g_scale).to(logits_ptr.dtype.element_ty), mask=valid)
 
 
+    @triton.jit
+    def _kl_rows_kernel(a_ptr, stride_a, b_ptr, stride_b, kl_ptr, V, scale,
+                        WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One row: KL(softmax(a) || softmax(b)) in float32 (online log-sum-exps of both, then the sum); with
+        WRITE_GRAD, a is overwritten by scale * d KL / d a = scale * p_a * (log p_a - log p_b - KL)."""
+        row = tl.program_id(0).to(tl.int64)
+        pa = a_ptr + row * stride_a
+        pb = b_ptr + row * stride_b
+        ma = -float("inf")
+        sa = 0.0
+        mb = -float("inf")
+        sb = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            valid = cols < V
+            a = tl.load(pa + cols, mask=valid, other=-float("inf")).to(tl.float32)
+            b = tl.load(pb + cols, mask=valid, other=-float("inf")).to(tl.float32)
+            na = tl.maximum(ma, tl.max(a, axis=0))
+            sa = sa * tl.exp(ma - na) + tl.sum(tl.exp(a - na), axis=0)
+            ma = na
+            nb = tl.maximum(mb, tl.max(b, axis=0))
+            sb = sb * tl.exp(mb - nb) + tl.sum(tl.exp(b - nb), axis=0)
+            mb = nb
+        lse_a = ma + tl.log(sa)
+        lse_b = mb + tl.log(sb)
+        kl = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            valid = cols < V
+            la = tl.load(pa + cols, mask=valid, other=0.0).to(tl.float32) - lse_a
+            lb = tl.load(pb + cols, mask=valid, other=0.0).to(tl.float32) - lse_b
+            kl += tl.sum(tl.where(valid, tl.exp(la) * (la - lb), 0.0), axis=0)
+        tl.store(kl_ptr + row, kl)
+        if WRITE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                valid = cols < V
+                la = tl.load(pa + cols, mask=valid, other=0.0).to(tl.float32) - lse_a
+                lb = tl.load(pb + cols, mask=valid, other=0.0).to(tl.float32) - lse_b
+                g = tl.exp(la) * (la - lb - kl) * scale
+                tl.store(pa + cols, g.to(a_ptr.dtype.element_ty), mask=valid)
+
+
 def _rows_triton(logits: torch.Tensor, target: torch.Tensor, scale: float, write_grad: bool):
     n, v = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -116,16 +159,34 @@ def _rows_torch(logits: torch.Tensor, target: torch.Tensor, scale: float, write_
     return loss, lse
 
 
-def _pick(backend: str, device: torch.device):
+def _kl_triton(a: torch.Tensor, b: torch.Tensor, scale: float, write_grad: bool) -> torch.Tensor:
+    n, v = a.shape
+    kl = torch.empty(n, dtype=torch.float32, device=a.device)
+    if n:
+        block = min(triton.next_power_of_2(v), 4096 if a.device.type == "cuda" else 1024)
+        _kl_rows_kernel[(n,)](a, a.stride(0), b, b.stride(0), kl, v, float(scale), WRITE_GRAD=write_grad,
+                              BLOCK_V=block)
+    return kl
+
+
+def _kl_torch(a: torch.Tensor, b: torch.Tensor, scale: float, write_grad: bool) -> torch.Tensor:
+    la, lb = a.float().log_softmax(-1), b.float().log_softmax(-1)
+    kl = (la.exp() * (la - lb)).sum(-1)
+    if write_grad:
+        a.copy_(la.exp() * (la - lb - kl[:, None]) * scale)
+    return kl
+
+
+def _pick(backend: str, device: torch.device, kl: bool = False):
     if backend == "auto":
         backend = "triton" if triton_usable(device) else "torch"
     if backend == "triton":
         if not triton_usable(device):
             raise RuntimeError("fused_ce backend='triton' needs triton and a CUDA device, or TRITON_INTERPRET=1 set "
                                "before triton is imported; use backend='torch' or 'auto'")
-        return _rows_triton
+        return _kl_triton if kl else _rows_triton
     if backend == "torch":
-        return _rows_torch
+        return _kl_torch if kl else _rows_torch
     raise ValueError(f"fused_ce backend={backend!r}: use 'auto', 'triton' or 'torch'")
 
 
@@ -220,6 +281,65 @@ def fused_linear_logprob(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return out
 
 
+# ------------------------------------------------------------------------------------------------------ KL
+def _kl_forward(h, weight, h_ref, w_ref, normalizer, chunk, backend, need_grad):
+    rows = _pick(backend, h.device, kl=True)
+    n = h.shape[0]
+    chunk = chunk or chunk_rows(weight.shape[0])
+    w = weight.to(h.dtype)
+    wr = w_ref.to(h_ref.dtype)
+    scale = 1.0 / float(normalizer)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    dh = torch.empty_like(h) if need_grad[0] else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad[1] else None
+    grad = any(need_grad)
+    for s in range(0, n, chunk):
+        hc = h[s:s + chunk]
+        a = _chunk_logits(hc, w, None)
+        b = _chunk_logits(h_ref[s:s + chunk], wr, None)
+        total += rows(a, b, scale, grad).sum()
+        if grad:  # a now holds d(KL)/d(a) for this chunk
+            if dh is not None:
+                dh[s:s + chunk] = a @ w
+            if dw is not None:
+                dw.addmm_(a.t().float(), hc.float())
+        del a, b
+    return total * scale, dh, dw
+
+
+class FusedLinearKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, h_ref, w_ref, normalizer, chunk, backend):
+        need = (h.requires_grad, weight.requires_grad)
+        loss, dh, dw = _kl_forward(h.detach(), weight.detach(), h_ref.detach(), w_ref.detach(), normalizer, chunk,
+                                   backend, need)
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        out_h = (dh * g.to(dh.dtype)).to(ctx.dtypes[0]) if dh is not None else None
+        out_w = (dw * g).to(ctx.dtypes[1]) if dw is not None else None
+        return out_h, out_w, None, None, None, None, None
+
+
+def fused_linear_kl(h: torch.Tensor, weight: torch.Tensor, h_ref: torch.Tensor, w_ref: torch.Tensor,
+                    normalizer: Optional[float] = None, chunk: Optional[int] = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """sum over rows of KL(softmax(h W^T) || softmax(h_ref W_ref^T)), / normalizer (None: the sum). Gradients for h
+    and weight (the first distribution: ftlab's reg=kl, KL(model || reference)); h_ref and w_ref are constants.
+    Swap the sides for KL(base || model) without gradient (the probes). A float32 scalar."""
+    if h.shape != h_ref.shape or weight.shape != w_ref.shape or h.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"fused_linear_kl: h, h_ref [N, H] and weight, w_ref [V, H]; got {tuple(h.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(h_ref.shape)}, {tuple(w_ref.shape)}")
+    norm = 1.0 if normalizer is None else float(normalizer)
+    if not norm > 0:
+        raise ValueError(f"fused_linear_kl: normalizer must be > 0, got {normalizer}")
+    return FusedLinearKL.apply(h, weight, h_ref, w_ref, norm, chunk, backend)
+
+
 # ------------------------------------------------------------------------------------------------ references
 def reference_cross_entropy(h, weight, labels, bias=None, normalizer=None):
     """The definition: whole logits in float32, torch's cross_entropy summed, / normalizer."""
@@ -237,3 +357,10 @@ def reference_logprob(h, weight, targets, bias=None):
     ignored = targets == IGNORE_INDEX
     lp = logits.log_softmax(-1).gather(-1, targets.long().masked_fill(ignored, 0)[:, None])[:, 0]
     return lp.masked_fill(ignored, 0.0)
+
+
+def reference_kl(h, weight, h_ref, w_ref, normalizer=None):
+    """The definition: sum over rows of KL(softmax(h W^T) || softmax(h_ref W_ref^T)), whole logits in float32."""
+    la = (h @ weight.to(h.dtype).t()).float().log_softmax(-1)
+    lb = (h_ref @ w_ref.to(h_ref.dtype).t()).float().log_softmax(-1)
+    return (la.exp() * (la - lb)).sum() / (1.0 if normalizer is None else float(normalizer))

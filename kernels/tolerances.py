@@ -32,6 +32,12 @@ TOLERANCES: Dict[str, Dict[str, Dict[str, Tol]]] = {
     "fused_logprob": {
         "forward": {"float32": (1e-5, 1e-5), "float16": (1e-3, 1e-3), "bfloat16": (1e-2, 1e-2)},
     },
+    # sum of KL(softmax(h W^T) || softmax(h_ref W_ref^T)) / n, chunked (kernels/fused_ce.py fused_linear_kl); backward:
+    # dh, dW of the first side. Same roundings as fused_ce (logits in the input dtype, reductions in float32).
+    "fused_kl": {
+        "forward": {"float32": (1e-5, 1e-5), "float16": (1e-3, 1e-3), "bfloat16": (1e-2, 1e-2)},
+        "backward": {"float32": (1e-4, 1e-6), "float16": (1e-2, 1e-3), "bfloat16": (3e-2, 1e-2)},
+    },
 }
 
 

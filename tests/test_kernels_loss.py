@@ -14,8 +14,10 @@ from test_eval_runs import _run
 from ftlab.kernels.fused_ce import (
     IGNORE_INDEX,
     fused_linear_cross_entropy,
+    fused_linear_kl,
     fused_linear_logprob,
     reference_cross_entropy,
+    reference_kl,
     reference_logprob,
 )
 from ftlab.kernels.tolerances import tolerance
@@ -81,12 +83,40 @@ def test_all_ignored_is_an_exact_zero_with_zero_gradients(backend):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_logprob_equals_the_reference(dtype, backend):
-    h, w, _, targets = _inputs(dtype)
+    _check_logprob(dtype, backend)
+
+
+def _check_logprob(dtype, backend, device="cpu"):
+    h, w, _, targets = _inputs(dtype, device)
     got = fused_linear_logprob(h, w, targets, chunk=CHUNK, backend=backend)
     want = reference_logprob(h.detach(), w.detach(), targets)
     rtol, atol = tolerance("fused_logprob", "forward", dtype)
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     assert (got[targets == IGNORE_INDEX] == 0).all() and (got[targets != IGNORE_INDEX] < 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_kl_equals_the_reference(dtype, backend):
+    _check_kl(dtype, backend)
+
+
+def _check_kl(dtype, backend, device="cpu"):
+    h, w, _, _ = _inputs(dtype, device)
+    g = torch.Generator().manual_seed(2)
+    h_ref = h.detach() + 0.3 * torch.randn(h.shape, generator=g).to(device, dtype)  # a nearby model: KL of order 1
+    w_ref = w.detach() + 0.1 * torch.randn(w.shape, generator=g).to(device, dtype)
+    got = fused_linear_kl(h, w, h_ref, w_ref, normalizer=7, chunk=CHUNK, backend=backend)
+    want = reference_kl(h, w, h_ref, w_ref, normalizer=7)
+    rtol, atol = tolerance("fused_kl", "forward", dtype)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    assert got.item() > 0.01
+    rtol, atol = tolerance("fused_kl", "backward", dtype)
+    for name, a, r in zip(("dh", "dW"), _grads(got * 3.0, h, w), _grads(want * 3.0, h, w)):
+        torch.testing.assert_close(a.float(), r.float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    same = fused_linear_kl(h, w, h.detach(), w.detach(), chunk=CHUNK, backend=backend)  # equal sides: exactly 0
+    dh, dw = _grads(same, h, w)
+    assert same.item() == 0.0 and dh.abs().max() == 0 and dw.abs().max() == 0
 
 
 def test_bad_shapes_and_backend_are_refused():
@@ -97,6 +127,8 @@ def test_bad_shapes_and_backend_are_refused():
         fused_linear_cross_entropy(h, w, labels, normalizer=0)
     with pytest.raises(ValueError, match="backend"):
         fused_linear_cross_entropy(h, w, labels, backend="cuda")
+    with pytest.raises(ValueError, match="h_ref"):
+        fused_linear_kl(h, w, h[:-1], w)
 
 
 # ---------------------------------------------------------------------------------- the logits are never whole
@@ -139,8 +171,10 @@ def test_no_tensor_of_the_logits_size_is_made(backend):
 # ---------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.skipif(not CUDA, reason="no CUDA device: the bf16 kernel runs on a GPU only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_fused_cross_entropy_on_gpu(dtype):
+def test_fused_kernels_on_gpu(dtype):
     _check(dtype, "triton", device="cuda")
+    _check_logprob(dtype, "triton", device="cuda")
+    _check_kl(dtype, "triton", device="cuda")
 
 
 # ----------------------------------------------------------------------------------------- hw.kernels=true
