@@ -339,21 +339,26 @@ def main(argv=None) -> int:
     env["load_start"] = env["load"]
     print(f"bench_kernels: {env['device']}, load {env['load']}", flush=True)
     rows = []
+
+    def write() -> str:  # after every shape: a run cut short by its time limit keeps the rows it measured
+        env["load"] = environment(device)["load"]  # the rest as at start
+        md = table(rows, env, ns.repeats)
+        if ns.md:
+            ns.md.parent.mkdir(parents=True, exist_ok=True)
+            ns.md.write_text(md + "\n")
+        if ns.json:
+            ns.json.parent.mkdir(parents=True, exist_ok=True)
+            ns.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        return md
+
     for name in names:
         for shape in (GPU_SHAPES if ns.gpu else CPU_SHAPES)[name]:
             if ns.small:
                 shape = {k: (v if k == "r" else max(8, v // 8)) for k, v in shape.items()}
             rows += bench_kernel(name, shape, device, dtype, ns.repeats, not ns.no_compile)
             print(json.dumps(rows[-1]), flush=True)
-    env["load"] = environment(device)["load"]  # the rest as at start
-    md = table(rows, env, ns.repeats)
-    print(md)
-    if ns.md:
-        ns.md.parent.mkdir(parents=True, exist_ok=True)
-        ns.md.write_text(md + "\n")
-    if ns.json:
-        ns.json.parent.mkdir(parents=True, exist_ok=True)
-        ns.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+            write()
+    print(write())
     return 0
 
 

@@ -372,7 +372,8 @@ def bench(spec: Spec, pairs: int, hw_over: dict, data_over: dict, log=print) -> 
     packing = bool(getattr(cfg.data, "packing", False))
     proto = build_model(spec.shape, tok, spec.device)
     n_params = sum(p.numel() for p in proto.parameters())
-    proto_state = {k: v.detach().clone() for k, v in proto.state_dict().items()}
+    # kept on the CPU: a copy on the device would sit in both sides' peak memory (5 GB at the 1B shape)
+    proto_state = {k: v.detach().to("cpu", copy=True) for k, v in proto.state_dict().items()}
     del proto
     runs = {"ftlab": [], "hf": []}
     diff = None
@@ -551,16 +552,21 @@ def main(argv=None) -> int:
             spec = Spec(shape=shape, method=method, steps=steps, warmup=warmup, batch=batch,
                         lr=lr if method == "lora" else lr / 10, device=device, precision=prec, r=r, alpha=alpha)
             rows.append(bench(spec, pairs, hw_over, data_over, log=lambda s: print(s, flush=True)))
+            md = write(rows, env, device, ns.md, ns.json)  # after every row: a run cut short keeps what it measured
+    print(md)
+    return 0
+
+
+def write(rows: list[dict], env: dict, device: str, md_path, json_path) -> str:
     env.update({k: v for k, v in environment(device).items() if k in ("load", "device")})  # git, date: at start
     md = table(rows, env, device)
-    print(md)
-    if ns.md:
-        ns.md.parent.mkdir(parents=True, exist_ok=True)
-        ns.md.write_text(md + "\n")
-    if ns.json:
-        ns.json.parent.mkdir(parents=True, exist_ok=True)
-        ns.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    return 0
+    if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(md + "\n")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    return md
 
 
 if __name__ == "__main__":
