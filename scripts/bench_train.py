@@ -437,6 +437,25 @@ def bench(spec: Spec, pairs: int, hw_over: dict, data_over: dict, log=print) -> 
             "param_diff": diff, "notes": notes, "runs": runs}
 
 
+def matmul_peak_tflops(n: int = 8192, reps: int = 20) -> float:
+    """The measured bf16 matmul rate of this GPU (n x n x n, median of `reps`), the denominator of MFU."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
 def environment(device: str) -> dict:
     import peft
     import torch
@@ -478,6 +497,14 @@ def table(rows: list[dict], env: dict, device: str) -> str:
             f"{r['speed_ratio']:.2f} ({r['speed_min']:.2f}..{r['speed_max']:.2f}) | "
             f"{r['ftlab_peak'] / 2**20:,.0f} MiB | {r['hf_peak'] / 2**20:,.0f} MiB | "
             f"{r['mem_ratio']:.2f} ({r['mem_min']:.2f}..{r['mem_max']:.2f}) |")
+    peak = env.get("matmul_tflops")
+    if peak:
+        for r in rows:
+            if r["method"] == "full":  # 6 N per token (forward 2N, backward 4N), attention not counted
+                out.append(f"\nMFU, {r['shape']} full: ftlab {6 * r['params'] * r['ftlab_tok_s'] / 1e12 / peak:.1%}, "
+                           f"HF {6 * r['params'] * r['hf_tok_s'] / 1e12 / peak:.1%} of the measured bf16 matmul rate "
+                           f"{peak:.0f} TFLOP/s (6 N tokens/s, N = all {r['params'] / 1e9:.3f}B parameters, "
+                           "attention FLOPs not counted)")
     out.append("")
     out.append(f"Pairs per row: {rows[0]['pairs'] if rows else 0} after one warm-up pair, A/B/A/B (ftlab first). "
                f"Memory: {mem_how}. Same training checked: the sides' trained parameters after the warm-up pair "
@@ -543,6 +570,9 @@ def main(argv=None) -> int:
     hw_over, data_over = kv(ns.hw, "--hw"), kv(ns.data, "--data")
     env = environment(device)
     env["load_start"] = env["load"]
+    if ns.gpu:
+        env["matmul_tflops"] = matmul_peak_tflops()
+        print(f"bench_train: bf16 matmul 8192^3: {env['matmul_tflops']:.0f} TFLOP/s (the MFU denominator)", flush=True)
     print(f"bench_train: {env['device']}, load {env['load']}", flush=True)
     rows = []
     for shape in shapes:
