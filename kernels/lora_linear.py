@@ -106,7 +106,17 @@ if triton is not None:
                  mask=(rp[:, None] < P) & (rq[None, :] < Q))
 
 
-_BLOCK = 32  # BM = BN = BK; tl.dot needs >= 16 per side. GPU tuning (autotune) is the benchmark's job
+_GPU_BLOCKS = (64, 64, 32)  # BM, BN, BK: a common Triton GEMM tile; autotuning is the benchmark's job
+# The interpreter runs each program of the grid in turn with numpy: few large tiles are what make it fast enough
+# for a training run in the tests (measured: 32-wide tiles ~3x slower on the small world). The kernel tests lower
+# this to 32 so that several tiles and K-steps (and the masks at their ragged edges) are exercised.
+INTERPRET_MAX_BLOCK = 128
+
+
+def _blocks(device: torch.device, m: int, n: int, k: int) -> tuple[int, int, int]:
+    if device.type == "cuda":
+        return _GPU_BLOCKS
+    return tuple(min(INTERPRET_MAX_BLOCK, max(16, triton.next_power_of_2(d))) for d in (m, n, k))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -122,12 +132,13 @@ def _lora_mm(x, w, w_strides, a, a_strides, b, b_strides, bias, n, r, scale, wan
     m, k = x.shape
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     xa = torch.empty((m, r), device=x.device, dtype=x.dtype) if want_xa else y
-    grid = (triton.cdiv(m, _BLOCK), triton.cdiv(n, _BLOCK))
+    bm, bn, bk = _blocks(x.device, m, n, k)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _lora_mm_kernel[grid](x, w, a, b, bias if bias is not None else y, y, xa, m, n, k, r, float(scale),
                           x.stride(0), x.stride(1), *w_strides, *a_strides, *b_strides, y.stride(0), y.stride(1),
                           xa.stride(0), xa.stride(1),
                           HAS_BIAS=bias is not None, STORE_XA=want_xa, PRECISION=_precision(x.dtype),
-                          BM=_BLOCK, BN=_BLOCK, BK=_BLOCK, BR=_rank_block(r))
+                          BM=bm, BN=bn, BK=bk, BR=_rank_block(r))
     return y, (xa if want_xa else None)
 
 
@@ -136,11 +147,11 @@ def _tn(u, v, alpha):
     m, p = u.shape
     q = v.shape[1]
     c = torch.empty((p, q), device=u.device, dtype=u.dtype)
-    bp = _rank_block(p) if p <= 64 else _BLOCK
-    bq = _rank_block(q) if q <= 64 else _BLOCK
+    bp, bq, bm = _blocks(u.device, p, q, m)
+    bp, bq = (_rank_block(p) if p <= 64 else bp), (_rank_block(q) if q <= 64 else bq)  # the rank side in one tile
     _tn_kernel[(triton.cdiv(p, bp), triton.cdiv(q, bq))](u, v, c, m, p, q, float(alpha), u.stride(0), u.stride(1),
                                                           v.stride(0), v.stride(1), c.stride(0), c.stride(1),
-                                                          PRECISION=_precision(u.dtype), BP=bp, BQ=bq, BM=_BLOCK)
+                                                          PRECISION=_precision(u.dtype), BP=bp, BQ=bq, BM=bm)
     return c
 
 
