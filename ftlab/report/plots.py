@@ -73,6 +73,9 @@ def _unique(xs) -> list:
     return list(dict.fromkeys(xs))
 
 
+_CROWDED = 24  # points in gain_forgetting beyond which faded points go unnamed
+
+
 def gain_forgetting(points: list[dict], pareto_labels: Sequence[str], title: str = "",
                     variant_curves: Optional[dict[str, list[tuple[float, float]]]] = None) -> bytes:
     """Gain (x) against forgetting (y, lower is better) with error bars; one colour per group, unselected points
@@ -104,9 +107,12 @@ def gain_forgetting(points: list[dict], pareto_labels: Sequence[str], title: str
         raise ValueError(f"gain_forgetting: pareto_labels {unknown} name no point (labels: {sorted(by_label)})")
 
     vxy = _xy_lines(variant_curves or {}, "gain_forgetting: variant_curves")
-    fig = _figure(7.0, 5.0)
-    ax = fig.add_subplot()
     groups = _unique(r["group"] for r in rows)
+    # a sweep of many groups x learning rates (the 17-method comparison: 68 points) buries every point under its
+    # label: past CROWDED points only the selected ones are named, and the legend moves beside the axes
+    crowded = len(rows) > _CROWDED
+    fig = _figure(9.5 if crowded else 7.0, 6.0 if crowded else 5.0)
+    ax = fig.add_subplot()
     colour = _colours(groups + [g for g in vxy if g not in groups])
     for g, (xs, ys) in vxy.items():
         ax.plot(xs, ys, marker=".", markersize=4, linewidth=0.8, color=colour[g], alpha=0.8, zorder=1)
@@ -124,9 +130,11 @@ def gain_forgetting(points: list[dict], pareto_labels: Sequence[str], title: str
                         color=colour[g], alpha=1.0 if sel else _FADED, markersize=7 if sel else 5, capsize=3,
                         elinewidth=1, label=g if sel or not any(r["selected"] for r in rows if r["group"] == g)
                         else None, zorder=3 if sel else 2)
-            for r in rs:  # the faded ones named too: which learning rate lost is part of the result
+            for r in rs:  # the faded ones named too (which learning rate lost is part of the result), unless crowded
+                if crowded and not sel:
+                    continue
                 ax.annotate(r["label"], (r["gain"], r["forgetting"]), textcoords="offset points", xytext=(5, 5),
-                            fontsize=8 if sel else 7, color="0.2", alpha=1.0 if sel else 0.55)
+                            fontsize=7 if crowded else (8 if sel else 7), color="0.2", alpha=1.0 if sel else 0.55)
     front = sorted((by_label[lab] for lab in _unique(pareto_labels)), key=lambda r: r["gain"])
     if front:
         # "pre": between two front points the forgetting paid is the one of the larger gain
@@ -140,7 +148,10 @@ def gain_forgetting(points: list[dict], pareto_labels: Sequence[str], title: str
     ax.set_xlabel("gain on target (points, higher is better)")
     ax.set_ylabel("forgetting (points, lower is better)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if crowded:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # constrained layout makes room
+    else:
+        ax.legend(fontsize=8, loc="best")
     if title:
         ax.set_title(title)
     return _png(fig)
