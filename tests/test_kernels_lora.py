@@ -158,3 +158,50 @@ def test_hw_kernels_refused_without_triton(monkeypatch):
     with pytest.raises((ConfigError, SystemExit), match="hw.kernels: needs triton"):
         check(FAST + ["method=lora", "hw.kernels=true"])
     assert check(FAST + ["method=lora", "hw.kernels=false"])  # the default needs nothing
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+
+
+@cpu_only
+@pytest.mark.parametrize("name", ["lora", "rslora", "pissa", "olora"])
+def test_lora_family_fused_forward_and_grads_equal_peft(name):
+    """Each LoRA-family init (B != 0 after PiSSA/OLoRA, rsLoRA's scale) through the swapped forward: the same
+    logits and LoRA gradients as peft's forward, on one model (the swap undone by restoring peft's forward)."""
+    from ftlab.config.method import METHODS
+    from ftlab.methods import MethodContext, build_method
+
+    method = build_method(METHODS.config(name)())
+    model = method.prepare(_tiny_llama(), MethodContext(tokenizer=None, train_rows=[], seed=0))
+    for n, p in model.named_parameters():  # B = 0 at LoRA's init would hide the rank-r path
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids).logits
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want, want_g = run()
+    assert method.use_kernels(model, "cpu")["lora_linear"] == 7  # q k v o gate up down of the one layer
+    got, got_g = run()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert got_g.keys() == want_g.keys()
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_dora_keeps_peft_forward_and_the_family_shares_the_swap():
+    from ftlab.methods.corda import Corda
+    from ftlab.methods.lora import Dora, Lora
+    from ftlab.methods.lora_ga import LoraGa
+
+    assert Dora.use_kernels(None, None, "cpu") is None
+    assert Corda.use_kernels is Lora.use_kernels and LoraGa.use_kernels is Lora.use_kernels
