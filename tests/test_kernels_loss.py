@@ -189,27 +189,33 @@ def _curve(run_dir):
     return [r for r in rows if r["loss"] is not None]
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])  # full: the lm_head weight's gradient comes from the kernel
-def test_hw_kernels_loss_curve_equals_the_plain_path(tmp_path, ftlab_cache, monkeypatch, method):
+# full: the lm_head weight's gradient comes from the kernel; reg=kl: the KL term through fused_linear_kl
+@pytest.mark.parametrize("knobs", [("method=lora",), ("method=full",), ("method=full", "reg=kl")])
+def test_hw_kernels_loss_curve_equals_the_plain_path(tmp_path, ftlab_cache, monkeypatch, knobs):
     import ftlab.train.fused_loss as fl
 
-    calls = []
-    real = fl.fused_linear_cross_entropy
+    calls = {"ce": 0, "kl": 0}
 
-    def counting(*a, **k):
-        calls.append(k.get("normalizer"))
-        return real(*a, **k)
+    def counting(name, real):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            assert k["normalizer"] >= 1
+            return real(*a, **k)
+        return wrapped
 
-    monkeypatch.setattr(fl, "fused_linear_cross_entropy", counting)
+    monkeypatch.setattr(fl, "fused_linear_cross_entropy", counting("ce", fl.fused_linear_cross_entropy))
+    monkeypatch.setattr(fl, "fused_linear_kl", counting("kl", fl.fused_linear_kl))
     steps = ["train.max_steps=3", "train.log_every=1", "eval.limit=4", "train.batch_size=8", "eval.probe_every=0"]
-    fast_dir, _ = _run(tmp_path, "fast", [f"method={method}", "hw.kernels=true", *steps])
-    assert len(calls) >= 3 and all(c >= 1 for c in calls)  # the fused loss ran, on response tokens
-    n_calls = len(calls)
-    plain_dir, _ = _run(tmp_path, "plain", [f"method={method}", *steps])
-    assert len(calls) == n_calls  # and only when asked
+    fast_dir, _ = _run(tmp_path, "fast", [*knobs, "hw.kernels=true", *steps])
+    assert calls["ce"] >= 3 and (calls["kl"] >= 3) == ("reg=kl" in knobs)  # the fused paths ran where they apply
+    seen = dict(calls)
+    plain_dir, _ = _run(tmp_path, "plain", [*knobs, *steps])
+    assert calls == seen  # and only when asked
     fast, plain = _curve(fast_dir), _curve(plain_dir)
     assert [r["step"] for r in fast] == [r["step"] for r in plain] == [1, 2, 3]
     for a, b in zip(fast, plain):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (a, b)
+        if "reg=kl" in knobs:
+            assert a["reg"] == pytest.approx(b["reg"], rel=LOSS_RTOL, abs=1e-9), (a, b)
         assert a["tokens"] == b["tokens"]
     assert fast_dir != plain_dir

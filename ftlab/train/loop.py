@@ -92,6 +92,7 @@ class HeadOutputs:
     hidden: torch.Tensor
     head: Optional[nn.Module]
     raw: Any = None
+    kernels: bool = False  # hw.kernels: a regulariser may use ftlab.kernels (reg=kl: ftlab.train.fused_loss)
 
     @property
     def logits(self) -> torch.Tensor:
@@ -140,7 +141,7 @@ def forward_backward(model: nn.Module, rows: list[dict], settings: LoopSettings,
                 response_loss(hidden, batch["labels"], head=head)
             loss = task * tok_w
             if reg is not None:
-                reg_term = reg(model, batch, HeadOutputs(hidden, head, out))
+                reg_term = reg(model, batch, HeadOutputs(hidden, head, out, kernels=settings.kernels))
                 if reg.in_loss:  # decoupled regularisers act in after_step; logged only
                     loss = loss + reg_term * row_w
                 reg_value = reg_term.item()

@@ -128,13 +128,18 @@ class KLToBase(Regulariser):
         self.pos += n
         return {k: v.to(device) for k, v in collate(rows, self.pad).items()}
 
-    def _kl(self, hidden, head, batch: dict):
+    def _kl(self, hidden, head, batch: dict, fused: bool = False):
         import torch
 
         from ftlab.models.logits import head_split
 
         with torch.no_grad(), head_split(self.ref) as ref_head:
             ref = self.ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if fused:  # hw.kernels: kernels/fused_ce.py where both heads are plain linears
+            from ftlab.train.fused_loss import fusable, fused_token_kl
+
+            if fusable(head, kl=True) and fusable(ref_head, kl=True):
+                return fused_token_kl(hidden, ref, batch["labels"], head, ref_head)
         return token_kl(hidden, ref, batch["labels"], head=head, ref_head=ref_head)
 
     def value(self, model: nn.Module, batch: dict, outputs: Any) -> torch.Tensor:
@@ -142,12 +147,12 @@ class KLToBase(Regulariser):
 
         total = None
         if self.on in ("task", "both"):
-            total = self._kl(outputs.hidden, outputs.head, batch)
+            total = self._kl(outputs.hidden, outputs.head, batch, fused=getattr(outputs, "kernels", False))
         if self.on in ("mix", "both"):
             g = self._general_batch(batch["input_ids"].shape[0], batch["input_ids"].device)
             with head_split(model) as head:
                 hidden = model(input_ids=g["input_ids"], attention_mask=g["attention_mask"]).logits
-            term = self._kl(hidden, head, g)
+            term = self._kl(hidden, head, g, fused=getattr(outputs, "kernels", False))
             total = term if total is None else total + term
         return total
 
