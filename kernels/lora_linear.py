@@ -186,8 +186,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """y = x W^T (+ b) + scale (x A^T) B^T through the fused kernel where it applies, else the reference.
 
     A and B are cast to x's dtype (autograd casts their gradients back), so fp32 adapters on a bf16 base run the
-    rank-r product in bf16 (peft runs it in the adapter's dtype).
+    rank-r product in bf16 (peft runs it in the adapter's dtype). Under autocast everything is first cast to its
+    dtype, as torch's linear layers are.
     """
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):  # as F.linear under autocast: every operand in autocast's dtype, so the
+        dt = torch.get_autocast_dtype(kind)  # kernel runs in it (and x, W of different dtypes still fuse)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
     fused = (kernel_supported(x.device) and not (dropout > 0 and training) and weight.dtype == x.dtype
              and not weight.requires_grad and (bias is None or (not bias.requires_grad and bias.dtype == x.dtype))
              and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.shape[-1] == weight.shape[1])

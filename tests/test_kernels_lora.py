@@ -89,6 +89,25 @@ def test_lora_linear_kernel_path_is_taken_and_errors_would_show():
         torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=rtol, atol=atol)
 
 
+@tiles
+@cpu_only
+def test_lora_linear_under_autocast_runs_in_its_dtype():
+    """The training loop's hw.precision autocast: fp32 weights and input, the kernel in fp16 like F.linear."""
+    x, w, b, a, bb = _inputs(37, 45, 70, 5, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = lora_linear(x, w, b, a, bb, 0.75)
+        y_ref = lora_linear_reference(x, w, b, a, bb, 0.75)
+    assert y.dtype == y_ref.dtype == torch.float16 and "View" in type(y.grad_fn).__name__
+    rtol, atol = tolerance("lora_linear", "forward", torch.float16)
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float16)
+    grads, grads_ref = (torch.autograd.grad(t, (x, a, bb), dy) for t in (y, y_ref))
+    rtol, atol = tolerance("lora_linear", "backward", torch.float16)
+    for got, want in zip(grads, grads_ref):
+        assert got.dtype == torch.float32  # the leaves' dtype, as autocast gives
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
 def test_lora_linear_falls_back_to_reference():
     """Dropout in training, a trainable W, or mixed dtypes: the reference (W's gradient exists, dropout applies)."""
     x, w, b, a, bb = _inputs(7, 19, 23, 3, torch.float32, "cpu")
