@@ -59,7 +59,7 @@ def main():
     if args.one:
         print(json.dumps(one(args, args.one[0], int(args.one[1]))))
         return
-    base = [a for a in sys.argv[1:]]
+    base = list(sys.argv[1:])
     for side, chunk in [("eager", 0)] + [("fused", c) for c in args.chunks]:
         out = subprocess.run([sys.executable, __file__, *base, "--one", side, str(chunk)], capture_output=True,
                              text=True, env=dict(os.environ), check=True)
