@@ -174,11 +174,15 @@ class LoraLinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         k, r = weight.shape[1], lora_a.shape[0]
         # dx = dy W + s (dy B) A: the forward kernel with W^T [in, out], B^T [r, out], A^T [in, r] as its W, A, B
-        dx, dyb = _lora_mm(dy, weight, (weight.stride(1), weight.stride(0)), lora_b, (lora_b.stride(1), lora_b.stride(0)),
-                           lora_a, (lora_a.stride(1), lora_a.stride(0)), None, k, r, s, want_xa=True)
+        if ctx.needs_input_grad[0]:
+            dx, dyb = _lora_mm(dy, weight, (weight.stride(1), weight.stride(0)), lora_b,
+                               (lora_b.stride(1), lora_b.stride(0)), lora_a, (lora_a.stride(1), lora_a.stride(0)), None,
+                               k, r, s, want_xa=True)
+        else:  # x is a constant (the first layer over frozen embeddings): skip the dy W GEMM, dA needs dy B only
+            dx, dyb = None, dy @ lora_b
         d_a = _tn(dyb, x, s) if ctx.needs_input_grad[3] else None  # s (dy B)^T x  [r, in]
         d_b = _tn(dy, xa, s) if ctx.needs_input_grad[4] else None  # s dy^T (x A^T)  [out, r]
-        return (dx if ctx.needs_input_grad[0] else None), None, None, d_a, d_b, None
+        return dx, None, None, d_a, d_b, None
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,

@@ -78,6 +78,20 @@ def test_lora_linear_no_bias_batched_leading_dims():
 
 @tiles
 @cpu_only
+def test_lora_linear_gradients_when_x_is_a_constant():
+    x, w, b, a, bb = _inputs(37, 45, 70, 5, torch.float32, "cpu")
+    x = x.detach()
+    y = lora_linear(x, w, b, a, bb, 0.75)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(y, (a, bb), dy)
+    want = torch.autograd.grad(lora_linear_reference(x, w, b, a, bb, 0.75), (a, bb), dy)
+    rtol, atol = tolerance("lora_linear", "backward", torch.float32)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
+
+
+@tiles
+@cpu_only
 def test_lora_linear_kernel_path_is_taken_and_errors_would_show():
     """The comparison can fail: a kernel output with B's rank-r term dropped is far outside the table."""
     x, w, b, a, bb = _inputs(37, 45, 70, 5, torch.float32, "cpu")
