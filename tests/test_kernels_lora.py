@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from test_resume import assets  # noqa: F401 - fixture: a tiny local Llama and a jsonl of additions
 
 pytest.importorskip("triton")
 
@@ -145,37 +146,43 @@ def test_lora_linear_matches_reference_gpu(shape, dtype):
 
 
 # ------------------------------------------------------------------------------------------------ wiring
-# float32 on CPU: the kernel's blocked sums differ from torch's matmul by float32 rounding only (measured 7e-8
-# relative after 4 Adam steps on the small world); 1e-5 leaves room for another CPU's summation order while a
+# float32 on CPU: the kernel's blocked sums differ from torch's matmul by float32 rounding only (measured 1e-7
+# relative over the 4 steps below; 7e-8 on the small world); 1e-5 leaves room for another CPU's summation order while a
 # wrong or missing term (a changed loss from the first step on) stays far outside
 LOSS_RTOL = 1e-5
 
 
 @cpu_only
-def test_hw_kernels_lora_run_equals_peft_forward_and_exports_the_same_adapter(tmp_path, ftlab_cache, monkeypatch):
+def test_hw_kernels_lora_run_equals_peft_forward_and_exports_the_same_adapter(assets, tmp_path, monkeypatch):
+    """test_resume's tiny local Llama (LoRA on every linear, dropout 0 so the kernel also trains): hw.kernels=true
+    gives the plain run's loss curve and a peft adapter of the same keys, shapes and config."""
     from safetensors.torch import load_file
-    from test_eval_runs import _run
+    from test_resume import make_run, overrides
 
     import ftlab.kernels.lora_linear as kl
+    from ftlab.pipeline import run_from_dir
 
     calls = []
     real = kl.lora_linear
     monkeypatch.setattr(kl, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
-    steps = ["method=lora", "train.max_steps=3", "train.log_every=1", "eval.limit=2", "train.batch_size=8",
-             "eval.probe_every=0"]
-    fused_dir, fused = _run(tmp_path, "fused", [*steps, "hw.kernels=true"])
-    n_calls = len(calls)
-    plain_dir, plain = _run(tmp_path, "plain", steps)
-    assert len(calls) == n_calls > 0  # the kernel ran in the hw.kernels run only
-    assert fused["kernels"]["lora_linear"] > 0 and "kernels" not in plain
-    curves = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (fused_dir, plain_dir)]
-    losses = [[r["loss"] for r in c if r["loss"] is not None] for c in curves]
-    assert len(losses[0]) == len(losses[1]) == 3
+    base = [o for o in overrides(assets, "train.max_steps=4", "train.save_every=0") if not o.startswith("method.dropout")]
+    dirs = {}
+    for name, extra in (("fused", ["hw.kernels=true"]), ("plain", [])):
+        dirs[name] = make_run(tmp_path, name, [*base, "method.dropout=0.0", *extra])
+        result = run_from_dir(dirs[name], progress=False)
+        if name == "fused":
+            n_calls = len(calls)
+            assert result["kernels"]["lora_linear"] == 14  # 7 linears x 2 layers
+        else:
+            assert len(calls) == n_calls > 0 and "kernels" not in result  # the kernel ran in the hw.kernels run only
+    losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in dirs.values()]
+    losses = [[v for v in c if v is not None] for c in losses]
+    assert len(losses[0]) == len(losses[1]) == 4 and losses[1][-1] != losses[1][0]  # the steps trained
     assert losses[0] == pytest.approx(losses[1], rel=LOSS_RTOL)
-    adapters = [load_file(str(d / "checkpoints" / "final" / "adapter_model.safetensors")) for d in (fused_dir, plain_dir)]
+    finals = [d / "checkpoints" / "final" for d in dirs.values()]
+    adapters = [load_file(str(f / "adapter_model.safetensors")) for f in finals]
     assert {k: v.shape for k, v in adapters[0].items()} == {k: v.shape for k, v in adapters[1].items()}
-    assert (fused_dir / "checkpoints" / "final" / "adapter_config.json").read_text() == \
-        (plain_dir / "checkpoints" / "final" / "adapter_config.json").read_text()
+    assert (finals[0] / "adapter_config.json").read_text() == (finals[1] / "adapter_config.json").read_text()
 
 
 def test_hw_kernels_refused_without_triton(monkeypatch):
