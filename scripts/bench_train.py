@@ -46,6 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -143,6 +145,9 @@ class Meter:
         decoder = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._handle = decoder.model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
+    # Outside any compiled graph (hw.compile=true): counting in a traced hook would break the graph mid-forward at
+    # the int(); disabled, dynamo calls it between the wrapper and the decoder stack, one break at the top.
+    @torch.compiler.disable
     def _hook(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids")
