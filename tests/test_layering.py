@@ -229,7 +229,10 @@ def test_the_checker_catches_each_kind_of_violation(case, tmp_path):
 def test_validating_a_config_imports_no_torch_and_no_cli(tmp_path):
     """The config layer at run time: composing is the CLI's job; validating a frozen config (what a worker does
     with config.yaml) loads neither torch nor the CLI nor Hydra, with every method and task name known."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # composing probes that the outputs and cache directories are writable (ftlab.cli.inputs.check_places): point
+    # them into tmp_path, so the test does not depend on a writable checkout or home directory
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "FTLAB_OUTPUTS": str(tmp_path / "outputs"), "FTLAB_CACHE": str(tmp_path / "cache")}
     path = tmp_path / "config.yaml"
     compose = ("import sys, yaml\n"
                "from ftlab.cli.run import check\n"
