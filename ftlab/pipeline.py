@@ -1,3 +1,5 @@
+# Over 400 lines on purpose: one run's named steps, the _Run they fill in and the failure handling around them read in
+# order, top to bottom; what each step calls lives in train/, eval/, post/ and rundir/.
 """One run, from its run directory: the steps every process (in-process, torchrun rank, SLURM job) takes. Reads
 the frozen config.yaml there and never imports Hydra.
 
@@ -58,31 +60,6 @@ def _diagnostics(cfg, model, tok, tasks, run_dir: Path, device: str) -> dict:
                             max_length=cfg.model.max_length)
     finally:
         del base_model
-
-
-def out_of_memory_message(e: BaseException, cfg: RunConfig) -> str | None:
-    """An allocator failure (CUDA OOM, or the CPU allocator's), said with the hw knobs that lower memory; None for
-    anything else. Checkpoints are written whole or not at all, so nothing partial is left behind."""
-    import torch
-
-    text = str(e)
-    if not (isinstance(e, torch.OutOfMemoryError) or isinstance(e, MemoryError)
-            or (isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text))):
-        return None
-    hw, t = cfg.hw, cfg.train
-    procs = hw.nproc * hw.nnodes
-    share = t.batch_size // procs
-    knobs = [f"hw.micro_batch_size={max(1, (hw.micro_batch_size or share) // 2)} (now "
-             f"{hw.micro_batch_size or f'unset: {share} rows per forward'}; the global batch stays {t.batch_size})"]
-    if not hw.grad_checkpointing:
-        knobs.append("hw.grad_checkpointing=true")
-    if hw.precision == "fp32" and hw.device != "cpu":
-        knobs.append("hw.precision=bf16")
-    if hw.strategy != "fsdp" and procs > 1:
-        knobs.append("hw.strategy=fsdp")
-    knobs.append(f"model.max_length below {cfg.model.max_length}")
-    first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
-    return f"out of memory ({type(e).__name__}: {first}); lower memory with " + ", ".join(knobs)
 
 
 class _Quiet:
@@ -435,6 +412,7 @@ def _run_from_dir(run_dir: Path, progress: bool | None, record_dir: Path | None 
             return {}
         _evaluate_tuned_and_record(r, stats, stage_log, t_start)
     except BaseException as e:
+        from ftlab.train.errors import out_of_memory_message
         from ftlab.train.preempt import Preempted
 
         if isinstance(e, Preempted):  # a scheduler's stop signal; the job resumes from its checkpoint

@@ -1,5 +1,6 @@
-# Over 400 lines on purpose: the nine built-in tasks' specs, their row formatters and the per-item checks that
-# refuse malformed rows (file:line:field) read together; splitting them would scatter one task over three modules.
+# Over 400 lines on purpose: the nine built-in tasks' specs, their row formatters, the per-item checks that refuse
+# malformed rows (file:line:field) and the loader that applies them read together; splitting them would scatter one
+# task over three modules. How few-shot examples are drawn and rendered is its own module (ftlab.eval.fewshot).
 """Built-in benchmark tasks: where their rows come from and how each row becomes a prompt. Pure Python.
 
 Every task is one of four kinds (see `ftlab.eval.task.KINDS`):
@@ -37,7 +38,7 @@ The prompts follow lm-evaluation-harness's default task definitions (ARC, HellaS
 partial scoring, BoolQ on super_glue's passages with their title, MMLU with its per-subject description, GSM8K's
 ``Question:/Answer:``); tests/test_eval_parity.py checks equal prompts, log-likelihoods and accuracies against
 lm-eval's own YAMLs at 0-shot and k-shot. Few-shot examples (``few_shot=k``) are picked as lm-eval 0.4.13 picks
-them (`fewshot_draws`): per item, from one random.Random(1234) per task drawn in the split's order (MMLU: the
+them (`ftlab.eval.fewshot.fewshot_draws`): per item, from one random.Random(1234) per task drawn in the split's order (MMLU: the
 first k dev rows of the item's subject, lm-eval's first_n), from the task's few-shot split (ARC/HellaSwag/
 WinoGrande/BoolQ/GSM8K: train; MMLU: dev) or ``fewshot_path``, never from a local eval file (``path`` with k > 0
 and no ``fewshot_path`` is refused); they precede the item, separated by a blank line. MMLU's subjects are
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,14 +63,13 @@ from typing import Callable, Optional, Sequence
 from ftlab.config.names import BUILTIN_TASK_KINDS, BUILTIN_TASK_METRICS, GSM8K_STOP, KIND_METRICS
 from ftlab.config.registry import Registry
 from ftlab.eval import wikitext
+from ftlab.eval.fewshot import FEWSHOT_SEED, FEWSHOT_SEP, fewshot_draws, render_fewshot, with_prefix
 from ftlab.eval.scoring import row_problem
 from ftlab.utils.files import sha256_file
 
 __all__ = ["BUILTINS", "Builtin", "TaskSource", "fewshot_draws", "fewshot_file_problem", "load_builtin",
            "render_fewshot"]
 
-FEWSHOT_SEED = 1234
-FEWSHOT_SEP = "\n\n"
 
 
 @dataclass(frozen=True)
@@ -361,81 +360,6 @@ def _records_sha(records: list[dict]) -> str:
     return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def render_fewshot(spec_kind: str, row: dict, delimiter: str = " ") -> str:
-    """A solved example as it appears in a few-shot block: the context followed by its correct continuation."""
-    if spec_kind == "generation":
-        return row["prompt"] + row["response"]
-    if "contexts" in row:
-        return row["contexts"][row["label"]] + delimiter + row["continuation"]
-    return row["context"] + delimiter + row["choices"][row["label"]]
-
-
-def _with_prefix(row: dict, prefix: str) -> dict:
-    if not prefix:
-        return row
-    out = dict(row)
-    for k in ("context", "prompt"):
-        if k in out:
-            out[k] = prefix + out[k]
-    if "contexts" in out:
-        out["contexts"] = [prefix + c for c in out["contexts"]]
-    return out
-
-
-def fewshot_draws(spec: Builtin, k: int, docs: list[dict], wanted: set[int], pool: list[dict],
-                  same_split: bool, source: str) -> dict[int, list[int]]:
-    """Which pool rows precede each wanted doc: {doc index: [pool index, ...]}, as lm-evaluation-harness 0.4.13
-    picks them (api/samplers.py, api/task.py fewshot_context).
-
-    `docs` are the task's eval documents in dataset order, `pool` its few-shot split in dataset order.
-    - sampler "default" (ContextSampler): one random.Random(FEWSHOT_SEED) per task, seeded once, then one
-      ``rnd.sample(pool, k)`` per doc in doc order. The draw of doc i is the i-th draw whatever the limit, so every
-      doc before the last wanted one is drawn for too (and thrown away) to keep the sequence. When lm-eval passes
-      the doc to its sampler (`same_split`, or spec.fewshot_drop_item), it draws k+1, removes the doc itself (by
-      equality) and keeps the first k, and resamples k from the pool without the doc's copies if duplicates left
-      fewer.
-    - sampler "first_n" (MMLU): the first k pool rows of the doc's group (subject), in order; the doc itself
-      removed first when the splits are the same.
-    random.sample picks by position only, so sampling indices gives lm-eval's documents."""
-    if k <= 0:
-        return {}
-    group = spec.group or (lambda rec: "")
-    out: dict[int, list[int]] = {}
-    if spec.sampler == "first_n":
-        by_group: dict[str, list[int]] = {}
-        for j, rec in enumerate(pool):
-            by_group.setdefault(group(rec), []).append(j)
-        for i in sorted(wanted):
-            cands = [j for j in by_group.get(group(docs[i]), []) if not (same_split and pool[j] == docs[i])]
-            if len(cands) < k:
-                raise ValueError(f"eval.tasks.{spec.name}.few_shot: {k} examples asked for, only {len(cands)} "
-                                 f"available for {group(docs[i])!r} in {source}")
-            out[i] = cands[:k]
-        return out
-    if spec.sampler != "default":
-        raise ValueError(f"built-in task {spec.name!r}: unknown few-shot sampler {spec.sampler!r}")
-    with_item = same_split or spec.fewshot_drop_item
-    if len(pool) < k + with_item:
-        raise ValueError(f"eval.tasks.{spec.name}.few_shot: {k} examples asked for, only {len(pool) - with_item} "
-                         f"available in {source} (lm-eval draws {k + with_item} per item)")
-    rnd = random.Random(FEWSHOT_SEED)
-    everything = range(len(pool))
-    for i in range(max(wanted) + 1 if wanted else 0):
-        if not with_item:
-            draw = rnd.sample(everything, k)
-        else:
-            draw = [j for j in rnd.sample(everything, k + 1) if pool[j] != docs[i]][:k]
-            if len(draw) < k:
-                others = [j for j in everything if pool[j] != docs[i]]
-                if len(others) < k:
-                    raise ValueError(f"eval.tasks.{spec.name}.few_shot: {k} examples asked for, only {len(others)} "
-                                     f"differ from item {i} in {source}")
-                draw = rnd.sample(others, k)
-        if i in wanted:
-            out[i] = draw
-    return out
-
-
 def fewshot_file_problem(name: str, k: int, path: Optional[str], fewshot_path: Optional[str]) -> Optional[str]:
     """Why task `name` at k-shot cannot run from a local eval file `path` (its fix named), or None: few-shot
     examples never come from the rows being evaluated, so a local eval file needs a few-shot file of its own."""
@@ -555,7 +479,7 @@ def load_builtin(name: str, *, n: Optional[int] = None, few_shot: Optional[int] 
             examples = [pool[j] for j in shots[i]]
             per_item[rid] = [pid for pid, _ in examples]
             prefix += FEWSHOT_SEP.join(render_fewshot(spec.kind, ex) for _, ex in examples) + FEWSHOT_SEP
-        out = {"id": rid, **_with_prefix(row, prefix)}
+        out = {"id": rid, **with_prefix(row, prefix)}
         out.pop("response", None)
         rows.append(out)
     meta = {"source": source, "sha256": sha, "split": split if not path else None, "few_shot": k,

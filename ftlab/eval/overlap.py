@@ -2,7 +2,7 @@
 
 An item overlaps when its prompt, normalised (lower case, runs of whitespace as one space, stripped), equals a
 normalised training prompt. A built-in task's prompt may start with a few-shot block and a description: the part
-after the last blank line (``ftlab.eval.builtin.FEWSHOT_SEP``), the item itself, is compared too. Multiple-choice
+after the last blank line (``ftlab.eval.fewshot.FEWSHOT_SEP``), the item itself, is compared too. Multiple-choice
 items compare their context (each context, for WinoGrande-style items); perplexity items their text.
 
 `measure_overlap` is run on every target task after the data loads (ftlab.pipeline); the counts go into result.json
@@ -15,9 +15,10 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterable
 
+from ftlab.eval.fewshot import FEWSHOT_SEP
+
 __all__ = ["normalise", "measure_overlap", "OverlapRefused"]
 
-FEWSHOT_SEP = "\n\n"  # ftlab.eval.builtin.FEWSHOT_SEP
 MAX_IDS = 20  # overlapping item ids recorded per task
 
 
