@@ -70,6 +70,6 @@ def above_chance_retention(base: float, tuned: float, chance: float) -> float | 
     """The share (%) of the base's above-chance ability that the tuned model keeps: (tuned - chance)/(base - chance);
     WinoGrande 60 -> 52 at chance 50 keeps 20 %, where tuned/base says 87 %. None when the base is at or below
     chance (nothing to keep)."""
-    if base - chance <= 1e-9:
+    if base - chance <= 0:
         return None
     return 100.0 * (tuned - chance) / (base - chance)

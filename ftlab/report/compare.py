@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ftlab.eval.metrics import improvement
+from ftlab.eval.metrics import above_chance_retention, improvement
 from ftlab.report.runs import ReportError, Run, finite, group_key, group_runs, label_groups
 from ftlab.report.stats import fold, forgetting_at_gain, paired_bootstrap, pareto_front
 
@@ -41,9 +41,10 @@ def retention_above_chance(tasks: dict) -> Optional[float]:
     """Mean over forget tasks in points that record `chance` (with base above it) of 100 x (tuned - chance) /
     (base - chance): the share of the above-chance ability left (a drop from 60 to 52 at chance 50 is 20%).
     None when no task records its chance level."""
-    vals = [100.0 * (t["tuned"] - t["chance"]) / (t["base"] - t["chance"]) for t in tasks.values()
+    vals = [above_chance_retention(t["base"], t["tuned"], t["chance"]) for t in tasks.values()
             if t.get("role") == "forget" and _points(t) and t.get("higher_is_better", True)
-            and finite(t.get("chance")) is not None and t["base"] - t["chance"] > 0]
+            and finite(t.get("chance")) is not None]
+    vals = [v for v in vals if v is not None]  # a base at or below chance has nothing to keep
     return sum(vals) / len(vals) if vals else None
 
 
