@@ -70,7 +70,9 @@ def run(name: str, overrides: list[str], outputs: Path, env: dict) -> dict:
     wall = time.perf_counter() - t0
     results = sorted(outputs.glob("runs/*/result.json"))
     if p.returncode != 0 or not results:
-        print(f"{name}: FAILED (exit {p.returncode})\n{p.stderr[-3000:]}", flush=True)
+        # the record's error is the cause; stderr's tail alone can be just the "record: ..." line
+        err = json.loads(results[-1].read_text()).get("error") if results else None
+        print(f"{name}: FAILED (exit {p.returncode})\n{p.stderr[-3000:]}\nrecord error: {str(err)[-4000:]}", flush=True)
         return {"name": name, "failed": True}
     r = json.loads(results[-1].read_text())
     t, mem = r["train"], r.get("memory", {})

@@ -216,7 +216,10 @@ def load_model(cfg: ModelConfig, tok: Any, device: str = "cpu") -> Any:
     src = _Source(cfg)
     from transformers import AutoModelForCausalLM
 
-    kw: dict[str, Any] = dict(dtype=_torch_dtype(cfg.dtype), use_safetensors=True)
+    # use_kernels=False: with the `kernels` package installed (transformers 5.25 requires it), from_pretrained on CUDA
+    # swaps layers for Hub kernels by default, fetched online (offline it fails: kernels-community/rotary, seen on an
+    # H200) and numerically not the model's own code; ftlab's own kernels are opt-in (hw.kernels)
+    kw: dict[str, Any] = dict(dtype=_torch_dtype(cfg.dtype), use_safetensors=True, use_kernels=False)
     if cfg.attn_implementation:
         kw["attn_implementation"] = cfg.attn_implementation
     model = src.load(AutoModelForCausalLM, **kw)

@@ -160,6 +160,6 @@ def load_base(world: Any, cache_dir: Optional[str | os.PathLike] = None, progres
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     d = ensure_base(world, cache_dir=cache_dir, progress=progress)
-    model = LlamaForCausalLM.from_pretrained(d, attn_implementation=ATTN_IMPL)
+    model = LlamaForCausalLM.from_pretrained(d, attn_implementation=ATTN_IMPL, use_kernels=False)  # see models.loading
     model.eval()
     return model, AutoTokenizer.from_pretrained(d)
