@@ -6,7 +6,6 @@ Each run builds into a fresh temporary cache (nothing is reused, nothing is left
 
     python scripts/bench_world.py                # 2 cold builds of the default world
     python scripts/bench_world.py --runs 3 --set steps=1200 --set seed=1
-    FTLAB_WORLD_THREADS=1 python scripts/bench_world.py   # pin pretraining to one thread
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ def main(argv=None) -> int:
     import_s = time.perf_counter() - t_import
     world = base.world_config(_parse_set(args.set))
     print(f"world {base.world_hash(world)}: {json.dumps(world)}", file=sys.stderr)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, pretraining threads {pretrain._num_threads()}, "
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, pretraining threads {pretrain.THREADS}, "
           f"imports {import_s:.1f} s", file=sys.stderr)
     rows = []
     for i in range(args.runs):
@@ -80,14 +79,14 @@ def main(argv=None) -> int:
         rows.append(info)
         if args.json:
             print(json.dumps({k: info[k] for k in ("hash", "train_s", "eval_s", "ensure_base_s", "accuracy",
-                                                   "target_accuracy", "num_threads", "thread_switches",
+                                                   "target_accuracy", "num_threads",
                                                    "others_cores")}))
         else:
             acc = "  ".join(f"{s} {a:5.1f}" for s, a in info["accuracy"].items())
             tgt = "  ".join(f"{s} {a:.1f}" for s, a in info["target_accuracy"].items())
             print(f"run {i + 1}: pretrain {info['train_s']:6.1f} s  eval {info['eval_s']:4.1f} s  "
                   f"ensure_base {total:6.1f} s  | {acc}  | min {info['min_accuracy']:.1f}  | targets: {tgt}  "
-                  f"| threads {info['num_threads']} switches {info['thread_switches']} "
+                  f"| threads {info['num_threads']} "
                   f"| other processes used {info['others_cores']} cores")
     if len(rows) > 1 and not args.json:
         tr = [r["train_s"] for r in rows]

@@ -38,16 +38,16 @@ class WorldConfig:
 
     seed: int = 0
     skills: list[str] = field(default_factory=lambda: ["add", "rev", "copy", "sort", "succ", "cnt"])
-    # Measured on a 2-core AVX2 CPU (scripts/bench_world.py): d=64 with 8 heads learns every default skill to
-    # >= 99 % in 1,500 steps (~60 s); d=128 costs ~2.5x per step. fp32: CPUs without native bf16 emulate it
-    # (a bf16-autocast step was ~15x slower there); pick bf16 only where the CPU has it (AVX-512 BF16, AMX).
+    # Measured on a 2-core AVX2 CPU (scripts/bench_world.py, one pretraining thread): 1,000 steps of batch 96 take
+    # ~33-39 s and leave every default skill at >= 93 % (add, the slowest, 93 %); 800 x 128 left add at 52-73 %.
+    # fp32: CPUs without native bf16 emulate it (a bf16-autocast step was ~15x slower there).
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 8
     intermediate_size: int = 256
     rope_theta: float = 500.0
-    steps: int = 1500
-    batch_size: int = 128
+    steps: int = 1000
+    batch_size: int = 96
     lr: float = 3e-3
     warmup_steps: int = 50
     precision: str = "fp32"

@@ -28,7 +28,7 @@ from ftlab.world.tokenizer import build_tokenizer
 
 # Bump whenever generation, tokenizer or training code changes what a given world config produces:
 # it is part of the cache key, so stale base models are never reused.
-WORLD_VERSION = 2
+WORLD_VERSION = 3  # 3: pretraining pinned to one thread (ftlab.world.pretrain.THREADS)
 
 EVAL_N = 200  # test examples per skill in world.json
 
@@ -123,7 +123,7 @@ def _build(cfg: dict, out: pathlib.Path, progress: bool, name: str) -> None:
     tok = build_tokenizer()
     model, stats = pretrain(cfg, progress=progress, tokenizer=tok)
     t_eval = time.perf_counter()
-    with _threads(stats["final_threads"]):  # what the governor found fastest on this machine just now
+    with _threads(stats["num_threads"]):
         acc = world_accuracy(model, tok, skills=list(cfg["skills"]) + list(sk.TARGET_SKILLS))
     eval_s = time.perf_counter() - t_eval
     model.save_pretrained(out, safe_serialization=True)

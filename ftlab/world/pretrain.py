@@ -1,11 +1,10 @@
 """Pretraining the world's base model: seeded batches of the pretraining skills, AdamW with warmup and cosine
-decay, and a thread governor that keeps a step's thread count sane on a loaded machine."""
+decay, on one intra-op thread (the same weights on any machine)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -17,9 +16,12 @@ from ftlab.world import skills as sk
 from ftlab.world.model import build_model, world_config
 from ftlab.world.tokenizer import build_tokenizer
 
-# At most this many intra-op threads while pretraining: the model is tiny (0.14 M parameters, batch 128 x
-# ~19 tokens), so more threads mostly add synchronisation.
-MAX_THREADS = 4
+# One intra-op thread, always: the thread count changes float summation order in backward reductions (weights after
+# 100 steps differed by 2.4e-7 between 1 and 2 threads), so a pinned count makes the base model the same bits on
+# any machine. Measured at d=64, batch 96: ~33 ms per step on 1 thread, ~25 ms on 2 of an idle 2-core CPU, but
+# 0.9-2.5 s on 2 threads when another process keeps a core busy (each parallel region waits for the descheduled
+# thread); the world's budget (WorldConfig) is sized for one thread.
+THREADS = 1
 
 
 WEIGHT_DECAY = 0.01
@@ -33,84 +35,6 @@ def _threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def _num_threads() -> int:
-    """Intra-op threads for pretraining: $FTLAB_WORLD_THREADS if set, else the usable cores, at most 4."""
-    env = os.environ.get("FTLAB_WORLD_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_THREADS))
-
-
-class _ThreadGovernor:
-    """Chooses between N intra-op threads and 1 while pretraining, so a busy machine cannot stall it.
-
-    Why: with 2 OpenMP threads on 2 cores, a step took ~38 ms on an idle machine but 0.9-2.5 s while another
-    process kept one core busy (every parallel region waits for the descheduled thread), against ~65-110 ms
-    for 1 thread. So every `every` steps, from step `at`, it runs `length` steps with the *other* thread
-    count and keeps whichever was faster (median of recent steps). A stall between probes (N-thread steps
-    `stall` x slower than their best) probes at once. While on 1 thread, failed probes of N threads back
-    off (interval doubles) and last 2 steps: they are the slow ones.
-
-    The thread count changes float summation order in some backward reductions (weights differ in the 7th
-    digit). The probe schedule is fixed, so on an idle machine the mode never changes and the weights are
-    identical from build to build; a switch (recorded in `switches`) only happens when the machine is busy.
-    $FTLAB_WORLD_THREADS pins the count and turns the governor off.
-    """
-
-    def __init__(self, n: int, adaptive: bool, every: int = 250, at: int = 20, length: int = 4,
-                 stall: float = 2.5):
-        self.n, self.mode = n, n
-        self.adaptive = adaptive and n > 1
-        self.every, self.length, self.stall = every, length, stall
-        self.next_probe, self.interval = at, every
-        self.times: dict[int, list[float]] = {1: [], n: []}
-        self.best: Optional[float] = None  # best median of 8 N-thread steps since the last probe
-        self.switches: list[tuple[int, int]] = []  # (step, new thread count)
-
-    def _probe_len(self) -> int:
-        return self.length if self.mode == self.n else 2
-
-    def _in_probe(self, step: int) -> bool:
-        return self.next_probe <= step < self.next_probe + self._probe_len()
-
-    def threads_for(self, step: int) -> int:
-        if not self.adaptive:
-            return self.n
-        if self._in_probe(step):
-            return 1 if self.mode == self.n else self.n
-        return self.mode
-
-    def record(self, step: int, threads: int, seconds: float) -> None:
-        if not self.adaptive:
-            return
-        t = self.times[threads]
-        t.append(seconds)
-        del t[:-8]
-        if not self._in_probe(step):
-            if self.mode == self.n and len(t) == 8:
-                m = sorted(t)[4]
-                self.best = m if self.best is None else min(self.best, m)
-                if m > self.stall * self.best and step + 1 < self.next_probe:
-                    self.next_probe = step + 1  # stalled: probe 1 thread now rather than at the next slot
-            return
-        if step != self.next_probe + self._probe_len() - 1:
-            return
-        med = {k: sorted(v)[len(v) // 2] for k, v in self.times.items() if v}
-        best = min(med, key=med.get) if len(med) == 2 else self.mode
-        if best != self.mode:
-            self.mode = best
-            self.switches.append((step + 1, best))
-            self.interval = self.every
-        elif self.mode != self.n:
-            self.interval *= 2  # N threads still stalled: probe less often
-        self.best = None  # relearn the N-thread baseline after every probe
-        self.next_probe += self.interval
 
 
 def _autocast(precision: str):
@@ -166,8 +90,7 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
     """
     cfg = world_config(world)
     tok = tokenizer or build_tokenizer()
-    gov = _ThreadGovernor(_num_threads(), adaptive=not os.environ.get("FTLAB_WORLD_THREADS"))
-    with _threads(gov.n):
+    with _threads(THREADS):
         model = build_model(cfg, tok)
         model.train()
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -183,10 +106,6 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
         with Bar(cfg["steps"], "[bold]pretraining tiny world", "loss {task.fields[loss]:.4f}", enabled=progress,
                  loss=float("nan")) as bar:
             for step in range(cfg["steps"]):
-                n = gov.threads_for(step)
-                if n != torch.get_num_threads():
-                    torch.set_num_threads(n)
-                t_step = time.perf_counter()
                 x, y = batches(cfg["batch_size"])  # [B, T] token ids, [B, T] targets (-100: no loss)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, cfg)
@@ -199,7 +118,6 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
-                gov.record(step, n, time.perf_counter() - t_step)
                 if callback is not None and callback_every and (step + 1) % callback_every == 0:
                     callback(step + 1, model)
                     model.train()
@@ -214,8 +132,6 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
         "final_loss": loss_ema,
         "train_s": round(train_s, 2),
         "n_params": sum(p.numel() for p in model.parameters()),
-        "num_threads": gov.n,
-        "thread_switches": [list(x) for x in gov.switches],  # [step, threads]; empty on an idle machine
-        "final_threads": gov.mode,
+        "num_threads": THREADS,
     }
     return model, stats
