@@ -158,8 +158,8 @@ def test_a_config_is_validated_once_per_process(tmp_path, monkeypatch, ftlab_cac
 @pytest.mark.parametrize("method,lr,scaled", [
     ("full", 1e-5, 1e-5), ("hft", 1e-5, 1e-5), ("owlore", 1e-5, 1e-5), ("lora", 1e-4, 1e-4), ("dora", 1e-4, 1e-4),
     ("pissa", 2e-5, 2e-5), ("ia3", 1e-4, 3e-3), ("prompt_tuning", 1e-3, 3e-2)])
-def test_learning_rate_follows_the_method_on_a_real_model_and_the_world_keeps_its_own(method, lr, scaled, capsys):
-    """train.lr null: 3e-3 on the tiny world (its run names unchanged), the method's default on a real model
+def test_learning_rate_follows_the_method_on_a_real_model_and_on_the_world(method, lr, scaled, capsys):
+    """train.lr null: the method's default on a real model, 30x that on the tiny world (full 3e-4, LoRA 3e-3)
     (whole-matrix methods 1e-5, LoRA-style adapters 1e-4, an order of magnitude apart; PiSSA its authors' 2e-5);
     a YAML lr_scale still multiplies it (ia3 3e-3, prompt tuning 3e-2); an explicit train.lr wins; `ftlab run
     --cfg job` (and --cfg=job, -p train) prints the number the run trains at."""
@@ -167,7 +167,7 @@ def test_learning_rate_follows_the_method_on_a_real_model_and_the_world_keeps_it
 
     real = [f"method={method}", "model=qwen2.5-0.5b", "data=gsm8k", "eval=target",
             f"data.path={Path(__file__).parent / 'fixtures' / 'gsm8k_mini.jsonl'}"]
-    assert check([f"method={method}"])[0].train.lr == 3e-3
+    assert check([f"method={method}"])[0].train.lr == float(f"{lr * 30:.6g}")
     (run,) = check(real)
     assert run.train.lr == lr and run.train.lr * run.method.lr_scale == pytest.approx(scaled)
     assert check([*real, "train.lr=2e-5"])[0].train.lr == 2e-5

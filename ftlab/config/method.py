@@ -28,7 +28,7 @@ class MethodConfig:
     # Whether the set of trainable parameters stays fixed while training: DDP's reducer and FSDP's shards are
     # built once, for a fixed set, so a method that re-samples it (LISA, OwLore) runs on one process.
     fixed_trainable_set: ClassVar[bool] = True
-    # train.lr when the config leaves it null on a real model (the tiny world keeps its own, TINY_WORLD_LR; the
+    # train.lr when the config leaves it null (on the tiny world times TINY_WORLD_LR_SCALE, ftlab.config.schema; the
     # loop uses AdamW). Parameter-efficient methods 1e-4, whole-weight-matrix methods (full, freeze, hft, lisa,
     # owlore) 1e-5: LoRA's best rate is about 10x full fine-tuning's (Biderman et al. 2024, "LoRA Learns Less and
     # Forgets Less", MetaMathQA on Llama-2-7B: full 1e-5, LoRA 1e-4 at r=16/64, LionW; Schulman et al. 2025,

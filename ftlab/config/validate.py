@@ -17,7 +17,7 @@ from ftlab.config.reg import RegConfig
 from ftlab.config.registry import ConfigError
 from ftlab.config.schema import (
     GENERAL_FORGET,
-    TINY_WORLD_LR,
+    TINY_WORLD_LR_SCALE,
     DataConfig,
     EvalConfig,
     HwConfig,
@@ -144,7 +144,9 @@ def from_container(d: dict) -> RunConfig:
 
 
 def _resolve_lr(run: RunConfig) -> None:
-    """train.lr null: the tiny world's own rate, or the method's default for a real model (so config.yaml, the run
+    """train.lr null: the method's default (times TINY_WORLD_LR_SCALE on the tiny world) (so config.yaml, the run
     name and `ftlab run --cfg job` hold the number the run trains at, before method.lr_scale)."""
     if run.train.lr is None:
-        run.train.lr = TINY_WORLD_LR if run.model.name_or_path == "tiny" else type(run.method).default_lr
+        lr = type(run.method).default_lr
+        # %.6g: 1e-5 * 30 is 0.00030000000000000003 in floats, and the number names the run
+        run.train.lr = float(f"{lr * TINY_WORLD_LR_SCALE:.6g}") if run.model.name_or_path == "tiny" else lr

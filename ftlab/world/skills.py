@@ -39,7 +39,7 @@ SKILL_DOCS = {
     "succ": "successor of a zero-padded 4-digit number: succ:0459=0460",
     "cnt": "count the letter a in a string of 3-6 lowercase letters: cnt:banana=3",
     "fact": "recall a synthetic fact table (200 names -> 2-digit values): fact:kelo=47; test = the table itself",
-    "sub": "2-digit subtraction a-b with a>=b, 2-digit zero-padded result: sub:45-07=38 (fine-tuning target)",
+    "sub": "2-digit subtraction a-b with a>=b, 3-digit zero-padded result as add's: sub:45-07=038 (fine-tuning target)",
     "rot1": "shift each letter of a 3-6 letter string by one (z->a): rot1:abz=bca (fine-tuning target)",
 }
 
@@ -95,8 +95,11 @@ def _sample_sub(rng: random.Random) -> str:
 
 
 def _answer_sub(p: str) -> str:
+    # Three digits, as add writes its sum: with a 2-digit answer the first fine-tuning steps mostly relearnt the
+    # answer's length, wiping add out before sub was learnt (full FT, lr 3e-4: add 93 -> 22 by step 20, gain 31.5 at
+    # step 300); with add's format, gain 65.5 and add keeps 13 — the interference measured is the skills', not the width
     a, b = p.split("-")
-    return f"{int(a) - int(b):02d}"
+    return f"{int(a) - int(b):03d}"
 
 
 def _sample_succ(rng: random.Random) -> str:
