@@ -201,6 +201,18 @@ def test_the_tokenizer_reports_format_and_context(real_models):
     assert tok.pad_token == "</s>" and not tok.ftlab_info["pad_token_added"] and len(tok) == VOCAB
 
 
+def test_hub_kernels_stay_off_when_a_model_loads(real_models):
+    """transformers 5.25 swaps layers for Hub kernels by default whenever the `kernels` package is installed (on an
+    H200, offline, every ftlab run failed on kernels-community/rotary); ftlab loads the model's own code."""
+    from ftlab.config.schema import ModelConfig
+    from ftlab.models.loading import load_model
+
+    pytest.importorskip("kernels")  # without the package transformers cannot turn them on either
+    d = real_models["llama"]
+    model = load_model(ModelConfig(name=d.name, name_or_path=str(d)), _load_tok(d))
+    assert model.use_kernels is False
+
+
 # ------------------------------------------------------------------------------------------ chat templates
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama3"])
 def test_chat_rows_are_the_templates_own_tokens_with_the_loss_on_the_assistant_turn(kind, real_models):
