@@ -469,3 +469,67 @@ def test_report_imports_neither_torch_nor_hydra():
             "print(sorted(m for m in ('torch', 'hydra', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+# ------------------------------------------------------------------------------------- forgetting by distance
+def _set_distance(run_dir: Path, near, far) -> None:
+    """Add a world run's forgetting_near / forgetting_far to a fixture result.json (None: leave the key out)."""
+    p = run_dir / "result.json"
+    res = json.loads(p.read_text())
+    res["summary"].update({k: v for k, v in (("forgetting_near", near), ("forgetting_far", far)) if v is not None})
+    p.write_text(json.dumps(res))
+
+
+def test_forgetting_by_distance_folds_the_paired_difference_per_run(tmp_path, capsys):
+    root = tmp_path / "sw"
+    # near and far move together across seeds (a seed that forgets more forgets more of both), so the per-run
+    # difference is nearly constant: its interval is far tighter than one built from the two separate means
+    near = {"full": [20.0, 30.0, 40.0], "lora": [5.0, 9.0, 7.0]}
+    far = {"full": [14.0, 25.0, 33.0], "lora": [5.5, 8.0, 7.5]}
+    for m in ("full", "lora"):
+        for s in (0, 1, 2):
+            _set_distance(write_run(root / "runs", make_config(m, s)), near[m][s], far[m][s])
+    rep = build(Options(paths=[str(root)], n_boot=200), log=lambda *_: None)
+    by = {g.label: g.stats["distance"] for g in rep["compared"]}
+    for m in ("full", "lora"):
+        d = by[f"method={m}"]
+        diffs = [a - b for a, b in zip(near[m], far[m])]
+        assert d["forgetting_near"]["mean"] == pytest.approx(np.mean(near[m]))
+        assert d["forgetting_far"]["mean"] == pytest.approx(np.mean(far[m]))
+        sd = float(np.std(diffs, ddof=1))
+        assert d["near_minus_far"]["mean"] == pytest.approx(np.mean(diffs))
+        assert d["near_minus_far"]["hi"] - d["near_minus_far"]["mean"] == pytest.approx(4.303 * sd / math.sqrt(3),
+                                                                                          rel=1e-3)
+    full = by["method=full"]["near_minus_far"]
+    assert full["lo"] > 0  # the paired interval excludes 0 ...
+    assert by["method=full"]["forgetting_near"]["lo"] < by["method=full"]["forgetting_far"]["hi"]  # ... the means' overlap
+    sec = next(s for s in rep["sections"] if s.heading.startswith("Forgetting by distance"))
+    assert [r[0] for r in sec.rows] == ["method=full", "method=lora"]
+    assert sec.rows[0][6] == f"{full['mean']:.1f} ± {full['std']:.1f}"
+
+    out = tmp_path / "out"
+    assert main(["report", str(root), "--out", str(out), "--boot", "200"]) == 0
+    assert "Forgetting by distance" in capsys.readouterr().out  # the terminal shows it beside the main table
+    md = (out / "report.md").read_text()
+    assert "## Forgetting by distance to the target" in md and "| near - far |" in md
+    assert "Forgetting by distance to the target" in (out / "report.html").read_text()
+    rows = {r["group"]: r for r in csv.DictReader((out / "report.csv").open())}
+    assert float(rows["method=lora"]["forgetting_near_mean"]) == pytest.approx(7.0)
+    assert float(rows["method=full"]["near_minus_far_mean"]) == pytest.approx(np.mean([6.0, 5.0, 7.0]))
+
+
+def test_forgetting_by_distance_missing_seed_other_runs_and_absence(tmp_path):
+    root = tmp_path / "sw"
+    for s in (0, 1, 2):  # seed 2 was written before the keys: no mean over the other two
+        _set_distance(write_run(root / "runs", make_config("full", s)), *((10.0, 4.0) if s < 2 else (None, None)))
+        write_run(root / "runs", make_config("lora", s))  # not a world run: no keys at all
+    rep = build(Options(paths=[str(root)], n_boot=200), log=lambda *_: None)
+    sec = next(s for s in rep["sections"] if s.heading.startswith("Forgetting by distance"))
+    rows = {r[0]: r for r in sec.rows}
+    assert rows["method=full"][2] == "missing in 1/3 seeds" and rows["method=full"][6] == "missing in 1/3 seeds"
+    assert rows["method=lora"][2] == "not recorded"
+    plain = tmp_path / "plain"
+    write_run(plain / "runs", make_config("full", 0))
+    rep = build(Options(paths=[str(plain)], n_boot=200), log=lambda *_: None)
+    assert not any(s.heading.startswith("Forgetting by distance") for s in rep["sections"])
+    assert rep["compared"][0].stats["distance"] is None

@@ -18,6 +18,8 @@ from ftlab.report.runs import ReportError, Run, finite, group_key, group_runs, l
 from ftlab.report.stats import fold, forgetting_at_gain, paired_bootstrap, pareto_front
 
 SUMMARY_KEYS = ("gain", "forgetting", "forgetting_max", "retention")
+# world runs' summary: mean drop over the pretraining skills structurally close to the target, and over the rest
+DISTANCE_KEYS = ("forgetting_near", "forgetting_far")
 
 
 @dataclass
@@ -60,6 +62,7 @@ def summarize_group(runs: list[Run], split: str = "test") -> dict:
     out: dict[str, Any] = {}
     for k in SUMMARY_KEYS:
         out[k] = fold([finite(r.summary(split).get(k)) for r in runs])
+    out["distance"] = distance(runs, split)
     rac = [retention_above_chance(r.tasks(split)) for r in runs]
     out["retention_above_chance"] = fold(rac) if any(v is not None for v in rac) else None
     names: dict[str, dict] = {}
@@ -74,6 +77,21 @@ def summarize_group(runs: list[Run], split: str = "test") -> dict:
                               "base": fold([finite((r.tasks(split).get(name) or {}).get("base")) for r in runs]),
                               "tuned": fold([finite((r.tasks(split).get(name) or {}).get("tuned")) for r in runs])}
     return out
+
+
+def distance(runs: list[Run], split: str = "test") -> Optional[dict]:
+    """Forgetting by distance to the target: forgetting_near, forgetting_far and near - far, each folded over
+    seeds (stats.fold, as forgetting). near - far is differenced within each run first (the near and far skills
+    of one run share its seed, its target and its training), then folded, so its interval is that of the paired
+    difference, not one built from the two means' intervals. None when no run of the group records either key
+    (non-world runs, runs written before the keys); a run that lacks one among runs that have it makes the fold
+    "missing", never a mean over the others."""
+    near = [finite(r.summary(split).get("forgetting_near")) for r in runs]
+    far = [finite(r.summary(split).get("forgetting_far")) for r in runs]
+    if not any(k in r.summary(split) and r.summary(split)[k] is not None for r in runs for k in DISTANCE_KEYS):
+        return None
+    diff = [n - f if n is not None and f is not None else None for n, f in zip(near, far)]
+    return {"forgetting_near": fold(near), "forgetting_far": fold(far), "near_minus_far": fold(diff)}
 
 
 def make_groups(runs: list[Run], over: tuple[str, ...] = ()) -> list[Group]:

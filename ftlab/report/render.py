@@ -117,6 +117,9 @@ def build(opts: Options, log=print) -> dict:
                  "Retention above chance = (tuned - chance)/(base - chance) over tasks that record their chance level. "
                  "* = on the Pareto front of mean gain (max) and mean forgetting (min).")
     sections.append(main)
+    dist = _distance_section(compared)
+    if dist:
+        sections.append(dist)
     if opts.select:
         cand = Section(f"Every {opts.select} candidate (selection reads validation only)",
                        ["group", opts.select, "selected", "validation gain", "validation forgetting", "test gain",
@@ -183,6 +186,26 @@ def build(opts: Options, log=print) -> dict:
     _images(sections, groups, compared, pareto, task_names, mg, mg_post)
     return {"groups": groups, "compared": compared, "sections": sections, "fairness": unfair, "found": found,
             "matched": mg, "matched_post": mg_post, "pareto": pareto}
+
+
+def _distance_section(compared) -> Optional[Section]:
+    """Forgetting by distance to the target (world runs' forgetting_near/far), or None when no group has it."""
+    if not any(g.stats.get("distance") for g in compared):
+        return None
+    sec = Section("Forgetting by distance to the target (points; mean ± std over seeds, 95% t-interval)",
+                  ["group", "seeds", "near", "near 95% CI", "far", "far 95% CI", "near - far", "near - far 95% CI"])
+    for g in compared:
+        d = g.stats.get("distance")
+        if not d:
+            sec.rows.append([g.label, len(g.runs), "not recorded", "—", "not recorded", "—", "—", "—"])
+            continue
+        n, f, x = d["forgetting_near"], d["forgetting_far"], d["near_minus_far"]
+        sec.rows.append([g.label, len(g.runs), _ms(n), _ci(n), _ms(f), _ci(f), _ms(x), _ci(x)])
+    sec.text = ("near: mean drop over the pretraining skills structurally close to the target; far: over the others "
+                "(result.json summary forgetting_near / forgetting_far; > 0 is worse). near - far is taken within "
+                "each run, then folded over seeds: an interval above 0 says the close skills are forgotten more. "
+                "'not recorded': no run of the group has the keys (not a world run, or written before them).")
+    return sec
 
 
 def _pair_cells(d: Optional[dict]) -> list[str]:
@@ -352,12 +375,13 @@ def csv_text(groups: list) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     keys = ["gain", "forgetting", "forgetting_max", "retention", "retention_above_chance"]
+    dist = [*C.DISTANCE_KEYS, "near_minus_far"] if any(g.stats.get("distance") for g in groups) else []
     w.writerow(["group", "selected", "choice", "n_seeds", "seeds"]
-               + [f"{k}_{s}" for k in keys for s in ("mean", "std", "ci_lo", "ci_hi")])
+               + [f"{k}_{s}" for k in keys + dist for s in ("mean", "std", "ci_lo", "ci_hi")])
     for g in groups:
         row = [g.label, g.selected, g.chosen or "", len(g.runs), " ".join(map(str, g.seeds))]
-        for k in keys:
-            fd = g.stats.get(k) or {}
+        for k in keys + dist:
+            fd = (g.stats.get(k) if k in keys else (g.stats.get("distance") or {}).get(k)) or {}
             row += [fd.get("mean"), fd.get("std"), fd.get("lo"), fd.get("hi")]
         w.writerow(["" if v is None else v for v in row])
     return buf.getvalue()
@@ -412,10 +436,13 @@ def _terminal(rep: dict, log) -> None:
     console = Console(width=160)
     for line in rep["fairness"]:
         console.print(f"[yellow]fairness:[/yellow] {line}", highlight=False)
-    main = rep["sections"][1]
-    t = Table(title=main.heading)
-    for c in main.columns:
-        t.add_column(c)
-    for r in main.rows:
-        t.add_row(*map(str, r))
-    console.print(t)
+    # the main table, and forgetting by distance when the runs record it
+    for sec in rep["sections"][1:3]:
+        if sec is not rep["sections"][1] and not sec.heading.startswith("Forgetting by distance"):
+            continue
+        t = Table(title=sec.heading)
+        for c in sec.columns:
+            t.add_column(c)
+        for r in sec.rows:
+            t.add_row(*map(str, r))
+        console.print(t)
