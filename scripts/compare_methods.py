@@ -85,7 +85,7 @@ def main() -> None:
     a = ap.parse_args()
     names = methods()
     env = {**os.environ, "FTLAB_OUTPUTS": str(a.outputs), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "FTLAB_WORLD_THREADS": os.environ.get("FTLAB_WORLD_THREADS", "1"), "FTLAB_PROGRESS": "0"}
+           "FTLAB_PROGRESS": "0"}
     sweep = sweep_command(names, a.lrs, a.seeds, a.extra)
     if not a.no_run:
         print("+", shlex.join(sweep), flush=True)
@@ -102,7 +102,7 @@ def main() -> None:
     body = (rep_dir / "report.md").read_text().split("\n", 1)[1]  # drop its title
     body = body.replace("](fig", f"]({rep_dir.name}/fig")
     rel = os.path.relpath(a.outputs, ROOT)
-    shown = [f"FTLAB_OUTPUTS={rel}", "OMP_NUM_THREADS=1", "FTLAB_WORLD_THREADS=1", *sweep]
+    shown = [f"FTLAB_OUTPUTS={rel}", "OMP_NUM_THREADS=1", *sweep]
     lines = [
         "# Method comparison on the embedded tiny world",
         "",

@@ -248,6 +248,71 @@ def test_world_config_and_hash():
         base.world_config({"skills": ["sub"]})
 
 
+# Parameter counts the sizes' table promises (ftlab.config.schema.WORLD_SIZES, docs/world.md "## Sizes").
+SIZE_PARAMS = {"tiny": (0.1e6, 0.2e6), "small": (0.8e6, 1.5e6), "medium": (4e6, 6.5e6)}
+
+
+@pytest.mark.parametrize("size", list(SIZE_PARAMS))
+def test_each_world_size_builds_with_its_preset(size):
+    """A size's row fills what the config leaves out; explicit keys win; a 2-step build has the stated parameters."""
+    from ftlab.config.schema import WORLD_SIZES
+    from ftlab.world.pretrain import pretrain
+
+    assert set(WORLD_SIZES) == set(SIZE_PARAMS)
+    from ftlab.world.model import world_config
+
+    cfg = {"size": size, "steps": 2, "batch_size": 4, "warmup_steps": 1, "skills": ["copy"]}
+    full = world_config(cfg)
+    assert {k: full[k] for k in WORLD_SIZES[size] if k not in cfg} == {
+        k: v for k, v in WORLD_SIZES[size].items() if k not in cfg}
+    assert full["steps"] == 2 and full["batch_size"] == 4
+    model, stats = pretrain(cfg, progress=False)
+    lo, hi = SIZE_PARAMS[size]
+    assert lo <= stats["n_params"] <= hi, stats["n_params"]
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == tuple(
+        WORLD_SIZES[size][k] for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size"))
+    assert c.initializer_range == WORLD_SIZES[size]["init_std"]
+
+
+def test_world_size_is_checked_at_compose_time_and_keys_override_it():
+    from ftlab.cli.run import check
+    from ftlab.config.registry import ConfigError
+    from ftlab.config.schema import WORLD_SIZES
+    from ftlab.world import base
+
+    with pytest.raises(ConfigError, match=r"model\.world\.size: unknown size 'huge'; valid: tiny, small, medium"):
+        check(["model.world.size=huge"])
+    (run,) = check(["model.world.size=small", "model.world.hidden_size=96"])
+    w = run.model.world
+    assert (w.size, w.hidden_size, w.num_layers, w.steps) == ("small", 96, WORLD_SIZES["small"]["num_layers"],
+                                                              WORLD_SIZES["small"]["steps"])
+    (default,) = check([])
+    assert default.model.world.size == "tiny" and default.model.world.hidden_size == WORLD_SIZES["tiny"]["hidden_size"]
+    # Another resolved config, another base model; the same resolved config written out in full, the same one.
+    assert base.world_hash(w) != base.world_hash(default.model.world) != base.world_hash({"size": "small"})
+    assert base.world_hash({"size": "small"}) == base.world_hash(dict(WORLD_SIZES["small"], size="small"))
+    assert base.base_dir(w).name.startswith("small-")
+
+
+def test_ftlab_run_on_the_small_world(outputs, monkeypatch, tmp_path):
+    """`ftlab run model.world.size=small` end to end (a 2-step world: the plumbing, not the accuracy)."""
+    from ftlab.cli.run import run_command
+    from ftlab.world import base
+
+    monkeypatch.chdir(tmp_path)
+    world = {"size": "small", "steps": 2, "batch_size": 4, "warmup_steps": 1, "skills": ["copy", "succ"]}
+    args = [f"model.world.{k}={v}" for k, v in world.items() if k != "skills"] + ["model.world.skills=[copy,succ]"]
+    assert run_command([*args, "+debug=fast", "train.max_steps=2", "eval.limit=2"]) == 0
+    (res,) = outputs.glob("runs/*/result.json")
+    info = json.loads((base.base_dir(world) / "world.json").read_text())  # FTLAB_CACHE: the session's cache
+    assert info["world"]["hidden_size"] == 128 and SIZE_PARAMS["small"][0] <= info["n_params"]
+    import yaml
+
+    assert json.loads(res.read_text())["status"] == "completed"
+    assert yaml.safe_load((res.parent / "config.yaml").read_text())["model"]["world"]["hidden_size"] == 128
+
+
 def test_ensure_base_builds_once_and_reuses(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

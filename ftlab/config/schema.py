@@ -30,27 +30,56 @@ from ftlab.config.post import PostConfig
 from ftlab.config.reg import RegConfig
 from ftlab.config.registry import ConfigError
 
-
 # ---------------------------------------------------------------------------------------------------- model
+# The world's sizes (model.world.size), one row each: architecture and pretraining budget. Explicit model.world.<key>
+# values override the row; the resolved values are what config.yaml holds and what names the cached base model.
+# Parameters counted on the built model (tied embeddings, norms included); budgets measured with
+# scripts/bench_world.py on one pretraining thread (docs/world.md "## Sizes").
+# init_std: tiny's 0.1 (ftlab.world.model) scaled by sqrt(64 / hidden_size), so every width starts with the same
+# pre-activation variance per unit (fan-in scaling).
+WORLD_SIZES: dict[str, dict[str, Any]] = {
+    # d=64 x 2 layers, 137,792 parameters; 1,000 steps of 96: ~33-41 s, every default skill >= 93 %.
+    "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 8, "intermediate_size": 256,
+             "steps": 1000, "batch_size": 96, "lr": 3e-3, "warmup_steps": 50, "init_std": 0.1},
+    # d=128 x 4 layers, 1,062,528 parameters; 1,000 steps of 96: 186 s, every default skill >= 99 %.
+    "small": {"hidden_size": 128, "num_layers": 4, "num_heads": 8, "intermediate_size": 512,
+              "steps": 1000, "batch_size": 96, "lr": 2e-3, "warmup_steps": 50, "init_std": 0.0707},
+    # d=256 x 5 layers, 5,271,296 parameters.
+    "medium": {"hidden_size": 256, "num_layers": 5, "num_heads": 8, "intermediate_size": 1024,
+               "steps": 1000, "batch_size": 96, "lr": 1e-3, "warmup_steps": 100, "init_std": 0.05},
+}
+
+
 @dataclass
 class WorldConfig:
-    """The embedded synthetic world: a tiny Llama pretrained by ftlab on procedural skills (model=tiny)."""
+    """The embedded synthetic world: a tiny Llama pretrained by ftlab on procedural skills (model=tiny).
+
+    `size` picks a row of WORLD_SIZES; the fields left null take that row's values when the config is built."""
 
     seed: int = 0
     skills: list[str] = field(default_factory=lambda: ["add", "rev", "copy", "sort", "succ", "cnt"])
-    # Measured on a 2-core AVX2 CPU (scripts/bench_world.py, one pretraining thread): 1,000 steps of batch 96 take
-    # ~33-39 s and leave every default skill at >= 93 % (add, the slowest, 93 %); 800 x 128 left add at 52-73 %.
-    # fp32: CPUs without native bf16 emulate it (a bf16-autocast step was ~15x slower there).
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 8
-    intermediate_size: int = 256
+    size: str = "tiny"  # tiny | small | medium (WORLD_SIZES)
+    # Measured on a 2-core AVX2 CPU (scripts/bench_world.py, one pretraining thread): tiny's 1,000 steps of batch 96
+    # take ~33-39 s and leave every default skill at >= 93 % (add, the slowest, 93 %); 800 x 128 left add at 52-73 %.
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
     rope_theta: float = 500.0
-    steps: int = 1000
-    batch_size: int = 96
-    lr: float = 3e-3
-    warmup_steps: int = 50
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    init_std: Optional[float] = None
+    # fp32: CPUs without native bf16 emulate it (a bf16-autocast step was ~15x slower there).
     precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.size not in WORLD_SIZES:
+            raise ConfigError(f"model.world.size: unknown size {self.size!r}; valid: {', '.join(WORLD_SIZES)}")
+        for k, v in WORLD_SIZES[self.size].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
 
 
 @dataclass

@@ -45,7 +45,7 @@ def world_hash(world: Any) -> str:
 
 def base_dir(world: Any, cache_dir: Optional[str | os.PathLike] = None) -> pathlib.Path:
     """Where `ensure_base` keeps the base model of `world` (whether or not it is built yet)."""
-    return cache_root(cache_dir) / "world" / f"tiny-{world_hash(world)}"
+    return cache_root(cache_dir) / "world" / f"{world_config(world)['size']}-{world_hash(world)}"
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -148,7 +148,7 @@ def _build(cfg: dict, out: pathlib.Path, progress: bool, name: str) -> None:
 
         worst = min(info["accuracy"], key=info["accuracy"].get)
         Console(stderr=True).print(
-            f"tiny world built in {info['wall_s']:.1f} s: worst skill {worst} {info['accuracy'][worst]:.1f} % "
+            f"{cfg['size']} world built in {info['wall_s']:.1f} s: worst skill {worst} {info['accuracy'][worst]:.1f} % "
             f"({out.parent / name})"
         )
     # world.json last: its presence marks a complete build.

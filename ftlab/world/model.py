@@ -15,16 +15,16 @@ from ftlab.world.tokenizer import build_tokenizer
 ATTN_IMPL = "eager"
 
 
-# Init std of the weights. transformers' default 0.02 is tuned for wide models; at d=64 it left `add` on a
-# plateau near 10 % for 1,500-2,400 steps in 3 of 6 runs. 0.06 learnt it by ~1,000 steps in 4 of 5 seeds;
-# 0.1 by 600-800 steps in 3 of 3 (every default skill >= 97 % after 1,500 steps).
-INIT_STD = 0.1
+# Init std of the weights: WORLD_SIZES' init_std (ftlab.config.schema). transformers' default 0.02 is tuned for wide
+# models; at d=64 it left `add` on a plateau near 10 % for 1,500-2,400 steps in 3 of 6 runs. 0.06 learnt it by ~1,000
+# steps in 4 of 5 seeds; 0.1 by 600-800 steps in 3 of 3 (every default skill >= 97 % after 1,500 steps).
 
 
 def world_config(world: Any) -> dict:
     """The world config as a plain dict with every `WorldConfig` field (defaults filled in, types normalised).
 
-    Accepts a dict, an OmegaConf node or a `WorldConfig`. Unknown keys are refused.
+    Accepts a dict, an OmegaConf node or a `WorldConfig`. Unknown keys are refused; keys left out (or null) take
+    the values of the config's `size` (ftlab.config.schema.WORLD_SIZES), then `WorldConfig`'s defaults.
     """
     from ftlab.config.schema import WorldConfig
 
@@ -34,16 +34,16 @@ def world_config(world: Any) -> dict:
         from omegaconf import OmegaConf
 
         world = OmegaConf.to_container(world, resolve=True)
-    defaults = dataclasses.asdict(WorldConfig())
-    unknown = sorted(set(world) - set(defaults))
+    valid = [f.name for f in dataclasses.fields(WorldConfig)]
+    unknown = sorted(set(world) - set(valid))
     if unknown:
-        raise ValueError(f"world config: unknown keys {unknown}; valid keys: {', '.join(defaults)}")
-    cfg = {**defaults, **dict(world)}
+        raise ValueError(f"world config: unknown keys {unknown}; valid keys: {', '.join(valid)}")
+    cfg = dataclasses.asdict(WorldConfig(**dict(world)))  # fields left out or null: the size's preset (WORLD_SIZES)
     cfg["skills"] = list(cfg["skills"])
     for k in ("seed", "hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "batch_size",
               "warmup_steps"):
         cfg[k] = int(cfg[k])
-    for k in ("rope_theta", "lr"):
+    for k in ("rope_theta", "lr", "init_std"):
         cfg[k] = float(cfg[k])
     bad = [s for s in cfg["skills"] if s not in sk.PRETRAIN_SKILLS]
     if bad or not cfg["skills"]:
@@ -73,7 +73,7 @@ def build_model(world: Any, tokenizer=None):
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         attn_implementation=ATTN_IMPL,
-        initializer_range=INIT_STD,
+        initializer_range=cfg["init_std"],
     )
     torch.manual_seed(cfg["seed"])
     model = LlamaForCausalLM(config)

@@ -103,7 +103,7 @@ def pretrain(world: Any, progress: bool = True, tokenizer=None, log_every: int =
         torch.manual_seed(cfg["seed"])
         t0 = time.perf_counter()
         loss_ema = None
-        with Bar(cfg["steps"], "[bold]pretraining tiny world", "loss {task.fields[loss]:.4f}", enabled=progress,
+        with Bar(cfg["steps"], f"[bold]pretraining {cfg['size']} world", "loss {task.fields[loss]:.4f}", enabled=progress,
                  loss=float("nan")) as bar:
             for step in range(cfg["steps"]):
                 x, y = batches(cfg["batch_size"])  # [B, T] token ids, [B, T] targets (-100: no loss)
