@@ -528,6 +528,16 @@ def test_forgetting_by_distance_missing_seed_other_runs_and_absence(tmp_path):
     rows = {r[0]: r for r in sec.rows}
     assert rows["method=full"][2] == "missing in 1/3 seeds" and rows["method=full"][6] == "missing in 1/3 seeds"
     assert rows["method=lora"][2] == "not recorded"
+    far_only = tmp_path / "far_only"  # a target with no close skill: far over every skill, near None
+    for s in (0, 1):
+        d = write_run(far_only / "runs", make_config("full", s))
+        _set_distance(d, None, 3.0 + s)
+        res = json.loads((d / "result.json").read_text())
+        res["summary"]["forgetting_near"] = None
+        (d / "result.json").write_text(json.dumps(res))
+    rep = build(Options(paths=[str(far_only)], n_boot=200), log=lambda *_: None)
+    (row,) = next(s for s in rep["sections"] if s.heading.startswith("Forgetting by distance")).rows
+    assert row[2] == "no close skill" and row[4] == "3.5 ± 0.7" and row[6] == "—"
     plain = tmp_path / "plain"
     write_run(plain / "runs", make_config("full", 0))
     rep = build(Options(paths=[str(plain)], n_boot=200), log=lambda *_: None)

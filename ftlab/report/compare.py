@@ -85,13 +85,15 @@ def distance(runs: list[Run], split: str = "test") -> Optional[dict]:
     of one run share its seed, its target and its training), then folded, so its interval is that of the paired
     difference, not one built from the two means' intervals. None when no run of the group records either key
     (non-world runs, runs written before the keys); a run that lacks one among runs that have it makes the fold
-    "missing", never a mean over the others."""
+    "missing", never a mean over the others. no_near: every run has far and none has near, a target with no
+    pretraining skill close to it (world.skills.NEIGHBOURS), as opposed to a number that is missing."""
     near = [finite(r.summary(split).get("forgetting_near")) for r in runs]
     far = [finite(r.summary(split).get("forgetting_far")) for r in runs]
     if not any(k in r.summary(split) and r.summary(split)[k] is not None for r in runs for k in DISTANCE_KEYS):
         return None
     diff = [n - f if n is not None and f is not None else None for n, f in zip(near, far)]
-    return {"forgetting_near": fold(near), "forgetting_far": fold(far), "near_minus_far": fold(diff)}
+    return {"forgetting_near": fold(near), "forgetting_far": fold(far), "near_minus_far": fold(diff),
+            "no_near": all(n is None for n in near) and all(f is not None for f in far)}
 
 
 def make_groups(runs: list[Run], over: tuple[str, ...] = ()) -> list[Group]:

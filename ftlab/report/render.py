@@ -200,11 +200,15 @@ def _distance_section(compared) -> Optional[Section]:
             sec.rows.append([g.label, len(g.runs), "not recorded", "—", "not recorded", "—", "—", "—"])
             continue
         n, f, x = d["forgetting_near"], d["forgetting_far"], d["near_minus_far"]
+        if d["no_near"]:
+            sec.rows.append([g.label, len(g.runs), "no close skill", "—", _ms(f), _ci(f), "—", "—"])
+            continue
         sec.rows.append([g.label, len(g.runs), _ms(n), _ci(n), _ms(f), _ci(f), _ms(x), _ci(x)])
     sec.text = ("near: mean drop over the pretraining skills structurally close to the target; far: over the others "
                 "(result.json summary forgetting_near / forgetting_far; > 0 is worse). near - far is taken within "
                 "each run, then folded over seeds: an interval above 0 says the close skills are forgotten more. "
-                "'not recorded': no run of the group has the keys (not a world run, or written before them).")
+                "'not recorded': no run of the group has the keys (not a world run, or written before them); "
+                "'no close skill': a target no pretraining skill is close to (far is then every skill).")
     return sec
 
 
