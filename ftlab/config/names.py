@@ -49,7 +49,7 @@ DIAGNOSTICS = ("intruder", "update", "tuco")
 # The embedded world's skills (ftlab.world.skills makes their examples): what pretraining can teach, and the
 # fine-tuning targets held out of it.
 PRETRAIN_SKILLS = ("add", "rev", "copy", "sort", "succ", "cnt", "fact")
-TARGET_SKILLS = ("sub", "rot1")
+TARGET_SKILLS = ("sub", "rot1", "depth")
 
 # Where a GSM8K continuation ends: lm-evaluation-harness's gsm8k task (`generation_kwargs.until`), so a model that
 # goes on to write the next "Question:" is cut there, as lm-eval cuts it (conf/data/gsm8k.yaml repeats it).

@@ -41,10 +41,27 @@ SKILL_DOCS = {
     "fact": "recall a synthetic fact table (200 names -> 2-digit values): fact:kelo=47; test = the table itself",
     "sub": "2-digit subtraction a-b with a>=b, 3-digit zero-padded result as add's: sub:45-07=038 (fine-tuning target)",
     "rot1": "shift each letter of a 3-6 letter string by one (z->a): rot1:abz=bca (fine-tuning target)",
+    "depth": "nesting depth of a balanced string of 3-9 bracket pairs: depth:(()(()))=3 (fine-tuning target, far from "
+             "every pretraining skill)",
+}
+
+# Which pretraining skills share structure with each target: the near ones of `forgetting_by_distance`
+# (ftlab.eval.metrics), every other pretraining skill is far. Structural, by construction of the formats; the gradient
+# measurement in ftlab.world.distance (scripts/world_distances.py, docs/world.md) is printed beside it.
+NEIGHBOURS: dict[str, tuple[str, ...]] = {
+    # sub: add's operand format (two zero-padded 2-digit numbers, 3-digit answer) with the inverse operation;
+    # succ is the same digit arithmetic with carries (+1 on 4 digits).
+    "sub": ("add", "succ"),
+    # rot1: a 3-6 letter string mapped position by position, as copy (identity map), rev (same letters, reversed)
+    # and sort (same letters, reordered) do; the same payload strings (the hash split is shared).
+    "rot1": ("copy", "rev", "sort"),
+    # depth: an alphabet no pretraining skill uses (brackets), an operation none does (a running maximum of a
+    # +1/-1 walk); its one-digit answer is the only thing it shares with cnt.
+    "depth": (),
 }
 
 # Characters any skill can emit (prompts and responses); the tokenizer covers these and more.
-SKILL_CHARS = frozenset(string.ascii_lowercase + string.digits + ":=+-")
+SKILL_CHARS = frozenset(string.ascii_lowercase + string.digits + ":=+-()")
 
 _LETTERS = string.ascii_lowercase
 _TEST_BUCKETS = 10  # 1 in 10 payloads is held out
@@ -125,6 +142,30 @@ def _rot1(s: str) -> str:
     return "".join(_LETTERS[(_LETTERS.index(c) + 1) % 26] for c in s)
 
 
+def _sample_depth(rng: random.Random) -> str:
+    # A uniform +1/-1 choice wherever both keep the string balanced. 3-9 pairs give 6,914 distinct strings (sum
+    # of Catalan numbers), ~340 in the test split: 200 distinct test items, as every target has (3-8 pairs left
+    # ~100); depths 1-9, one digit, mostly 2-4.
+    pairs = rng.randint(3, 9)
+    out, opened, depth = [], 0, 0
+    while len(out) < 2 * pairs:
+        if opened < pairs and (depth == 0 or rng.random() < 0.5):
+            out.append("(")
+            opened, depth = opened + 1, depth + 1
+        else:
+            out.append(")")
+            depth -= 1
+    return "".join(out)
+
+
+def _answer_depth(p: str) -> str:
+    depth = top = 0
+    for c in p:
+        depth += 1 if c == "(" else -1
+        top = max(top, depth)
+    return str(top)
+
+
 def _sample_fact(rng: random.Random) -> str:
     return rng.choice(_FACT_NAMES)
 
@@ -148,8 +189,10 @@ SKILLS: dict[str, Skill] = {
     "fact": Skill("fact", _sample_fact, _FACTS.__getitem__, procedural=False, pool=_FACT_SIZE),
     "sub": Skill("sub", _sample_sub, _answer_sub, pool=5_050),
     "rot1": Skill("rot1", _word, _rot1),
+    "depth": Skill("depth", _sample_depth, _answer_depth, pool=6_914),
 }
 assert set(SKILLS) == set(ALL_SKILLS) == set(SKILL_DOCS)
+assert set(NEIGHBOURS) == set(TARGET_SKILLS) and all(set(v) <= set(PRETRAIN_SKILLS) for v in NEIGHBOURS.values())
 
 
 def _check(skill: str, split: str) -> Skill:
