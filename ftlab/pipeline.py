@@ -245,7 +245,7 @@ def _train(r: _Run):
         from ftlab.eval.suites import first_items
 
         curve = Curve(first_items(r.tasks, cfg.eval.curve_limit), r.tok, cfg.eval.curve_every, cfg.eval.batch_size,
-                      r.run_dir)
+                      r.run_dir, target_skill=world_target(cfg))
     kw = dict(device=r.device, pad_id=pad_id(r.tok), run_dir=r.run_dir, on_log=r.logger.log, progress=r.progress,
               reg=r.reg, probes=r.probes, forward=r.forward, curve=curve)
     stage_log = None
@@ -260,6 +260,12 @@ def _train(r: _Run):
     if dist.is_sharded(r.model):  # FSDP2: rank 0 continues on a whole copy of the trained model
         r.model = _unsharded_copy(cfg, r.model, r.method, r.ctx, r.device)
     return stats, stage_log
+
+
+def world_target(cfg) -> str | None:
+    """The world skill a single-stage synth run fine-tunes on, for forgetting by distance (summary forgetting_near
+    and forgetting_far); None otherwise (a continual run has one target per stage, its distances differ)."""
+    return cfg.data.skill if cfg.data.source == "synth" and not cfg.stages else None
 
 
 def _evaluate_tuned_and_record(r: _Run, stats, stage_log, t_start: float) -> None:
@@ -281,10 +287,10 @@ def _evaluate_tuned_and_record(r: _Run, stats, stage_log, t_start: float) -> Non
     table = task_table(r.tasks, base, tuned)
     if val_tuned is not None:
         val_table = task_table(r.val_tasks, r.val_base, val_tuned)
-        record.update(validation={"tasks": val_table, "summary": summarize(val_table)})
+        record.update(validation={"tasks": val_table, "summary": summarize(val_table, world_target(cfg))})
     if stage_log is not None:
         record.update(continual=continual_section(cfg, stage_log, base, tuned, r.tasks))
-    record.update(summary=summarize(table), tasks=table, memory=r.memory.record(),
+    record.update(summary=summarize(table, world_target(cfg)), tasks=table, memory=r.memory.record(),
                   train={**dataclasses.asdict(stats), "run_wall_s": time.perf_counter() - t_start,
                          **({"stages": [{"stage": x["stage"], "name": x["name"], **x["train"]}
                                         for x in stage_log]} if stage_log is not None else {})})

@@ -3,6 +3,8 @@ row per scored step in curve.jsonl, so that `ftlab report` can compare methods a
 
     {"step": 0, "tasks": {name: score}, "gain": 0.0, "forgetting": 0.0, "forgetting_max": 0.0, "n": {name: items}}
 
+(world runs add "forgetting_near" and "forgetting_far", ftlab.eval.metrics.forgetting_by_distance).
+
 Step 0 is the base model on the same items; every later row's gain and forgetting are `summarize` against it (so a
 curve on a subset, eval.curve_limit, is self-consistent; its last row is the trained model on that subset, not
 the tuned evaluation in result.json). Scoring runs under the kinds' own eval mode and inference mode and draws no
@@ -28,8 +30,10 @@ CURVE = "curve.jsonl"
 class Curve:
     """Scores `tasks` on the model being trained; `every` steps (and at the last step), rank 0 only."""
 
-    def __init__(self, tasks: list[Task], tokenizer, every: int, batch_size: int, run_dir: Path):
+    def __init__(self, tasks: list[Task], tokenizer, every: int, batch_size: int, run_dir: Path,
+                 target_skill: Optional[str] = None):
         self.tasks, self.tok, self.every, self.batch_size = tasks, tokenizer, int(every), int(batch_size)
+        self.target_skill = target_skill  # a world run's target: rows get forgetting_near / forgetting_far
         self.path = Path(run_dir) / CURVE
         self.base: Optional[dict[str, float]] = None
 
@@ -70,9 +74,10 @@ class Curve:
             self.base = dict(scores)
         table = {t.name: task_entry(t.role, t.metric, t.higher_is_better, t.unit, self.base[t.name], scores[t.name],
                                     n[t.name]) for t in self.tasks}
-        s = summarize(table)
+        s = summarize(table, self.target_skill)
         row = {"step": step, "tasks": scores, "gain": s["gain"], "forgetting": s["forgetting"],
-               "forgetting_max": s["forgetting_max"], "forget_ppl_change_pct": s["forget_ppl_change_pct"], "n": n,
+               "forgetting_max": s["forgetting_max"], "forget_ppl_change_pct": s["forget_ppl_change_pct"],
+               **{k: s[k] for k in ("forgetting_near", "forgetting_far") if k in s}, "n": n,
                "curve_s": round(time.perf_counter() - t0, 4)}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -7,14 +7,17 @@ and base - tuned otherwise, so that positive always means better.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Optional
+
+# A world run's forget task for pretraining skill s is named f"{SKILL_TASK}{s}" (ftlab.eval.suites, conf/eval/synth.yaml).
+SKILL_TASK = "synth_"
 
 
 def improvement(base: float, tuned: float, higher_is_better: bool) -> float:
     return (tuned - base) if higher_is_better else (base - tuned)
 
 
-def summarize(tasks: Mapping[str, Mapping]) -> dict:
+def summarize(tasks: Mapping[str, Mapping], target_skill: Optional[str] = None) -> dict:
     """Summary of a run from its task table.
 
     tasks: {name: {role: "target"|"forget", unit: "points"|..., higher_is_better, base, tuned}}.
@@ -24,6 +27,8 @@ def summarize(tasks: Mapping[str, Mapping]) -> dict:
     - retention: mean of tuned/base x 100 over forget tasks in points with base > 0;
     - forget_ppl_change_pct: mean relative change of perplexity-type forget tasks (> 0 means worse).
     Tasks whose unit is not points (perplexity) stay out of the point means: their scale is not comparable.
+    - forgetting_near / forgetting_far: only when `target_skill` is given (a world run's data.skill), see
+      `forgetting_by_distance`.
     Values are None when no task qualifies.
     """
     target = [t for t in tasks.values() if t["role"] == "target" and t.get("unit", "points") == "points"]
@@ -35,7 +40,7 @@ def summarize(tasks: Mapping[str, Mapping]) -> dict:
     kept = [100.0 * t["tuned"] / t["base"] for t in forget if t["higher_is_better"] and t["base"] > 0]
     ppl = [100.0 * -improvement(t["base"], t["tuned"], t["higher_is_better"]) / t["base"]
            for t in other if t["base"] and math.isfinite(t["base"])]
-    return {
+    out = {
         "gain": _mean(gains),
         "forgetting": _mean(drops),
         "forgetting_max": max(drops) if drops else None,
@@ -44,6 +49,38 @@ def summarize(tasks: Mapping[str, Mapping]) -> dict:
         "n_target": len(target),
         "n_forget": len(forget) + len(other),
     }
+    if target_skill is not None:
+        d = forgetting_by_distance(tasks, target_skill)
+        out.update(forgetting_near=d["near"], forgetting_far=d["far"])
+    return out
+
+
+def forgetting_by_distance(tasks: Mapping[str, Mapping], target_skill: Optional[str],
+                           neighbours: Optional[Mapping[str, tuple]] = None) -> dict:
+    """Forgetting split by distance to a world target: {"near": mean drop (points, > 0 is worse) over the forget
+    tasks of the pretraining skills that share structure with `target_skill`, "far": over the other pretraining
+    skills' forget tasks, "n_near", "n_far": how many tasks each mean is over}.
+
+    `neighbours` defaults to ftlab.world.skills.NEIGHBOURS. A side is None when it has no evaluated task; both are
+    None when `target_skill` is not a world target (not a world run). Only forget tasks named synth_<pretraining
+    skill> in points count: the target's own task, the held-out perplexity (synth_ppl) and other suites do not.
+    """
+    from ftlab.config.names import PRETRAIN_SKILLS
+
+    if neighbours is None:
+        from ftlab.world.skills import NEIGHBOURS as neighbours
+    if target_skill not in neighbours:
+        return {"near": None, "far": None, "n_near": 0, "n_far": 0}
+    near = set(neighbours[target_skill])
+    drops: dict[bool, list[float]] = {True: [], False: []}
+    for name, t in tasks.items():
+        skill = name[len(SKILL_TASK):] if name.startswith(SKILL_TASK) else None
+        if (t["role"] != "forget" or t.get("unit", "points") != "points" or skill not in PRETRAIN_SKILLS
+                or skill == target_skill):
+            continue
+        drops[skill in near].append(-improvement(t["base"], t["tuned"], t["higher_is_better"]))
+    return {"near": _mean(drops[True]), "far": _mean(drops[False]), "n_near": len(drops[True]),
+            "n_far": len(drops[False])}
 
 
 def _mean(xs: list[float]) -> float | None:
