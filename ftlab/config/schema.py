@@ -44,7 +44,7 @@ WORLD_SIZES: dict[str, dict[str, Any]] = {
     # d=128 x 4 layers, 1,062,528 parameters; 1,000 steps of 96: 186 s, every default skill >= 99 %.
     "small": {"hidden_size": 128, "num_layers": 4, "num_heads": 8, "intermediate_size": 512,
               "steps": 1000, "batch_size": 96, "lr": 2e-3, "warmup_steps": 50, "init_std": 0.0707},
-    # d=256 x 5 layers, 5,271,296 parameters.
+    # d=256 x 5 layers, 5,271,296 parameters; 1,000 steps of 96: 773 s, every default skill >= 98.5 %.
     "medium": {"hidden_size": 256, "num_layers": 5, "num_heads": 8, "intermediate_size": 1024,
                "steps": 1000, "batch_size": 96, "lr": 1e-3, "warmup_steps": 100, "init_std": 0.05},
 }
