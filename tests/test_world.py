@@ -102,7 +102,7 @@ def test_answers():
     for e in sk.make_examples("add", "test", 100) + sk.make_examples("sub", "test", 100):
         a, b = (int(x) for x in _payload(e["prompt"]).replace("-", "+").split("+"))
         want = a + b if e["prompt"].startswith("add") else a - b
-        assert int(e["response"]) == want and len(e["response"]) == (3 if e["prompt"][0] == "a" else 2)
+        assert int(e["response"]) == want and len(e["response"]) == 3  # sub in add's 3-digit format (8ea8ac8)
     checks = {
         "rev": lambda p: p[::-1], "copy": lambda p: p, "sort": lambda p: "".join(sorted(p)),
         "succ": lambda p: f"{int(p) + 1:04d}", "cnt": lambda p: str(p.count("a")),
