@@ -28,7 +28,7 @@ CLUSTER="$SOAK/cluster"
 cleanup() { "$HERE/slurm_cluster.sh" down "$CLUSTER" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 eval "$("$HERE/slurm_cluster.sh" up "$CLUSTER")"
-export FTLAB_OUTPUTS="$SOAK/out" FTLAB_CACHE="$SOAK/cache" OMP_NUM_THREADS=1 FTLAB_WORLD_THREADS=1 \
+export FTLAB_OUTPUTS="$SOAK/out" FTLAB_CACHE="$SOAK/cache" OMP_NUM_THREADS=1 \
        WANDB_MODE=offline FTLAB_PROGRESS=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 cd "$ROOT"
 python - "$N" "$SOAK" <<'EOF'

@@ -149,7 +149,7 @@ def sweep(slurm, tmp_path_factory, ftlab_cache):
     (root / "site").mkdir()
     (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = {**slurm, "FTLAB_OUTPUTS": str(root / "out"), "FTLAB_CACHE": str(ftlab_cache), "OMP_NUM_THREADS": "1",
-           "FTLAB_WORLD_THREADS": "1", "WANDB_MODE": "offline", "FTLAB_PROGRESS": "0",
+           "WANDB_MODE": "offline", "FTLAB_PROGRESS": "0",
            # every process records the modules it loaded (conftest.SITECUSTOMIZE): jobs must not load Hydra
            "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "site"), slurm.get("PYTHONPATH")])),
            "FTLAB_TEST_MODULES_DIR": str(probe_out)}
