@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shlex
 import subprocess
@@ -28,52 +27,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ftlab.report.compare import trajectory  # noqa: E402
+from ftlab.report.runs import Run, discover  # noqa: E402
 from ftlab.report.stats import fold, forgetting_at_gain  # noqa: E402
 
 SEEDS = (0, 1, 2)
 
 
-@dataclass
-class Run:
-    dir: Path
-    cfg: dict
-    result: dict
-
-    @property
-    def method(self) -> str:
-        return self.cfg["method"]["name"]
-
-    @property
-    def seed(self) -> int:
-        return int(self.cfg["seed"])
-
-    @property
-    def summary(self) -> dict:
-        return self.result.get("summary") or {}
-
-    def curve(self) -> list[tuple[float, float]]:
-        p = self.dir / "curve.jsonl"
-        if not p.is_file():
-            return []
-        rows = sorted((json.loads(x) for x in p.read_text().splitlines() if x.strip()), key=lambda r: r["step"])
-        return [(r.get("gain"), r.get("forgetting")) for r in rows]
-
-    def variant(self, name: str) -> Optional[dict]:
-        return next((v for v in self.result.get("variants") or [] if v.get("name") == name), None)
-
-
 def load(outputs: Path) -> list[Run]:
-    runs = []
-    for res in sorted(outputs.glob("runs/*/result.json")):
-        r = json.loads(res.read_text())
-        if r.get("status") == "completed":
-            runs.append(Run(res.parent, yaml.safe_load((res.parent / "config.yaml").read_text()), r))
-    return runs
+    """The completed runs under `outputs` (read and deduplicated as `ftlab report` does)."""
+    return discover([str(outputs)]).completed if outputs.exists() else []
+
+
+def _method(r: Run) -> str:
+    return r.config["method"]["name"]
+
+
+def _value(key: str) -> Callable[[Run], Optional[float]]:
+    return lambda r: r.summary().get(key)
+
+
+def _variant(r: Run, name: str) -> Optional[dict]:
+    return next((v for v in r.result.get("variants") or [] if v.get("name") == name), None)
 
 
 # ------------------------------------------------------------------------------------------- run filters
@@ -97,7 +75,7 @@ def _by(runs: list[Run], pred: Callable[[Run], bool]) -> dict[int, Run]:
     for r in runs:
         if pred(r):
             if r.seed in out:
-                raise SystemExit(f"two runs of seed {r.seed} in one arm: {out[r.seed].dir.name}, {r.dir.name}")
+                raise SystemExit(f"two runs of seed {r.seed} in one arm: {out[r.seed].path.name}, {r.path.name}")
             out[r.seed] = r
     return out
 
@@ -114,18 +92,14 @@ def paired(a: dict[int, Run], b: dict[int, Run], value: Callable[[Run], Optional
 
 def matched_level(runs: list[Run]) -> Optional[float]:
     """The highest multiple of 10 that every run's trajectory reaches: the gain at which forgetting is compared."""
-    tops = [max((g for g, _ in r.curve() if g is not None), default=None) for r in runs]
+    tops = [max((g for g, _ in trajectory(r) or [] if g is not None), default=None) for r in runs]
     if not tops or any(t is None for t in tops):
         return None
     return float(int(min(tops) // 10 * 10)) or None
 
 
 def at_level(level: Optional[float]) -> Callable[[Run], Optional[float]]:
-    return lambda r: None if level is None else forgetting_at_gain(r.curve(), level)
-
-
-def summary_key(key: str) -> Callable[[Run], Optional[float]]:
-    return lambda r: r.summary.get(key)
+    return lambda r: None if level is None else forgetting_at_gain(trajectory(r) or [], level)
 
 
 def verdict(stats: list[tuple[dict, int]]) -> str:
@@ -171,9 +145,9 @@ class Finding:
 
 
 def _lora_vs_full(runs: list[Run]) -> tuple[list[tuple[str, dict, int]], str]:
-    lora, full = _by(runs, lambda r: r.method == "lora"), _by(runs, lambda r: r.method == "full")
+    lora, full = _by(runs, lambda r: _method(r) == "lora"), _by(runs, lambda r: _method(r) == "full")
     level = matched_level(list(lora.values()) + list(full.values()))
-    return [("gain, full − LoRA (LoRA learns less: > 0)", paired(full, lora, summary_key("gain")), +1),
+    return [("gain, full − LoRA (LoRA learns less: > 0)", paired(full, lora, _value("gain")), +1),
             (f"forgetting at gain {level:g}, LoRA − full (LoRA forgets less: < 0)" if level else
              "forgetting at matched gain (no common level)", paired(lora, full, at_level(level)), -1)], ""
 
@@ -181,46 +155,46 @@ def _lora_vs_full(runs: list[Run]) -> tuple[list[tuple[str, dict, int]], str]:
 def _distance(runs: list[Run]) -> tuple[list[tuple[str, dict, int]], str]:
     out = []
     for skill in ("sub", "rot1"):
-        arm = [r for r in runs if r.cfg["data"].get("skill") == skill]
-        vals = [(r.summary.get("forgetting_near"), r.summary.get("forgetting_far")) for r in arm]
+        arm = [r for r in runs if r.config["data"].get("skill") == skill]
+        vals = [(r.summary().get("forgetting_near"), r.summary().get("forgetting_far")) for r in arm]
         f = fold([None if n is None or fa is None else n - fa for n, fa in vals])
         out.append((f"{skill}: near − far forgetting, lora and full runs (closer forgotten more: > 0)", f, +1))
     for m in ("lora", "full"):
-        near_t = _by(runs, lambda r, m=m: r.method == m and r.cfg["data"].get("skill") == "sub")
-        far_t = _by(runs, lambda r, m=m: r.method == m and r.cfg["data"].get("skill") == "depth")
+        near_t = _by(runs, lambda r, m=m: _method(r) == m and r.config["data"].get("skill") == "sub")
+        far_t = _by(runs, lambda r, m=m: _method(r) == m and r.config["data"].get("skill") == "depth")
         out.append((f"{m}: forgetting, target sub − target depth (the far target forgets less: > 0)",
-                    paired(near_t, far_t, summary_key("forgetting")), +1))
+                    paired(near_t, far_t, _value("forgetting")), +1))
     return out, ""
 
 
 def _replay(runs: list[Run]) -> tuple[list[tuple[str, dict, int]], str]:
     out = []
     for m in ("lora", "full"):
-        plain = _by(runs, lambda r, m=m: r.method == m and not r.cfg["data"].get("mix"))
-        mix = _by(runs, lambda r, m=m: r.method == m and r.cfg["data"].get("mix"))
-        out.append((f"{m}: forgetting, no replay − 20 % replay (> 0)", paired(plain, mix, summary_key("forgetting")), +1))
-        out.append((f"{m}: gain, no replay − 20 % replay (the cost; not judged)", paired(plain, mix, summary_key("gain")), 0))
+        plain = _by(runs, lambda r, m=m: _method(r) == m and not r.config["data"].get("mix"))
+        mix = _by(runs, lambda r, m=m: _method(r) == m and r.config["data"].get("mix"))
+        out.append((f"{m}: forgetting, no replay − 20 % replay (> 0)", paired(plain, mix, _value("forgetting")), +1))
+        out.append((f"{m}: gain, no replay − 20 % replay (the cost; not judged)", paired(plain, mix, _value("gain")), 0))
     return out, ""
 
 
 def _kl(runs: list[Run]) -> tuple[list[tuple[str, dict, int]], str]:
     def weight(r: Run) -> float:
-        reg = r.cfg.get("reg") or {}
+        reg = r.config.get("reg") or {}
         return 0.0 if reg.get("kind", "none") == "none" else float(reg["weight"])
     w0 = _by(runs, lambda r: weight(r) == 0.0)
     wmax = max({weight(r) for r in runs})
     w1 = _by(runs, lambda r: weight(r) == wmax)
-    return [(f"gain, weight 0 − weight {wmax:g} (KL costs gain: > 0)", paired(w0, w1, summary_key("gain")), +1),
-            (f"forgetting, weight 0 − weight {wmax:g} (KL keeps more: > 0)", paired(w0, w1, summary_key("forgetting")),
+    return [(f"gain, weight 0 − weight {wmax:g} (KL costs gain: > 0)", paired(w0, w1, _value("gain")), +1),
+            (f"forgetting, weight 0 − weight {wmax:g} (KL keeps more: > 0)", paired(w0, w1, _value("forgetting")),
              +1)], ""
 
 
 def _hft(runs: list[Run]) -> tuple[list[tuple[str, dict, int]], str]:
-    hft, full = _by(runs, lambda r: r.method == "hft"), _by(runs, lambda r: r.method == "full")
+    hft, full = _by(runs, lambda r: _method(r) == "hft"), _by(runs, lambda r: _method(r) == "full")
     level = matched_level(list(hft.values()) + list(full.values()))
     return [(f"forgetting at gain {level:g}, full − HFT (HFT forgets less: > 0)" if level else
              "forgetting at matched gain (no common level)", paired(full, hft, at_level(level)), +1),
-            ("gain, full − HFT (similar gain; not judged)", paired(full, hft, summary_key("gain")), 0)], ""
+            ("gain, full − HFT (similar gain; not judged)", paired(full, hft, _value("gain")), 0)], ""
 
 
 INTRUDER_KEY = "k10_eps0.5"  # top 10 singular vectors of each tuned matrix, max |cos| to every base one < 0.5
@@ -232,9 +206,9 @@ def _intruders(r: Run) -> Optional[float]:
 
 
 def _intruder(runs: list[Run]) -> tuple[list[tuple[str, dict, int]], str]:
-    lora, full = _by(runs, lambda r: r.method == "lora"), _by(runs, lambda r: r.method == "full")
-    both = [r for r in runs if r.method in ("lora", "full")]
-    per = "; ".join(f"{r.method} s{r.seed}: {_intruders(r)}" for r in sorted(both, key=lambda r: (r.method, r.seed)))
+    lora, full = _by(runs, lambda r: _method(r) == "lora"), _by(runs, lambda r: _method(r) == "full")
+    both = [r for r in runs if _method(r) in ("lora", "full")]
+    per = "; ".join(f"{_method(r)} s{r.seed}: {_intruders(r)}" for r in sorted(both, key=lambda r: (_method(r), r.seed)))
     return [(f"intruder dimensions ({INTRUDER_KEY}, summed over the 14 matrices), LoRA − full (> 0)",
              paired(lora, full, _intruders), +1)], f"Counts per run: {per}."
 
@@ -242,14 +216,14 @@ def _intruder(runs: list[Run]) -> tuple[list[tuple[str, dict, int]], str]:
 def _post(runs: list[Run]) -> tuple[list[tuple[str, dict, int]], str]:
     out = []
     for m in ("full", "lora"):
-        arm = _by(runs, lambda r, m=m: r.method == m)
+        arm = _by(runs, lambda r, m=m: _method(r) == m)
         for name in ("interp_a0.75", "lines_a0.5_b0.5"):
             def net(r: Run, name=name) -> Optional[float]:
-                v = r.variant(name)
+                v = _variant(r, name)
                 if v is None:
                     return None
-                recovered = r.summary["forgetting"] - v["forgetting"]
-                cost = r.summary["gain"] - v["gain"]
+                recovered = r.summary()["forgetting"] - v["forgetting"]
+                cost = r.summary()["gain"] - v["gain"]
                 return recovered - cost
             out.append((f"{m} {name}: forgetting recovered − gain lost (recovery at a small cost: > 0)",
                         fold([net(r) for r in arm.values()]), +1))
@@ -259,8 +233,8 @@ def _post(runs: list[Run]) -> tuple[list[tuple[str, dict, int]], str]:
 def _continual(runs: list[Run]) -> tuple[list[tuple[str, dict, int]], str]:
     def bwt(r: Run) -> Optional[float]:
         return (r.result.get("continual") or {}).get("bwt")
-    plain = _by(runs, lambda r: not r.cfg["data"].get("replay_previous"))
-    replay = _by(runs, lambda r: bool(r.cfg["data"].get("replay_previous")))
+    plain = _by(runs, lambda r: not r.config["data"].get("replay_previous"))
+    replay = _by(runs, lambda r: bool(r.config["data"].get("replay_previous")))
     return [("BWT without replay (learning rot1 undoes sub: < 0)", fold([bwt(r) for r in plain.values()]), -1),
             ("BWT, 20 % replay of the earlier stage − none (replay reduces it: > 0)", paired(replay, plain, bwt), +1)], ""
 
@@ -328,12 +302,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"no completed run under {a.outputs}/runs; run without --no-run first")
     rows, sections = [], []
     for f, stat in FINDINGS:
-        mine = [r for r in runs if f.select(r.cfg)]
+        mine = [r for r in runs if f.select(r.config)]
         if not mine:
             rows.append(f"| {f.claim} | {f.paper} | `{shlex.join(f.sweeps()[0])}` | 0 | not run |")
             continue
         out = a.docs / "phenomena" / f.name
-        p = subprocess.run([sys.executable, "-m", "ftlab", "report", *[str(r.dir) for r in mine], "--out", str(out)],
+        p = subprocess.run([sys.executable, "-m", "ftlab", "report", *[str(r.path) for r in mine], "--out", str(out)],
                            env=env, cwd=ROOT, capture_output=True, text=True)
         if p.returncode:
             raise SystemExit(f"ftlab report for {f.name} failed: {p.stderr.strip()[-2000:]}")

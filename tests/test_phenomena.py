@@ -59,7 +59,8 @@ def test_lora_vs_full_pairs_seeds_and_matches_gain(ph, tmp_path):
 
 
 def test_a_second_run_of_one_seed_in_an_arm_is_refused(ph, tmp_path):
-    _run(tmp_path, "a", "full", 0, {"gain": 1.0})
-    _run(tmp_path, "b", "full", 0, {"gain": 2.0})
+    # two configs (copies of one config are folded into one run, as ftlab report does)
+    _run(tmp_path, "a", "full", 0, {"gain": 1.0}, train={"lr": 1e-4})
+    _run(tmp_path, "b", "full", 0, {"gain": 2.0}, train={"lr": 3e-4})
     with pytest.raises(SystemExit, match="two runs of seed 0"):
-        ph._by(ph.load(tmp_path), lambda r: r.method == "full")
+        ph._by(ph.load(tmp_path), lambda r: ph._method(r) == "full")
