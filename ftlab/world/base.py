@@ -23,7 +23,7 @@ import torch
 from ftlab.utils.files import cache_root
 from ftlab.world import skills as sk
 from ftlab.world.model import ATTN_IMPL, world_config
-from ftlab.world.pretrain import _threads, pretrain
+from ftlab.world.pretrain import THREADS, _threads, pretrain
 from ftlab.world.tokenizer import build_tokenizer
 
 # Bump whenever generation, tokenizer or training code changes what a given world config produces:
@@ -123,7 +123,7 @@ def _build(cfg: dict, out: pathlib.Path, progress: bool, name: str) -> None:
     tok = build_tokenizer()
     model, stats = pretrain(cfg, progress=progress, tokenizer=tok)
     t_eval = time.perf_counter()
-    with _threads(stats["num_threads"]):
+    with _threads(THREADS):
         acc = world_accuracy(model, tok, skills=list(cfg["skills"]) + list(sk.TARGET_SKILLS))
     eval_s = time.perf_counter() - t_eval
     model.save_pretrained(out, safe_serialization=True)

@@ -15,11 +15,6 @@ from ftlab.world.tokenizer import build_tokenizer
 ATTN_IMPL = "eager"
 
 
-# Init std of the weights: WORLD_SIZES' init_std (ftlab.config.schema). transformers' default 0.02 is tuned for wide
-# models; at d=64 it left `add` on a plateau near 10 % for 1,500-2,400 steps in 3 of 6 runs. 0.06 learnt it by ~1,000
-# steps in 4 of 5 seeds; 0.1 by 600-800 steps in 3 of 3 (every default skill >= 97 % after 1,500 steps).
-
-
 def world_config(world: Any) -> dict:
     """The world config as a plain dict with every `WorldConfig` field (defaults filled in, types normalised).
 
