@@ -301,24 +301,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not runs:
         raise SystemExit(f"no completed run under {a.outputs}/runs; run without --no-run first")
     rows, sections = [], []
+    reported: dict[frozenset, str] = {}  # run set -> the finding whose report shows it (intruder = lora_vs_full's runs)
     for f, stat in FINDINGS:
         mine = [r for r in runs if f.select(r.config)]
         if not mine:
             rows.append(f"| {f.claim} | {f.paper} | `{shlex.join(f.sweeps()[0])}` | 0 | not run |")
             continue
-        out = a.docs / "phenomena" / f.name
-        p = subprocess.run([sys.executable, "-m", "ftlab", "report", *[str(r.path) for r in mine], "--out", str(out)],
-                           env=env, cwd=ROOT, capture_output=True, text=True)
-        if p.returncode:
-            raise SystemExit(f"ftlab report for {f.name} failed: {p.stderr.strip()[-2000:]}")
+        key = frozenset(r.path for r in mine)
+        if key not in reported:
+            reported[key] = f.name
+            out = a.docs / "phenomena" / f.name
+            p = subprocess.run([sys.executable, "-m", "ftlab", "report", *[str(r.path) for r in mine], "--out",
+                                str(out)], env=env, cwd=ROOT, capture_output=True, text=True)
+            if p.returncode:
+                raise SystemExit(f"ftlab report for {f.name} failed: {p.stderr.strip()[-2000:]}")
+            # report.md, report.csv and the PNGs stay; report.html is the same page with the PNGs embedded again
+            (out / "report.html").unlink(missing_ok=True)
+        shown = reported[key]
         stats, note = stat(mine)
         v = verdict([(s, sign) for _, s, sign in stats if sign])
         rows.append(f"| {f.claim} | {f.paper} | `{shlex.join(f.sweeps()[0])}` | {len(mine)} | **{v}** |")
         lines = [f"## {f.claim}", "", f"Seed paper: {f.paper}. Runs: {len(mine)} "
                  f"(seeds {', '.join(map(str, sorted({r.seed for r in mine})))}); report: "
-                 f"[phenomena/{f.name}/report.md](phenomena/{f.name}/report.md).", "", "```bash",
+                 f"[phenomena/{shown}/report.md](phenomena/{shown}/report.md).", "", "```bash",
                  *(f"FTLAB_OUTPUTS=outputs/phenomena {shlex.join(c)}" for c in f.sweeps()),
-                 f"ftlab report <those runs> --out docs/phenomena/{f.name}", "```", "",
+                 f"ftlab report <those runs> --out docs/phenomena/{shown}", "```", "",
                  "| statistic (per seed, then mean and 95% t-interval over seeds) | value | seeds |", "|---|---|---|"]
         lines += [f"| {label} | {fmt(s)} | {s['n']} |" for label, s, _ in stats]
         lines += ["", f"Verdict: **{v}**." + (f" {note}" if note else ""), ""]
