@@ -6,7 +6,8 @@
 
 All sweeps write into one directory (outputs/phenomena, or --outputs): run directories are named by their config,
 so a run two findings share (the full fine-tuning runs of lora_vs_full are kl_tradeoff's weight 0) is trained once.
-Each finding's runs are picked from it by their config.yaml; its report goes to docs/phenomena/<name>/.
+Each finding's runs are picked from it by their config.yaml; its report (report.md, report.csv, PNGs) goes to
+docs/phenomena/<name>/, or a finding on the same runs as an earlier one links that one's.
 
 The verdict rule, fixed before any run (nothing is tuned toward the expected answer: every overlay keeps the
 defaults except the knob it sweeps): each finding is one or two statistics, a difference per seed (paired by seed
